@@ -1,0 +1,1 @@
+"""KeyLedger write side: domain, KMS operations service, keystore port, chain."""

@@ -1,0 +1,97 @@
+"""Internal errors of the KMS operations service.
+
+Each maps to one AWS KMS error name (``aws_name``); ``api/`` and ``cli/`` use that
+table to answer callers. Messages never contain key material, plaintext, ciphertext
+blobs, signatures or grant tokens.
+"""
+
+from __future__ import annotations
+
+
+class KeyLedgerError(Exception):
+    """Base of every error a KMS operation raises on purpose."""
+
+    aws_name = "KMSInternalException"
+
+    def __init__(self, message: str = "") -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class NotFoundError(KeyLedgerError):
+    aws_name = "NotFoundException"
+
+
+class DisabledError(KeyLedgerError):
+    aws_name = "DisabledException"
+
+
+class KMSInvalidStateError(KeyLedgerError):
+    aws_name = "KMSInvalidStateException"
+
+
+class InvalidCiphertextError(KeyLedgerError):
+    """Any failed decryption: bad tag, wrong context, wrong key, malformed blob.
+
+    Deliberately one error with no detail, so callers cannot tell which.
+    """
+
+    aws_name = "InvalidCiphertextException"
+
+
+class IncorrectKeyError(KeyLedgerError):
+    aws_name = "IncorrectKeyException"
+
+
+class ValidationError(KeyLedgerError):
+    aws_name = "ValidationException"
+
+
+class InvalidKeyUsageError(KeyLedgerError):
+    aws_name = "InvalidKeyUsageException"
+
+
+class UnsupportedOperationError(KeyLedgerError):
+    aws_name = "UnsupportedOperationException"
+
+
+class LedgerUnavailableError(KeyLedgerError):
+    """The ledger could not commit the event: the operation failed closed."""
+
+    aws_name = "KMSInternalException"
+
+
+class HsmError(KeyLedgerError):
+    """The HSM refused or failed an operation (not a decryption failure)."""
+
+    aws_name = "KMSInternalException"
+
+
+class TamperError(Exception):
+    """Chain verification found a bad position.
+
+    ``position`` is the 1-based ledger sequence number of the first bad record.
+    """
+
+    def __init__(self, position: int, reason: str) -> None:
+        super().__init__(f"position {position}: {reason}")
+        self.position = position
+        self.reason = reason
+
+
+AWS_ERROR_NAMES: dict[type[KeyLedgerError], str] = {
+    cls: cls.aws_name
+    for cls in (
+        KeyLedgerError,
+        NotFoundError,
+        DisabledError,
+        KMSInvalidStateError,
+        InvalidCiphertextError,
+        IncorrectKeyError,
+        ValidationError,
+        InvalidKeyUsageError,
+        UnsupportedOperationError,
+        LedgerUnavailableError,
+        HsmError,
+    )
+}

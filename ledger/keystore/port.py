@@ -1,0 +1,55 @@
+"""The keystore port: the narrow interface the service needs from an HSM.
+
+Security: implementations keep key material inside the HSM. Only blobs wrapped under
+the HSM-resident domain key cross this interface; plaintext key material never does.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+
+@dataclass(frozen=True)
+class MaterialRef:
+    """A backing key as the ledger stores it: an id and the HSM-wrapped blob.
+
+    ``material_id`` is the lowercase hex SHA-256 of ``wrapped``; adapters use it
+    to cache unwrapped handles. ``wrapped`` is never printed.
+    """
+
+    material_id: str
+    wrapped: bytes = field(repr=False)
+
+
+class KeyStore(Protocol):
+    """An HSM reached through some API (PKCS#11 in production, fakes in unit tests).
+
+    All methods are safe to call from many threads at once.
+    """
+
+    def generate_symmetric_key(self) -> MaterialRef:
+        """Generate an AES-256 key inside the HSM and return it wrapped.
+
+        Raises HsmError when the HSM fails.
+        """
+        ...
+
+    def encrypt(self, material: MaterialRef, plaintext: bytes, aad: bytes) -> tuple[bytes, bytes]:
+        """AES-256-GCM inside the HSM; returns ``(iv12, ciphertext || tag16)``.
+
+        Raises HsmError when the HSM fails.
+        """
+        ...
+
+    def decrypt(self, material: MaterialRef, iv: bytes, ciphertext: bytes, aad: bytes) -> bytes:
+        """AES-256-GCM decryption inside the HSM.
+
+        Raises InvalidCiphertextError for any authentication failure (the HSM does not
+        say why) and HsmError when the HSM itself fails.
+        """
+        ...
+
+    def close(self) -> None:
+        """Release sessions and cached handles."""
+        ...

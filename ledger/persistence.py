@@ -1,0 +1,412 @@
+"""Persistence wiring: canonical event bytes, the in-transaction hash chain, and SQL
+access for followers (SQLite by default, PostgreSQL when a database URL is given).
+
+Every stored event's ``state`` is its canonical record (RFC 8785 JSON with the
+originator id, version and topic inside), and the chain row for it is written in the
+same transaction that stores it: ``kl_chain(seq, notification_id, record_hash, prev)``
+with ``seq`` 1-based and contiguous and ``prev`` the previous record's hash.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from datetime import datetime
+from pathlib import Path
+from typing import Any, cast
+from urllib.parse import parse_qs, unquote, urlparse
+from uuid import UUID
+
+from eventsourcing.domain import DomainEventProtocol
+from eventsourcing.persistence import Mapper, StoredEvent, Transcoder
+from eventsourcing.sqlite import SQLiteApplicationRecorder, SQLiteCursor
+from eventsourcing.utils import get_topic, resolve_topic
+
+from ledger.records import GENESIS, LedgerRecord, canonical
+
+try:  # psycopg is an optional dependency (PostgreSQL deployments only).
+    from eventsourcing.postgres import PostgresApplicationRecorder
+except ImportError:  # pragma: no cover
+    PostgresApplicationRecorder = None  # type: ignore[assignment,misc]
+
+CHAIN_TABLE = "kl_chain"
+POSITIONS_TABLE = "kl_positions"
+
+
+class _UnusedTranscoder(Transcoder):
+    def encode(self, obj: Any) -> bytes:  # pragma: no cover - never called
+        raise NotImplementedError
+
+    def decode(self, data: bytes) -> Any:  # pragma: no cover - never called
+        raise NotImplementedError
+
+
+class CanonicalMapper(Mapper[UUID]):
+    """Maps domain events to canonical JSON records and back.
+
+    Events may only hold plain JSON values (plus the datetime ``timestamp`` and UUID
+    ``originator_id``); anything else raises TypeError at save time.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(transcoder=_UnusedTranscoder())
+
+    def to_stored_event(self, domain_event: DomainEventProtocol[UUID]) -> StoredEvent:
+        state = dict(vars(domain_event))
+        originator_id = state["originator_id"]
+        version = state["originator_version"]
+        topic = get_topic(type(domain_event))
+        state["originator_id"] = str(originator_id)
+        state["timestamp"] = cast(datetime, state["timestamp"]).isoformat()
+        state["topic"] = topic
+        class_version = getattr(type(domain_event), "class_version", 1)
+        if class_version > 1:
+            state["class_version"] = class_version
+        return StoredEvent(
+            originator_id=originator_id,
+            originator_version=version,
+            topic=topic,
+            state=canonical(state),
+        )
+
+    def to_domain_event(self, stored_event: StoredEvent) -> DomainEventProtocol[UUID]:
+        import orjson
+
+        cls = resolve_topic(stored_event.topic)
+        state: dict[str, Any] = orjson.loads(stored_event.state)
+        state.pop("topic", None)
+        state["originator_id"] = UUID(str(stored_event.originator_id))
+        state["originator_version"] = stored_event.originator_version
+        state["timestamp"] = datetime.fromisoformat(state["timestamp"])
+        class_version = getattr(cls, "class_version", 1)
+        from_version = state.pop("class_version", 1)
+        while from_version < class_version:
+            getattr(cls, f"upcast_v{from_version}_v{from_version + 1}")(state)
+            from_version += 1
+        event = object.__new__(cls)
+        object.__setattr__(event, "__dict__", state)
+        return cast(DomainEventProtocol[UUID], event)
+
+
+def chain_rows(
+    head_seq: int, head_hash: bytes, ids: Sequence[int], events: Sequence[StoredEvent]
+) -> list[tuple[int, int, bytes, bytes]]:
+    """Chain rows ``(seq, notification_id, record_hash, prev)`` for new events."""
+    rows = []
+    seq, prev = head_seq, head_hash
+    for nid, ev in zip(ids, events, strict=True):
+        digest = hashlib.sha256(ev.state).digest()
+        seq += 1
+        rows.append((seq, nid, digest, prev))
+        prev = digest
+    return rows
+
+
+class ChainedSQLiteRecorder(SQLiteApplicationRecorder):
+    """SQLite application recorder that extends the hash chain in the same transaction."""
+
+    def construct_create_table_statements(self) -> list[str]:
+        statements = super().construct_create_table_statements()
+        statements.append(
+            f"CREATE TABLE IF NOT EXISTS {CHAIN_TABLE} ("
+            "seq INTEGER PRIMARY KEY, notification_id INTEGER NOT NULL UNIQUE, "
+            "record_hash BLOB NOT NULL, prev BLOB NOT NULL)"
+        )
+        statements.append(
+            f"CREATE TABLE IF NOT EXISTS {POSITIONS_TABLE} ("
+            "name TEXT PRIMARY KEY, position INTEGER NOT NULL)"
+        )
+        return statements
+
+    def _insert_events(
+        self, c: SQLiteCursor, stored_events: Sequence[StoredEvent], **kwargs: Any
+    ) -> Sequence[int] | None:
+        ids = super()._insert_events(c, stored_events, **kwargs)
+        assert ids is not None
+        c.execute(f"SELECT seq, record_hash FROM {CHAIN_TABLE} ORDER BY seq DESC LIMIT 1")
+        row = c.fetchone()
+        head_seq, head_hash = (row[0], bytes(row[1])) if row else (0, GENESIS)
+        c.executemany(
+            f"INSERT INTO {CHAIN_TABLE} VALUES (?,?,?,?)",
+            chain_rows(head_seq, head_hash, ids, stored_events),
+        )
+        return ids
+
+
+if PostgresApplicationRecorder is not None:
+    from psycopg import Cursor
+    from psycopg.rows import DictRow
+    from psycopg.sql import SQL, Identifier
+
+    class ChainedPostgresRecorder(PostgresApplicationRecorder):
+        """PostgreSQL recorder that extends the hash chain after the table lock.
+
+        Requires POSTGRES_ENABLE_DB_FUNCTIONS off: that path skips the lock and this hook.
+        """
+
+        def __init__(self, datastore: Any, *, events_table_name: str = "stored_events"):
+            super().__init__(datastore, events_table_name=events_table_name)
+            schema = Identifier(self.datastore.schema)
+            self.sql_create_statements.append(
+                SQL(
+                    "CREATE TABLE IF NOT EXISTS {}.{} (seq bigint PRIMARY KEY, "
+                    "notification_id bigint NOT NULL UNIQUE, record_hash bytea NOT NULL, "
+                    "prev bytea NOT NULL)"
+                ).format(schema, Identifier(CHAIN_TABLE))
+            )
+            self.sql_create_statements.append(
+                SQL(
+                    "CREATE TABLE IF NOT EXISTS {}.{} (name text PRIMARY KEY, "
+                    "position bigint NOT NULL)"
+                ).format(schema, Identifier(POSITIONS_TABLE))
+            )
+            self._select_head = SQL(
+                "SELECT seq, record_hash FROM {}.{} ORDER BY seq DESC LIMIT 1"
+            ).format(schema, Identifier(CHAIN_TABLE))
+            self._insert_chain = SQL("INSERT INTO {}.{} VALUES (%s, %s, %s, %s)").format(
+                schema, Identifier(CHAIN_TABLE)
+            )
+
+        def _fetch_ids_after_insert_events(
+            self, curs: Cursor[DictRow], stored_events: Sequence[StoredEvent], **kwargs: Any
+        ) -> Sequence[int] | None:
+            ids = super()._fetch_ids_after_insert_events(curs, stored_events, **kwargs)
+            assert ids is not None
+            curs.execute(self._select_head)
+            row = curs.fetchone()
+            head_seq, head_hash = (row["seq"], bytes(row["record_hash"])) if row else (0, GENESIS)
+            curs.executemany(
+                self._insert_chain, chain_rows(head_seq, head_hash, ids, stored_events)
+            )
+            return ids
+
+
+def sqlite_env(path: Path) -> dict[str, str]:
+    return {
+        "PERSISTENCE_MODULE": "eventsourcing.sqlite",
+        "SQLITE_DBNAME": str(path),
+        "SQLITE_LOCK_TIMEOUT": "30",
+        "APPLICATION_RECORDER_TOPIC": get_topic(ChainedSQLiteRecorder),
+    }
+
+
+def postgres_env(url: str, pool_size: int = 10) -> dict[str, str]:
+    """eventsourcing settings from ``postgresql://user:pw@host:port/db?schema=s``.
+
+    Raises ValueError for a URL that is not a PostgreSQL URL.
+    """
+    u = urlparse(url)
+    if u.scheme not in ("postgres", "postgresql"):
+        raise ValueError("KEYLEDGER_DATABASE_URL must start with postgresql://")
+    query = parse_qs(u.query)
+    return {
+        "PERSISTENCE_MODULE": "eventsourcing.postgres",
+        "POSTGRES_DBNAME": unquote(u.path.lstrip("/")) or "postgres",
+        "POSTGRES_HOST": u.hostname or "127.0.0.1",
+        "POSTGRES_PORT": str(u.port or 5432),
+        "POSTGRES_USER": unquote(u.username or "postgres"),
+        "POSTGRES_PASSWORD": unquote(u.password or ""),
+        "POSTGRES_SCHEMA": query.get("schema", ["public"])[0],
+        "POSTGRES_POOL_SIZE": str(pool_size),
+        "POSTGRES_MAX_OVERFLOW": "10",
+        "POSTGRES_LOCK_TIMEOUT": "30",
+        "POSTGRES_ENABLE_DB_FUNCTIONS": "n",
+        "APPLICATION_RECORDER_TOPIC": "ledger.persistence:ChainedPostgresRecorder",
+    }
+
+
+def ensure_postgres_schema(url: str) -> None:
+    """Create the schema named in the URL if missing (the recorder does not)."""
+    import psycopg
+    from psycopg.sql import SQL, Identifier
+
+    env = postgres_env(url)
+    with psycopg.connect(
+        dbname=env["POSTGRES_DBNAME"],
+        host=env["POSTGRES_HOST"],
+        port=int(env["POSTGRES_PORT"]),
+        user=env["POSTGRES_USER"],
+        password=env["POSTGRES_PASSWORD"],
+        autocommit=True,
+        connect_timeout=5,
+    ) as conn:
+        conn.execute(
+            SQL("CREATE SCHEMA IF NOT EXISTS {}").format(Identifier(env["POSTGRES_SCHEMA"]))
+        )
+
+
+class Row(Mapping[str, Any]):
+    """A result row readable by column name on both backends (bytes, not memoryview)."""
+
+    def __init__(self, data: dict[str, Any]) -> None:
+        self._d = {k: bytes(v) if isinstance(v, memoryview) else v for k, v in data.items()}
+
+    def __getitem__(self, key: str) -> Any:
+        return self._d[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._d)
+
+    def __len__(self) -> int:
+        return len(self._d)
+
+
+class SqlCursor:
+    """A cursor that takes ``?`` placeholders and ``{events}``/``{chain}``/``{positions}``
+    table names on either backend."""
+
+    def __init__(self, raw: Any, db: LedgerDatabase) -> None:
+        self._raw = raw
+        self._db = db
+
+    def execute(self, sql: str, params: Sequence[Any] = ()) -> SqlCursor:
+        self._raw.execute(self._db.sql(sql), tuple(params))
+        return self
+
+    def executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
+        self._raw.executemany(self._db.sql(sql), [tuple(r) for r in rows])
+
+    def fetchall(self) -> list[Row]:
+        return [Row(self._as_dict(r)) for r in self._raw.fetchall()]
+
+    def fetchone(self) -> Row | None:
+        r = self._raw.fetchone()
+        return None if r is None else Row(self._as_dict(r))
+
+    def _as_dict(self, r: Any) -> dict[str, Any]:
+        if isinstance(r, dict):
+            return r
+        return {k: r[k] for k in r.keys()}  # noqa: SIM118 - sqlite3.Row
+
+
+class LedgerDatabase:
+    """SQL access to the ledger's tables for verification, followers and projections.
+
+    Implements ``LedgerReader`` and ``PositionStore``.
+    """
+
+    def __init__(self, recorder: Any) -> None:
+        self.recorder = recorder
+        self.datastore = recorder.datastore
+        self.is_postgres = not isinstance(recorder, SQLiteApplicationRecorder)
+        if self.is_postgres:
+            schema = '"' + self.datastore.schema.replace('"', '""') + '"'
+            self._names = {
+                "events": f'{schema}."{recorder.events_table_name}"',
+                "chain": f"{schema}.{CHAIN_TABLE}",
+                "positions": f"{schema}.{POSITIONS_TABLE}",
+                "schema": schema,
+                "nid": "notification_id",
+                "blob": "bytea",
+            }
+        else:
+            self._names = {
+                "events": recorder.events_table_name,
+                "chain": CHAIN_TABLE,
+                "positions": POSITIONS_TABLE,
+                "schema": "main",
+                "nid": "rowid",
+                "blob": "BLOB",
+            }
+
+    def table(self, name: str) -> str:
+        """A qualified table name for a table of ours (created in the ledger's schema)."""
+        if self.is_postgres:
+            return f"{self._names['schema']}.{name}"
+        return name
+
+    def sql(self, statement: str) -> str:
+        text = statement.format(**self._names)
+        return text.replace("?", "%s") if self.is_postgres else text
+
+    @contextmanager
+    def transaction(self, *, commit: bool) -> Iterator[SqlCursor]:
+        with self.datastore.transaction(commit=commit) as raw:
+            yield SqlCursor(raw, self)
+
+    # LedgerReader
+    def read_records(self, after_seq: int, limit: int) -> list[LedgerRecord]:
+        with self.transaction(commit=False) as c:
+            rows = c.execute(
+                "SELECT c.seq AS seq, c.record_hash AS record_hash, c.prev AS prev, "
+                "e.state AS state FROM {chain} c JOIN {events} e ON e.{nid} = c.notification_id "
+                "WHERE c.seq > ? ORDER BY c.seq LIMIT ?",
+                (after_seq, limit),
+            ).fetchall()
+        return [
+            LedgerRecord(
+                seq=r["seq"], data=bytes(r["state"]), record_hash=r["record_hash"], prev=r["prev"]
+            )
+            for r in rows
+        ]
+
+    def head(self) -> tuple[int, bytes]:
+        """``(seq, record_hash)`` of the last chained record, ``(0, GENESIS)`` if empty."""
+        with self.transaction(commit=False) as c:
+            row = c.execute(
+                "SELECT seq, record_hash FROM {chain} ORDER BY seq DESC LIMIT 1"
+            ).fetchone()
+        return (0, GENESIS) if row is None else (int(row["seq"]), row["record_hash"])
+
+    def head_seq(self) -> int:
+        return self.head()[0]
+
+    # PositionStore
+    def get_position(self, name: str) -> int:
+        with self.transaction(commit=False) as c:
+            row = c.execute("SELECT position FROM {positions} WHERE name = ?", (name,)).fetchone()
+        return 0 if row is None else int(row["position"])
+
+    def set_position(self, name: str, position: int) -> None:
+        with self.transaction(commit=True) as c:
+            self.save_position(c, name, position)
+
+    def save_position(self, c: SqlCursor, name: str, position: int) -> None:
+        """Save a follower position inside a caller's transaction."""
+        c.execute(
+            "INSERT INTO {positions} (name, position) VALUES (?, ?) "
+            "ON CONFLICT (name) DO UPDATE SET position = excluded.position",
+            (name, position),
+        )
+
+    # Verification reads
+    def iter_chain(self, page: int = 5000) -> Iterator[Row]:
+        last = 0
+        while True:
+            with self.transaction(commit=False) as c:
+                rows = c.execute(
+                    "SELECT seq, notification_id, record_hash, prev FROM {chain} "
+                    "WHERE seq > ? ORDER BY seq LIMIT ?",
+                    (last, page),
+                ).fetchall()
+            if not rows:
+                return
+            yield from rows
+            last = int(rows[-1]["seq"])
+
+    def iter_events(self, page: int = 5000) -> Iterator[Row]:
+        last = -1
+        while True:
+            with self.transaction(commit=False) as c:
+                rows = c.execute(
+                    "SELECT {nid} AS nid, originator_id, originator_version, topic, state "
+                    "FROM {events} WHERE {nid} > ? ORDER BY {nid} LIMIT ?",
+                    (last, page),
+                ).fetchall()
+            if not rows:
+                return
+            yield from rows
+            last = int(rows[-1]["nid"])
+
+
+__all__ = [
+    "CHAIN_TABLE",
+    "POSITIONS_TABLE",
+    "CanonicalMapper",
+    "ChainedSQLiteRecorder",
+    "LedgerDatabase",
+    "ensure_postgres_schema",
+    "postgres_env",
+    "sqlite_env",
+]

@@ -1,0 +1,89 @@
+"""The read side of the log as followers see it: chained records in ledger order.
+
+A record's ``data`` is the stored event's canonical bytes (RFC 8785 JSON: sorted
+keys, no floats), exactly as stored; ``record_hash`` is SHA-256 over those bytes and
+``prev`` the previous record's hash (32 zero bytes before the first record).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import orjson
+
+GENESIS = bytes(32)
+
+
+def canonical(obj: Any) -> bytes:
+    """Canonical JSON bytes (sorted keys, compact, UTF-8).
+
+    Raises TypeError for floats or integers beyond ±2^53, which RFC 8785 cannot
+    round-trip identically.
+    """
+    _check_canonical_domain(obj)
+    return orjson.dumps(obj, option=orjson.OPT_SORT_KEYS)
+
+
+def _check_canonical_domain(obj: Any) -> None:
+    if isinstance(obj, bool) or obj is None or isinstance(obj, str):
+        return
+    if isinstance(obj, int):
+        if abs(obj) > 2**53:
+            raise TypeError("integer out of the canonical JSON range")
+        return
+    if isinstance(obj, float):
+        raise TypeError("floats are not allowed in canonical JSON")
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            if not isinstance(k, str):
+                raise TypeError("canonical JSON keys must be strings")
+            _check_canonical_domain(v)
+        return
+    if isinstance(obj, list | tuple):
+        for v in obj:
+            _check_canonical_domain(v)
+        return
+    raise TypeError(f"type {type(obj).__name__} is not allowed in canonical JSON")
+
+
+def record_hash(data: bytes) -> bytes:
+    return hashlib.sha256(data).digest()
+
+
+@dataclass(frozen=True)
+class LedgerRecord:
+    """One chained record. ``seq`` is 1-based and contiguous across the ledger."""
+
+    seq: int
+    data: bytes = field(repr=False)
+    record_hash: bytes
+    prev: bytes
+
+    def event(self) -> dict[str, Any]:
+        """The decoded stored event (a dict of plain JSON values)."""
+        value: dict[str, Any] = orjson.loads(self.data)
+        return value
+
+
+class LedgerReader(Protocol):
+    def read_records(self, after_seq: int, limit: int) -> Sequence[LedgerRecord]:
+        """Records with ``seq > after_seq`` in ledger order, at most ``limit``."""
+        ...
+
+    def head_seq(self) -> int:
+        """The last committed ``seq`` (0 for an empty ledger)."""
+        ...
+
+
+class PositionStore(Protocol):
+    """Durable positions of log followers (projections, relays), by name."""
+
+    def get_position(self, name: str) -> int:
+        """The last processed ``seq`` for ``name`` (0 when none was saved)."""
+        ...
+
+    def set_position(self, name: str, position: int) -> None:
+        ...
