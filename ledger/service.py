@@ -21,11 +21,12 @@ from typing import Any, TypeVar
 from uuid import UUID
 
 from eventsourcing.application import AggregateNotFoundError, Application
-from eventsourcing.persistence import Mapper
+from eventsourcing.persistence import IntegrityError, Mapper
 
 from ledger import envelope
 from ledger.clock import Clock, SystemClock
 from ledger.domain.model import ApiCall, CallContext, Key
+from ledger.groupcommit import GroupCommitter
 from ledger.errors import (
     DisabledError,
     IncorrectKeyError,
@@ -108,6 +109,7 @@ class KeyLedger(Application[UUID]):
         self.db = LedgerDatabase(self.recorder)
         self._ledger_id: str | None = None
         self._id_lock = threading.Lock()
+        self._group = GroupCommitter(self.save)
 
     def construct_mapper(self) -> Mapper[UUID]:
         return CanonicalMapper()
@@ -128,6 +130,13 @@ class KeyLedger(Application[UUID]):
     def _commit(self, *objs: Any) -> None:
         try:
             self.save(*objs)
+        except Exception as exc:  # fail closed: no record, no result
+            raise LedgerUnavailableError("The ledger could not record the request.") from exc
+
+    def _commit_call(self, call_record: ApiCall) -> None:
+        """Store an ApiCall record through group commit (its id never conflicts)."""
+        try:
+            self._group.commit(call_record)
         except Exception as exc:  # fail closed: no record, no result
             raise LedgerUnavailableError("The ledger could not record the request.") from exc
 
@@ -156,8 +165,29 @@ class KeyLedger(Application[UUID]):
                 error_message=err.message,
                 read_only=read_only,
             )
-            self._commit(failure)
+            self._commit_call(failure)
             raise
+
+    def record_rejected(
+        self, *, operation: str, caller: Caller, request: JSON, error: KeyLedgerError
+    ) -> None:
+        """Record a request the transport rejected before calling the operation
+        (e.g. a malformed CLI ``--context``), so every failed attempt is in the log.
+
+        Raises LedgerUnavailableError when the record cannot be committed.
+        """
+        call = self._call(operation, caller)
+        self._commit_call(
+            ApiCall.failed(
+                call=call,
+                timestamp=self.clock.now(),
+                key_arn=None,
+                request=request,
+                error_code=error.aws_name,
+                error_message=error.message,
+                read_only=operation in ("Encrypt", "Decrypt"),
+            )
+        )
 
     def resolve_key_id(self, key_id: str) -> UUID:
         """A key id or key ARN to the key's UUID (existence is not checked).
@@ -333,13 +363,20 @@ class KeyLedger(Application[UUID]):
         request: JSON = {"keyId": key_id}
 
         def body(call: CallContext, attempt: _Attempt) -> JSON:
-            key = self._key_for(key_id, attempt)
-            if enabled:
-                key.enable(call=call, timestamp=self.clock.now(), request=request)
-            else:
-                key.disable(call=call, timestamp=self.clock.now(), request=request)
-            self._commit(key)
-            return {}
+            for _ in range(5):  # another writer may have moved the key on: reload, retry
+                key = self._key_for(key_id, attempt)
+                if enabled:
+                    key.enable(call=call, timestamp=self.clock.now(), request=request)
+                else:
+                    key.disable(call=call, timestamp=self.clock.now(), request=request)
+                try:
+                    self.save(key)
+                except IntegrityError:
+                    continue
+                except Exception as exc:
+                    raise LedgerUnavailableError("The ledger could not record the request.") from exc
+                return {}
+            raise LedgerUnavailableError("The key kept changing; the request was not recorded.")
 
         return self._run(operation, caller, request, body, read_only=False)
 
@@ -395,7 +432,7 @@ class KeyLedger(Application[UUID]):
                 material, bytes(plaintext), envelope.aad(key_uuid, version, context)
             )
             blob = envelope.Envelope(key_id=key_uuid, version=version, iv=iv, ciphertext=ct)
-            self._commit(
+            self._commit_call(
                 ApiCall.succeeded(
                     call=call,
                     timestamp=self.clock.now(),
@@ -474,7 +511,7 @@ class KeyLedger(Application[UUID]):
             plaintext = self.keystore.decrypt(
                 material, env.iv, env.ciphertext, envelope.aad(env.key_id, env.version, context)
             )
-            self._commit(
+            self._commit_call(
                 ApiCall.succeeded(
                     call=call,
                     timestamp=self.clock.now(),

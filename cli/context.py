@@ -1,0 +1,75 @@
+"""Lazily opened resources for one CLI invocation (nothing opens at import time)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from ledger.settings import Settings
+
+if TYPE_CHECKING:
+    from ledger.service import Caller, KeyLedger
+    from projections.catalog import KeyCatalog
+
+USER_AGENT = "keyledger-cli/0.1.0"
+
+
+@dataclass
+class CliContext:
+    settings: Settings
+    json_output: bool = False
+    _ledger: KeyLedger | None = field(default=None, repr=False)
+    _catalog: KeyCatalog | None = field(default=None, repr=False)
+
+    @property
+    def ledger(self) -> KeyLedger:
+        if self._ledger is None:
+            from ledger.bootstrap import open_ledger
+
+            self._ledger = open_ledger(self.settings)
+        return self._ledger
+
+    @property
+    def ledger_without_hsm(self) -> KeyLedger:
+        """The ledger for read-only audit commands: the HSM is not opened."""
+        if self._ledger is None:
+            from ledger.bootstrap import ledger_env
+            from ledger.service import KeyLedger
+
+            self._ledger = KeyLedger(
+                settings=self.settings, keystore=_NoKeyStore(), env=ledger_env(self.settings)
+            )
+        return self._ledger
+
+    @property
+    def catalog(self) -> KeyCatalog:
+        if self._catalog is None:
+            from projections.catalog import KeyCatalog
+
+            self._catalog = KeyCatalog(self.ledger_without_hsm.db)
+        return self._catalog
+
+    @property
+    def caller(self) -> Caller:
+        from ledger.service import Caller
+
+        return Caller(principal=self.settings.caller_arn, user_agent=USER_AGENT)
+
+    def close(self) -> None:
+        if self._ledger is not None:
+            self._ledger.keystore.close()
+            self._ledger.close()
+
+
+class _NoKeyStore:
+    """Stands in for the HSM in commands that never use key material."""
+
+    def _refuse(self, *_: object) -> object:
+        from ledger.errors import HsmError
+
+        raise HsmError("This command does not open the HSM.")
+
+    generate_symmetric_key = encrypt = decrypt = _refuse
+
+    def close(self) -> None:
+        pass

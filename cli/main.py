@@ -1,0 +1,419 @@
+"""The ``keyledger`` command line: thin commands over the library.
+
+Errors become one line ``error: <AWSName>: <message>`` on stderr and exit code 1 at a
+single boundary (``main``); usage errors exit 2. No traceback reaches the user.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import orjson
+import typer
+
+from cli.context import CliContext
+from ledger.errors import KeyLedgerError, TamperError, ValidationError
+from ledger.settings import Settings
+
+app = typer.Typer(
+    name="keyledger",
+    help="KeyLedger: an AWS-KMS-compatible key ledger with an audit stream.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+keys_app = typer.Typer(help="Create, list, describe, enable and disable keys.", no_args_is_help=True)
+audit_app = typer.Typer(help="Verify the ledger and read the audit trail.", no_args_is_help=True)
+projections_app = typer.Typer(help="Maintain read models.", no_args_is_help=True)
+app.add_typer(keys_app, name="keys")
+app.add_typer(audit_app, name="audit")
+app.add_typer(projections_app, name="projections")
+
+
+class CliExit(Exception):
+    """Raised by commands to exit with a code after printing their own message."""
+
+    def __init__(self, code: int) -> None:
+        self.code = code
+
+
+def _ctx(ctx: typer.Context) -> CliContext:
+    obj = ctx.find_root().obj
+    assert isinstance(obj, CliContext)
+    return obj
+
+
+def _emit(cli: CliContext, response: dict[str, Any], text: str) -> None:
+    if cli.json_output:
+        typer.echo(orjson.dumps(_jsonable(response), option=orjson.OPT_INDENT_2).decode())
+    else:
+        typer.echo(text)
+
+
+def _jsonable(value: Any) -> Any:
+    """AWS JSON wire form: blobs base64-encoded."""
+    if isinstance(value, bytes):
+        return base64.b64encode(value).decode("ascii")
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+@app.callback()
+def root(
+    ctx: typer.Context,
+    data_dir: Annotated[
+        Path | None,
+        typer.Option(envvar="KEYLEDGER_DATA_DIR", help="Data dir (SQLite ledger, SoftHSM token)."),
+    ] = None,
+    database_url: Annotated[
+        str | None,
+        typer.Option(envvar="KEYLEDGER_DATABASE_URL", help="postgresql://... instead of SQLite."),
+    ] = None,
+    json_output: Annotated[
+        bool, typer.Option("--json", help="Print AWS-shaped JSON responses.")
+    ] = False,
+) -> None:
+    settings = Settings.from_env(data_dir=data_dir, database_url=database_url)
+    cli = CliContext(settings=settings, json_output=json_output)
+    ctx.obj = cli
+    ctx.call_on_close(cli.close)
+
+
+# ---------------------------------------------------------------- keys
+
+
+@keys_app.command("create")
+def keys_create(
+    ctx: typer.Context,
+    description: Annotated[str, typer.Option(help="Key description.")] = "",
+    key_spec: Annotated[str, typer.Option(help="AWS KeySpec.")] = "SYMMETRIC_DEFAULT",
+    key_usage: Annotated[str, typer.Option(help="AWS KeyUsage.")] = "ENCRYPT_DECRYPT",
+) -> None:
+    """CreateKey: a symmetric key generated inside the HSM."""
+    cli = _ctx(ctx)
+    resp = cli.ledger.create_key(
+        caller=cli.caller, description=description, key_spec=key_spec, key_usage=key_usage
+    )
+    _emit(cli, resp, resp["KeyMetadata"]["Arn"])
+
+
+@keys_app.command("list")
+def keys_list(
+    ctx: typer.Context,
+    limit: Annotated[int, typer.Option(help="Page size (1-1000).")] = 100,
+    marker: Annotated[str | None, typer.Option(help="NextMarker of a previous page.")] = None,
+) -> None:
+    """ListKeys, from the key catalog projection."""
+    cli = _ctx(ctx)
+    resp = cli.catalog.list_keys(limit=limit, marker=marker)
+    _emit(cli, resp, "\n".join(k["KeyArn"] for k in resp["Keys"]))
+
+
+@keys_app.command("describe")
+def keys_describe(ctx: typer.Context, key: Annotated[str, typer.Argument(help="Key id or ARN.")]) -> None:
+    """DescribeKey, from the key catalog projection."""
+    cli = _ctx(ctx)
+    ledger = cli.ledger_without_hsm
+    key_uuid = ledger.resolve_key_id(key)
+    resp = cli.catalog.describe_key(key_uuid, ledger.settings.key_arn(str(key_uuid)))
+    md = resp["KeyMetadata"]
+    _emit(
+        cli,
+        resp,
+        f"{md['Arn']}  {md['KeyState']}  {md['KeySpec']}  {md['KeyUsage']}  {md['Description']!r}",
+    )
+
+
+@keys_app.command("enable")
+def keys_enable(ctx: typer.Context, key: Annotated[str, typer.Argument(help="Key id or ARN.")]) -> None:
+    """EnableKey."""
+    cli = _ctx(ctx)
+    resp = cli.ledger.enable_key(caller=cli.caller, key_id=key)
+    _emit(cli, resp, f"enabled {key}")
+
+
+@keys_app.command("disable")
+def keys_disable(ctx: typer.Context, key: Annotated[str, typer.Argument(help="Key id or ARN.")]) -> None:
+    """DisableKey."""
+    cli = _ctx(ctx)
+    resp = cli.ledger.disable_key(caller=cli.caller, key_id=key)
+    _emit(cli, resp, f"disabled {key}")
+
+
+# ---------------------------------------------------------------- crypto
+
+
+def parse_context(pairs: list[str] | None) -> dict[str, str]:
+    """``k=v`` pairs to an encryption context; raises ValidationError when malformed."""
+    out: dict[str, str] = {}
+    for pair in pairs or []:
+        k, sep, v = pair.partition("=")
+        if not sep or not k:
+            raise ValidationError(
+                "EncryptionContext entries must be given as key=value with a non-empty key."
+            )
+        if k in out:
+            raise ValidationError(f"EncryptionContext key '{k}' is given twice.")
+        out[k] = v
+    return out
+
+
+def _read_input(path: str) -> bytes:
+    if path == "-":
+        return sys.stdin.buffer.read()
+    return Path(path).read_bytes()
+
+
+def _write_output(path: str, data: bytes) -> None:
+    if path == "-":
+        sys.stdout.buffer.write(data)
+        sys.stdout.buffer.flush()
+    else:
+        Path(path).write_bytes(data)
+
+
+ContextOpt = Annotated[
+    list[str] | None, typer.Option("--context", help="Encryption context entry key=value.")
+]
+
+
+@app.command("encrypt")
+def encrypt(
+    ctx: typer.Context,
+    key: Annotated[str, typer.Option("--key", help="Key id or ARN.")],
+    context: ContextOpt = None,
+    infile: Annotated[str, typer.Option("--in", help="Plaintext file, or - for stdin.")] = "-",
+    outfile: Annotated[
+        str, typer.Option("--out", help="Ciphertext blob file, or - for base64 on stdout.")
+    ] = "-",
+) -> None:
+    """Encrypt up to 4096 bytes; the blob binds the encryption context."""
+    cli = _ctx(ctx)
+    try:
+        enc_context = parse_context(context)
+    except ValidationError as err:
+        cli.ledger.record_rejected(
+            operation="Encrypt", caller=cli.caller, request={"keyId": key}, error=err
+        )
+        raise
+    plaintext = _read_input(infile)
+    resp = cli.ledger.encrypt(
+        caller=cli.caller, key_id=key, plaintext=plaintext, encryption_context=enc_context
+    )
+    if cli.json_output:
+        _emit(cli, resp, "")
+    elif outfile == "-":
+        typer.echo(base64.b64encode(resp["CiphertextBlob"]).decode("ascii"))
+    else:
+        _write_output(outfile, resp["CiphertextBlob"])
+
+
+@app.command("decrypt")
+def decrypt(
+    ctx: typer.Context,
+    key: Annotated[str | None, typer.Option("--key", help="Key id or ARN (optional).")] = None,
+    context: ContextOpt = None,
+    infile: Annotated[
+        str, typer.Option("--in", help="Ciphertext blob file, or - for base64 on stdin.")
+    ] = "-",
+    outfile: Annotated[str, typer.Option("--out", help="Plaintext file, or - for stdout.")] = "-",
+) -> None:
+    """Decrypt a blob made by encrypt, with the same encryption context."""
+    cli = _ctx(ctx)
+    request: dict[str, Any] = {} if key is None else {"keyId": key}
+    try:
+        enc_context = parse_context(context)
+    except ValidationError as err:
+        cli.ledger.record_rejected(operation="Decrypt", caller=cli.caller, request=request, error=err)
+        raise
+    blob = _read_input(infile)
+    if infile == "-":
+        try:
+            blob = base64.b64decode(blob.strip(), validate=True)
+        except (binascii.Error, ValueError):
+            pass  # raw bytes on stdin
+    resp = cli.ledger.decrypt(
+        caller=cli.caller, ciphertext_blob=blob, key_id=key, encryption_context=enc_context
+    )
+    if cli.json_output:
+        _emit(cli, resp, "")
+    else:
+        _write_output(outfile, resp["Plaintext"])
+
+
+# ---------------------------------------------------------------- audit
+
+
+@audit_app.command("verify")
+def audit_verify(
+    ctx: typer.Context,
+    expect_head: Annotated[
+        str | None, typer.Option(help="Hex head hash a previous verify printed.")
+    ] = None,
+    expect_count: Annotated[int | None, typer.Option(help="Number of events expected.")] = None,
+) -> None:
+    """Walk the whole log; exit 1 naming the first bad position."""
+    from ledger.chain import verify_chain
+
+    cli = _ctx(ctx)
+    db = cli.ledger_without_hsm.db
+    try:
+        head = bytes.fromhex(expect_head) if expect_head else None
+    except ValueError:
+        raise ValidationError("--expect-head must be a hex SHA-256 hash.") from None
+    try:
+        result = verify_chain(
+            db.iter_chain(), db.iter_events(), expect_head=head, expect_count=expect_count
+        )
+    except TamperError as err:
+        typer.echo(f"FAIL: position {err.position}: {err.reason}")
+        raise CliExit(1) from None
+    typer.echo(f"OK: {result.count} events, head {result.head_hex}")
+
+
+def trail_line(seq: int, event: dict[str, Any]) -> str:
+    call = event.get("call", {})
+    outcome = event.get("error_code") or "OK"
+    key = event.get("key_arn") or "-"
+    ctx = event.get("request", {}).get("encryptionContext")
+    ctx_text = f" context={orjson.dumps(ctx).decode()}" if ctx else ""
+    return (
+        f"{seq:>6}  {event.get('timestamp', '')[:23]}  {call.get('operation', '?'):<12} "
+        f"{outcome:<28} {call.get('principal', '?')}  {key}{ctx_text}"
+    )
+
+
+@audit_app.command("trail")
+def audit_trail(
+    ctx: typer.Context,
+    key: Annotated[str | None, typer.Option(help="Only events of this key (id or ARN).")] = None,
+    limit: Annotated[int, typer.Option(help="Show at most the last N matching events.")] = 50,
+) -> None:
+    """Who did what to which key, when, and with what outcome (incl. failures)."""
+    cli = _ctx(ctx)
+    ledger = cli.ledger_without_hsm
+    arn = ledger.settings.key_arn(str(ledger.resolve_key_id(key))) if key else None
+    lines: list[str] = []
+    rows: list[dict[str, Any]] = []
+    position = 0
+    while True:
+        records = ledger.db.read_records(position, 2000)
+        if not records:
+            break
+        for record in records:
+            event = record.event()
+            if arn is None or event.get("key_arn") == arn:
+                lines.append(trail_line(record.seq, event))
+                rows.append({"seq": record.seq, **_trail_json(event)})
+        position = records[-1].seq
+        lines, rows = lines[-limit:], rows[-limit:]
+    if cli.json_output:
+        typer.echo(orjson.dumps(rows, option=orjson.OPT_INDENT_2).decode())
+    else:
+        typer.echo("\n".join(lines) if lines else "(no events)")
+
+
+def _trail_json(event: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "time": event.get("timestamp"),
+        "operation": event.get("call", {}).get("operation"),
+        "principal": event.get("call", {}).get("principal"),
+        "keyArn": event.get("key_arn"),
+        "errorCode": event.get("error_code"),
+        "requestParameters": event.get("request"),
+    }
+
+
+# ---------------------------------------------------------------- stream, projections
+
+
+@app.command("stream")
+def stream(
+    ctx: typer.Context,
+    bootstrap: Annotated[
+        str | None,
+        typer.Option(envvar="KEYLEDGER_KAFKA_BOOTSTRAP", help="Kafka bootstrap HOST:PORT."),
+    ] = None,
+    once: Annotated[bool, typer.Option(help="Publish up to the head, then exit.")] = False,
+    poll_interval: Annotated[float, typer.Option(help="Seconds between polls.")] = 0.5,
+) -> None:
+    """Relay ledger events to Kafka as CloudTrail records, exactly once per seq."""
+    import threading
+
+    from consumers.relay import AuditRelay
+
+    cli = _ctx(ctx)
+    if not bootstrap:
+        raise ValidationError("--bootstrap (or KEYLEDGER_KAFKA_BOOTSTRAP) is required.")
+    ledger = cli.ledger_without_hsm
+    relay = AuditRelay(
+        reader=ledger.db, positions=ledger.db, bootstrap=bootstrap, ledger_id=ledger.ledger_id
+    )
+    try:
+        if once:
+            n = relay.run_once()
+            typer.echo(f"published {n} records to {relay.topic}")
+        else:
+            stop = threading.Event()
+            try:
+                relay.run_forever(poll_interval=poll_interval, stop=stop)
+            except KeyboardInterrupt:
+                stop.set()
+    finally:
+        relay.close()
+
+
+@projections_app.command("rebuild")
+def projections_rebuild(ctx: typer.Context) -> None:
+    """Rebuild the key catalog from the whole log."""
+    cli = _ctx(ctx)
+    n = cli.catalog.rebuild()
+    typer.echo(f"rebuilt key catalog from {n} events ({len(cli.catalog.snapshot())} keys)")
+
+
+@app.command("demo")
+def demo(ctx: typer.Context) -> None:
+    """The main job end to end on the embedded defaults, one line per step."""
+    from cli.demo import run_demo
+
+    run_demo(_ctx(ctx))
+
+
+def main() -> None:
+    """Console entry point: the one place errors become exit codes."""
+    try:
+        rc = app(standalone_mode=False)
+        if isinstance(rc, int) and rc:
+            sys.exit(rc)
+    except CliExit as exc:
+        sys.exit(exc.code)
+    except KeyLedgerError as err:
+        typer.echo(f"error: {err.aws_name}: {err.message}", err=True)
+        sys.exit(1)
+    except typer.Abort:
+        typer.echo("aborted", err=True)
+        sys.exit(1)
+    except OSError as exc:
+        typer.echo(f"error: {exc.strerror or type(exc).__name__}: {exc.filename or ''}", err=True)
+        sys.exit(1)
+    except Exception as exc:  # noqa: BLE001 - the one boundary
+        import click
+
+        if isinstance(exc, click.exceptions.ClickException):
+            exc.show()
+            sys.exit(exc.exit_code)
+        if isinstance(exc, click.exceptions.Exit):
+            sys.exit(exc.exit_code)
+        typer.echo(f"error: KMSInternalException: {type(exc).__name__}", err=True)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
