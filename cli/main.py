@@ -34,13 +34,6 @@ app.add_typer(audit_app, name="audit")
 app.add_typer(projections_app, name="projections")
 
 
-class CliExit(Exception):
-    """Raised by commands to exit with a code after printing their own message."""
-
-    def __init__(self, code: int) -> None:
-        self.code = code
-
-
 def _ctx(ctx: typer.Context) -> CliContext:
     obj = ctx.find_root().obj
     assert isinstance(obj, CliContext)
@@ -274,7 +267,7 @@ def audit_verify(
         )
     except TamperError as err:
         typer.echo(f"FAIL: position {err.position}: {err.reason}")
-        raise CliExit(1) from None
+        raise typer.Exit(1) from None
     typer.echo(f"OK: {result.count} events, head {result.head_hex}")
 
 
@@ -386,14 +379,12 @@ def demo(ctx: typer.Context) -> None:
     run_demo(_ctx(ctx))
 
 
-def main() -> None:
-    """Console entry point: the one place errors become exit codes."""
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point: the one place errors become exit codes (raises SystemExit)."""
     try:
-        rc = app(standalone_mode=False)
+        rc = app(args=argv, standalone_mode=False)
         if isinstance(rc, int) and rc:
             sys.exit(rc)
-    except CliExit as exc:
-        sys.exit(exc.code)
     except KeyLedgerError as err:
         typer.echo(f"error: {err.aws_name}: {err.message}", err=True)
         sys.exit(1)

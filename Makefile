@@ -1,0 +1,58 @@
+# The README's two commands: `make demo` and `make test`. Everything they need is
+# installed here: the venv, the package with its dev extras, and Debian's softhsm2.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+SOFTHSM_MODULE ?= /usr/lib/softhsm/libsofthsm2.so
+
+.PHONY: demo test lint typecheck pytest bench softhsm postgres venv clean
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
+	  { echo "KeyLedger needs Python >= 3.11 (found $$($(PYTHON) --version))"; exit 1; }
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[dev]'
+	@touch $@
+
+softhsm:
+	@if [ -f $(SOFTHSM_MODULE) ] && command -v softhsm2-util >/dev/null; then exit 0; fi; \
+	echo "softhsm2 is missing: installing it with apt-get"; \
+	if [ "$$(id -u)" = 0 ]; then SUDO=; elif command -v sudo >/dev/null; then SUDO=sudo; \
+	else echo "Cannot install softhsm2 (not root, no sudo): run 'apt-get install softhsm2' as root, then retry."; exit 1; fi; \
+	if ! command -v apt-get >/dev/null; then \
+	  echo "Cannot install softhsm2: no apt-get here. Install SoftHSM2 2.6 with your package manager, then retry."; exit 1; fi; \
+	{ $$SUDO apt-get update -qq && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq softhsm2 >/dev/null; } || \
+	  { echo "apt-get could not install softhsm2: install the Debian/Ubuntu package softhsm2, then retry."; exit 1; }
+
+# PostgreSQL for the test suite (127.0.0.1:5432, trust auth); start it if it is down.
+postgres:
+	@if command -v pg_isready >/dev/null && ! pg_isready -q -h 127.0.0.1 -p 5432; then \
+	  echo "PostgreSQL is down: starting it"; \
+	  pg_ctlcluster --skip-systemctl-redirect $$(ls /etc/postgresql | head -n1) main start || true; \
+	fi
+
+demo: softhsm venv
+	@d=$$(mktemp -d "$${TMPDIR:-/tmp}/keyledger-demo.XXXXXX"); \
+	$(BIN)/keyledger --data-dir "$$d" demo
+
+lint: venv
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+typecheck: venv
+	$(BIN)/mypy
+
+pytest: softhsm venv postgres
+	$(BIN)/pytest
+
+test: lint typecheck pytest
+
+bench: softhsm venv postgres
+	$(BIN)/python bench/encrypt.py
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis

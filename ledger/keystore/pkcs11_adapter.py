@@ -1,0 +1,604 @@
+"""The KeyStore port over PKCS#11 (python-pkcs11). The only module that imports ``pkcs11``.
+
+Model: one AES-256 *domain wrapping key* lives on the token as a sensitive,
+non-extractable token object labelled ``keyledger-domain-wrap``. Every backing key is
+generated inside the HSM as a session object, wrapped under the domain key
+(CKM_AES_KEY_WRAP_PAD), destroyed, and handed to the ledger only as that wrapped blob.
+To use a key, the blob is unwrapped into a sensitive, non-extractable session object
+whose handle is cached by ``material_id``.
+
+Threading: python-pkcs11 initialises modules with ``C_Initialize(NULL)`` and releases the
+GIL on every call; SoftHSM2 then runs without its own mutexes and crashes under threads.
+:class:`_OsLockingLib` initialises the module with ``CKF_OS_LOCKING_OK`` instead, after
+which concurrent calls on *different* sessions are safe. Operations therefore run on
+sessions borrowed from a per-store pool (one session per concurrent caller, reused,
+never shared between threads at the same time). A single long-lived read/write session
+holds the login for the store's lifetime and owns the cached unwrapped keys.
+
+Process caveats:
+
+* A module is initialised once per process and never finalised (other stores in the
+  process may still use it). After ``fork()`` the child re-initialises the module and
+  must open its own stores; a store inherited from the parent raises HsmError.
+* PKCS#11 login state is per token and process: stores on the same token share one
+  login session (reference-counted); closing the last one logs the token out.
+* Creating the domain key is not atomic across processes: if two processes open a
+  fresh token at the same moment, both may create one, and opening then fails with
+  HsmError (two domain keys). The embedded token is always opened through
+  ``open_keystore``, which runs on one machine; create the domain key once, at setup,
+  for shared HSMs.
+* The cache of unwrapped handles grows with the number of distinct backing keys used
+  (each costs the HSM a few hundred bytes) until ``close()``.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import hmac
+import os
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass, field
+from typing import Any
+
+from pkcs11 import (
+    Attribute,
+    GCMParams,
+    KeyType,
+    Mechanism,
+    MechanismFlag,
+    ObjectClass,
+)
+from pkcs11 import _pkcs11 as _p11
+from pkcs11 import exceptions as p11e
+
+from ledger.errors import HsmError, InvalidCiphertextError
+from ledger.keystore import softhsm
+from ledger.keystore.port import MaterialRef
+from ledger.settings import DEFAULT_SOFTHSM_MODULE, Settings
+
+DOMAIN_KEY_LABEL = "keyledger-domain-wrap"
+WRAP_MECHANISM = Mechanism.AES_KEY_WRAP_PAD  # 0x210A; 32-byte key -> 40-byte blob
+IV_LEN = 12
+TAG_LEN = 16
+
+_CKF_OS_LOCKING_OK = 0x00000002
+_CKR_OK = 0x0
+_CKR_CRYPTOKI_ALREADY_INITIALIZED = 0x00000191
+
+# Errors that mean the HSM (or our session with it) failed, as opposed to "this
+# ciphertext does not authenticate". Everything else raised by C_Decrypt is treated as
+# an authentication failure (SoftHSM2 reports a bad GCM tag as CKR_GENERAL_ERROR).
+_HSM_FAILURES: tuple[type[Exception], ...] = (
+    p11e.DeviceError,
+    p11e.DeviceMemory,
+    p11e.DeviceRemoved,
+    p11e.HostMemory,
+    p11e.SessionClosed,
+    p11e.SessionHandleInvalid,
+    p11e.SessionCount,
+    p11e.TokenNotPresent,
+    p11e.TokenNotRecognised,
+    p11e.UserNotLoggedIn,
+    p11e.KeyHandleInvalid,
+    p11e.ObjectHandleInvalid,
+    p11e.OperationActive,
+    p11e.MechanismInvalid,
+    p11e.MechanismParamInvalid,
+    p11e.FunctionNotSupported,
+)
+# After these the pooled session is not reused.
+_SESSION_BROKEN: tuple[type[Exception], ...] = (
+    p11e.SessionClosed,
+    p11e.SessionHandleInvalid,
+    p11e.OperationActive,
+    p11e.DeviceRemoved,
+    p11e.TokenNotPresent,
+)
+
+
+# --- module initialisation with OS locking -------------------------------------------
+
+
+class _CInitializeArgs(ctypes.Structure):
+    _fields_ = [
+        ("CreateMutex", ctypes.c_void_p),
+        ("DestroyMutex", ctypes.c_void_p),
+        ("LockMutex", ctypes.c_void_p),
+        ("UnlockMutex", ctypes.c_void_p),
+        ("flags", ctypes.c_ulong),
+        ("pReserved", ctypes.c_void_p),
+    ]
+
+
+class _FunctionListHead(ctypes.Structure):
+    """The first members of CK_FUNCTION_LIST: the version, C_Initialize, C_Finalize."""
+
+    _fields_ = [
+        ("major", ctypes.c_ubyte),
+        ("minor", ctypes.c_ubyte),
+        ("C_Initialize", ctypes.c_void_p),
+        ("C_Finalize", ctypes.c_void_p),
+    ]
+
+
+_CK_FUNC = ctypes.CFUNCTYPE(ctypes.c_ulong, ctypes.c_void_p)
+
+
+def _function_list(so: str) -> _FunctionListHead:
+    # dlopen of the same path returns the handle python-pkcs11 already holds, hence the
+    # same module instance and the same function table.
+    dll = ctypes.CDLL(so)
+    head = ctypes.POINTER(_FunctionListHead)()
+    rv = dll.C_GetFunctionList(ctypes.byref(head))
+    if rv != _CKR_OK or not head:
+        raise HsmError(f"C_GetFunctionList failed with 0x{rv:x}")
+    return head.contents
+
+
+def _c_initialize_os_locking(so: str) -> None:
+    args = _CInitializeArgs(flags=_CKF_OS_LOCKING_OK)
+    rv = _CK_FUNC(_function_list(so).C_Initialize)(ctypes.addressof(args))
+    if rv not in (_CKR_OK, _CKR_CRYPTOKI_ALREADY_INITIALIZED):
+        raise HsmError(f"C_Initialize with OS locking failed with 0x{rv:x}")
+
+
+def _c_finalize(so: str) -> None:
+    _CK_FUNC(_function_list(so).C_Finalize)(None)
+
+
+class _OsLockingLib(_p11.lib):
+    """``pkcs11.lib`` whose ``initialize`` passes CKF_OS_LOCKING_OK to C_Initialize.
+
+    ``initialize`` is a ``cpdef`` method, so the Cython ``__init__`` dispatches to this
+    override. ``initialized`` stays False (it is read-only from Python), which also
+    keeps python-pkcs11 from ever calling ``C_Finalize`` on this module.
+    """
+
+    def initialize(self) -> None:
+        _c_initialize_os_locking(self.so)
+
+
+# --- process-wide registry: one module instance, one login per token -----------------
+
+
+@dataclass
+class _Login:
+    """The login session of one token, shared by every store on that token."""
+
+    token: Any
+    session: Any
+    pin_digest: bytes = field(repr=False)
+    refs: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+_registry_lock = threading.Lock()
+_registry_pid = os.getpid()
+_libs: dict[str, Any] = {}
+_logins: dict[tuple[str, str], _Login] = {}
+
+
+def _reset_after_fork() -> None:
+    """In a forked child: drop the parent's sessions and re-initialise each module."""
+    global _registry_pid
+    for so in _libs:
+        _c_finalize(so)
+        _c_initialize_os_locking(so)
+    _logins.clear()
+    _registry_pid = os.getpid()
+
+
+def _load_lib(so: str) -> Any:
+    """Return the module ``so``, initialised with OS locking (caller holds the lock)."""
+    if _registry_pid != os.getpid():
+        _reset_after_fork()
+    lib = _libs.get(so)
+    if lib is None:
+        if not os.path.exists(so):
+            if so == DEFAULT_SOFTHSM_MODULE:
+                raise HsmError("SoftHSM2 is not installed: apt-get install softhsm2")
+            raise HsmError(f"PKCS#11 module not found: {so}")
+        try:
+            lib = _OsLockingLib(so)
+        except p11e.PKCS11Error as exc:
+            raise HsmError(f"cannot load PKCS#11 module {so}: {type(exc).__name__}") from None
+        _libs[so] = lib
+        softhsm.note_module_initialised()
+    return lib
+
+
+def _pin_digest(module: str, label: str, pin: str) -> bytes:
+    return hashlib.sha256(f"{module}\0{label}\0{pin}".encode()).digest()
+
+
+def _acquire_login(module: str, token_label: str, pin: str) -> _Login:
+    with _registry_lock:
+        lib = _load_lib(module)
+        key = (module, token_label)
+        digest = _pin_digest(module, token_label, pin)
+        login = _logins.get(key)
+        if login is not None:
+            if not hmac.compare_digest(login.pin_digest, digest):
+                raise HsmError(f"wrong PIN for token {token_label!r}")
+            login.refs += 1
+            return login
+        try:
+            token = lib.get_token(token_label=token_label)
+        except p11e.NoSuchToken:
+            raise HsmError(f"no PKCS#11 token labelled {token_label!r} in {module}") from None
+        except p11e.MultipleTokensReturned:
+            raise HsmError(f"more than one token labelled {token_label!r} in {module}") from None
+        try:
+            session = token.open(rw=True, user_pin=pin)
+        except (p11e.PinIncorrect, p11e.PinInvalid, p11e.PinLenRange):
+            raise HsmError(f"wrong PIN for token {token_label!r}") from None
+        except p11e.PinLocked:
+            raise HsmError(f"the PIN of token {token_label!r} is locked") from None
+        except p11e.PKCS11Error as exc:
+            raise HsmError(
+                f"cannot log in to token {token_label!r}: {type(exc).__name__}"
+            ) from None
+        login = _Login(token=token, session=session, pin_digest=digest, refs=1)
+        _logins[key] = login
+        return login
+
+
+def _release_login(module: str, token_label: str, login: _Login) -> None:
+    with _registry_lock:
+        if _logins.get((module, token_label)) is not login:
+            return  # already gone (fork reset)
+        login.refs -= 1
+        if login.refs == 0:
+            del _logins[(module, token_label)]
+            # Closing the login session logs the token out and destroys every session
+            # object it owns (our unwrapped keys).
+            with login.lock, suppress(p11e.PKCS11Error):
+                login.session.close()
+
+
+# --- key views: a key handle used through another session -----------------------------
+
+
+class _KeyView(
+    _p11.EncryptMixin,  # type: ignore[misc,name-defined]
+    _p11.DecryptMixin,  # type: ignore[misc,name-defined]
+    _p11.WrapMixin,  # type: ignore[misc,name-defined]
+    _p11.UnwrapMixin,  # type: ignore[misc,name-defined]
+):
+    """An AES key handle bound to a pooled session.
+
+    PKCS#11 object handles are valid in every session of the process, but python-pkcs11
+    binds each key object to the session that produced it. This view supplies the
+    three attributes its operation code reads (``session``, ``handle``, ``key_type``)
+    without an attribute round trip to the HSM.
+    """
+
+    key_type = KeyType.AES
+
+    def __init__(self, session: Any, handle: int) -> None:
+        self._session = session
+        self._handle = handle
+
+    @property
+    def session(self) -> Any:
+        return self._session
+
+    @property
+    def handle(self) -> int:
+        return self._handle
+
+
+# --- the store -------------------------------------------------------------------------
+
+
+class Pkcs11KeyStore:
+    """KeyStore over a PKCS#11 token (SoftHSM2 embedded, or any HSM with AES-GCM and
+    CKM_AES_KEY_WRAP_PAD).
+
+    All methods are safe to call from many threads at once. Several stores may be open
+    on the same token in one process; they share the login.
+
+    Security: backing keys exist in plaintext only inside the HSM. The wrapped blobs
+    returned are as secret as the domain key is safe; whoever can log in to the token
+    can unwrap them. Error messages name PKCS#11 error classes, never data.
+    """
+
+    def __init__(self, *, module: str, token_label: str, pin: str) -> None:
+        """Log in to the token labelled ``token_label`` and find (or create) the domain key.
+
+        Raises HsmError when the module cannot be loaded, the token is missing or
+        ambiguous, the PIN is wrong, or the domain key is missing and cannot be created
+        or is not what it must be (sensitive, non-extractable, WRAP/UNWRAP).
+        """
+        self._module = module
+        self._token_label = token_label
+        self._pid = os.getpid()
+        self._login = _acquire_login(module, token_label, pin)
+        self._closed = False
+        self._pool_lock = threading.Lock()
+        self._idle: list[Any] = []
+        self._opened: list[Any] = []
+        self._cache_lock = threading.Lock()
+        self._unwrapped: dict[str, Any] = {}
+        try:
+            self._domain_handle = self._find_or_create_domain_key()
+        except BaseException:
+            _release_login(module, token_label, self._login)
+            raise
+
+    def __repr__(self) -> str:
+        return f"Pkcs11KeyStore(module={self._module!r}, token_label={self._token_label!r})"
+
+    def __enter__(self) -> Pkcs11KeyStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- setup ------------------------------------------------------------------------
+
+    def _find_or_create_domain_key(self) -> int:
+        login = self._login
+        with login.lock:
+            try:
+                found = list(
+                    login.session.get_objects(
+                        {Attribute.CLASS: ObjectClass.SECRET_KEY, Attribute.LABEL: DOMAIN_KEY_LABEL}
+                    )
+                )
+                if not found:
+                    key = login.session.generate_key(
+                        KeyType.AES,
+                        256,
+                        label=DOMAIN_KEY_LABEL,
+                        store=True,
+                        mechanism=Mechanism.AES_KEY_GEN,
+                        capabilities=MechanismFlag.WRAP | MechanismFlag.UNWRAP,
+                        template={
+                            Attribute.PRIVATE: True,
+                            Attribute.SENSITIVE: True,
+                            Attribute.EXTRACTABLE: False,
+                            Attribute.MODIFIABLE: False,
+                        },
+                    )
+                    found = [key]
+                if len(found) > 1:
+                    raise HsmError(f"more than one {DOMAIN_KEY_LABEL!r} key on the token")
+                key = found[0]
+                attrs = key.get_attributes(
+                    [
+                        Attribute.KEY_TYPE,
+                        Attribute.SENSITIVE,
+                        Attribute.EXTRACTABLE,
+                        Attribute.WRAP,
+                        Attribute.UNWRAP,
+                    ]
+                )
+            except p11e.PKCS11Error as exc:
+                raise HsmError(f"cannot set up the domain key: {type(exc).__name__}") from None
+        ok = (
+            attrs.get(Attribute.KEY_TYPE) == KeyType.AES
+            and attrs.get(Attribute.SENSITIVE) is True
+            and attrs.get(Attribute.EXTRACTABLE) is False
+            and attrs.get(Attribute.WRAP) is True
+            and attrs.get(Attribute.UNWRAP) is True
+        )
+        if not ok:
+            raise HsmError(
+                f"{DOMAIN_KEY_LABEL!r} must be a sensitive, non-extractable AES key "
+                "with WRAP and UNWRAP"
+            )
+        handle: int = key.handle
+        return handle
+
+    # -- sessions ---------------------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise HsmError("the keystore is closed")
+        if self._pid != os.getpid():
+            raise HsmError("the keystore was opened before fork(); open a new one in this process")
+
+    @contextmanager
+    def _session(self) -> Iterator[Any]:
+        """Borrow a session (never used by two threads at once); opens one if none idle."""
+        self._check_open()
+        with self._pool_lock:
+            session = self._idle.pop() if self._idle else None
+        if session is None:
+            try:
+                # Logged in already: login state is per token, not per session.
+                session = self._login.token.open()
+            except p11e.PKCS11Error as exc:
+                raise HsmError(f"cannot open a session: {type(exc).__name__}") from None
+            with self._pool_lock:
+                self._opened.append(session)
+        broken = False
+        try:
+            yield session
+        except _SESSION_BROKEN:
+            broken = True
+            raise
+        finally:
+            with self._pool_lock:
+                if broken or self._closed:
+                    self._discard(session)
+                else:
+                    self._idle.append(session)
+
+    def _discard(self, session: Any) -> None:
+        """Close ``session`` (caller holds the pool lock)."""
+        if session in self._opened:
+            self._opened.remove(session)
+        with suppress(p11e.PKCS11Error):
+            session.close()
+
+    def _key_handle(self, material: MaterialRef) -> int:
+        """The cached unwrapped handle for ``material``; unwraps on first use.
+
+        Raises HsmError when the blob does not match its id or cannot be unwrapped.
+        """
+        with self._cache_lock:
+            key = self._unwrapped.get(material.material_id)
+        if key is not None:
+            handle: int = key.handle
+            return handle
+        if hashlib.sha256(material.wrapped).hexdigest() != material.material_id:
+            raise HsmError("wrapped key material does not match its material id")
+        self._check_open()
+        login = self._login
+        with login.lock:
+            # Re-check: another thread may have unwrapped it while we waited.
+            with self._cache_lock:
+                key = self._unwrapped.get(material.material_id)
+            if key is None:
+                try:
+                    # Owned by the login session, so the key lives as long as the store.
+                    key = _KeyView(login.session, self._domain_handle).unwrap_key(
+                        ObjectClass.SECRET_KEY,
+                        KeyType.AES,
+                        material.wrapped,
+                        mechanism=WRAP_MECHANISM,
+                        store=False,
+                        capabilities=MechanismFlag.ENCRYPT | MechanismFlag.DECRYPT,
+                        template={
+                            Attribute.PRIVATE: True,
+                            Attribute.SENSITIVE: True,
+                            Attribute.EXTRACTABLE: False,
+                        },
+                    )
+                except p11e.PKCS11Error as exc:
+                    raise HsmError(f"cannot unwrap key material: {type(exc).__name__}") from None
+                with self._cache_lock:
+                    self._unwrapped[material.material_id] = key
+        handle = key.handle
+        return handle
+
+    # -- KeyStore ---------------------------------------------------------------------
+
+    def generate_symmetric_key(self) -> MaterialRef:
+        """Generate an AES-256 key in the HSM and return it wrapped under the domain key.
+
+        The key exists in plaintext only inside the HSM, as a transient session object
+        destroyed right after wrapping. Raises HsmError when the HSM fails.
+        """
+        try:
+            with self._session() as session:
+                key = session.generate_key(
+                    KeyType.AES,
+                    256,
+                    store=False,
+                    mechanism=Mechanism.AES_KEY_GEN,
+                    capabilities=MechanismFlag(0),
+                    template={
+                        Attribute.PRIVATE: True,
+                        Attribute.SENSITIVE: True,
+                        Attribute.EXTRACTABLE: True,  # by wrapping only: it is sensitive
+                    },
+                )
+                try:
+                    wrapped: bytes = _KeyView(session, self._domain_handle).wrap_key(
+                        key, mechanism=WRAP_MECHANISM
+                    )
+                finally:
+                    with suppress(p11e.PKCS11Error):
+                        key.destroy()  # a session object: dies with the session at the latest
+        except p11e.PKCS11Error as exc:
+            raise HsmError(f"key generation failed: {type(exc).__name__}") from None
+        return MaterialRef(material_id=hashlib.sha256(wrapped).hexdigest(), wrapped=wrapped)
+
+    def encrypt(self, material: MaterialRef, plaintext: bytes, aad: bytes) -> tuple[bytes, bytes]:
+        """AES-256-GCM in the HSM with a random 96-bit IV; returns ``(iv, ct || tag)``.
+
+        Caveat: random IVs bound the safe number of encryptions per key to about 2^32
+        (NIST SP 800-38D); rotate backing keys well before that.
+        Raises HsmError when the HSM fails or the material cannot be unwrapped.
+        """
+        handle = self._key_handle(material)
+        iv = os.urandom(IV_LEN)
+        try:
+            with self._session() as session:
+                out: bytes = _KeyView(session, handle).encrypt(
+                    plaintext,
+                    mechanism=Mechanism.AES_GCM,
+                    mechanism_param=GCMParams(iv, aad, TAG_LEN * 8),
+                )
+        except p11e.PKCS11Error as exc:
+            raise HsmError(f"encryption failed: {type(exc).__name__}") from None
+        return iv, out
+
+    def decrypt(self, material: MaterialRef, iv: bytes, ciphertext: bytes, aad: bytes) -> bytes:
+        """AES-256-GCM decryption in the HSM.
+
+        Raises InvalidCiphertextError (no detail) when the IV is not 12 bytes, the
+        ciphertext is shorter than a tag, or authentication fails (wrong key, AAD, IV,
+        or any changed byte). Raises HsmError when the HSM itself fails or the material
+        cannot be unwrapped.
+        """
+        if len(iv) != IV_LEN or len(ciphertext) < TAG_LEN:
+            raise InvalidCiphertextError("")
+        handle = self._key_handle(material)
+        try:
+            with self._session() as session:
+                out: bytes = _KeyView(session, handle).decrypt(
+                    ciphertext,
+                    mechanism=Mechanism.AES_GCM,
+                    mechanism_param=GCMParams(iv, aad, TAG_LEN * 8),
+                )
+        except _HSM_FAILURES as exc:
+            raise HsmError(f"decryption failed in the HSM: {type(exc).__name__}") from None
+        except p11e.PKCS11Error:
+            raise InvalidCiphertextError("") from None
+        return out
+
+    def close(self) -> None:
+        """Close pooled sessions, destroy cached unwrapped keys and release the login.
+
+        Idempotent. Calls still in flight on other threads may fail with HsmError.
+        """
+        with self._pool_lock:
+            if self._closed:
+                return
+            self._closed = True
+            if self._pid != os.getpid():
+                return  # the parent's sessions are not ours to close
+            for session in list(self._idle):
+                self._discard(session)
+            self._idle.clear()
+        with self._login.lock, self._cache_lock:
+            for key in self._unwrapped.values():
+                with suppress(p11e.PKCS11Error):
+                    key.destroy()
+            self._unwrapped.clear()
+        _release_login(self._module, self._token_label, self._login)
+
+
+def open_keystore(settings: Settings) -> Pkcs11KeyStore:
+    """Open the keystore the settings describe.
+
+    ``settings.pkcs11_module`` None: the embedded SoftHSM2 token in ``settings.data_dir``
+    (initialised on first use; PIN from ``settings.hsm_pin`` or the data dir's PIN
+    file). Otherwise the given module, token label ``settings.hsm_token`` and
+    ``settings.hsm_pin``.
+
+    Raises HsmError when SoftHSM2 is missing, the PIN is missing for an external module,
+    or anything in :class:`Pkcs11KeyStore` fails.
+    """
+    if settings.pkcs11_module is None:
+        token = softhsm.ensure_embedded_token(settings.data_dir, settings.hsm_token)
+        return Pkcs11KeyStore(
+            module=token.module,
+            token_label=token.label,
+            pin=settings.hsm_pin if settings.hsm_pin is not None else token.pin,
+        )
+    if not settings.hsm_pin:
+        raise HsmError("KEYLEDGER_HSM_PIN is required for an external PKCS#11 module")
+    return Pkcs11KeyStore(
+        module=settings.pkcs11_module, token_label=settings.hsm_token, pin=settings.hsm_pin
+    )
+
+
+__all__ = ["DOMAIN_KEY_LABEL", "Pkcs11KeyStore", "open_keystore"]

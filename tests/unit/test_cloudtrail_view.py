@@ -1,0 +1,192 @@
+"""The CloudTrail view of stored events, checked against AWS's published examples."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from consumers.cloudtrail import cloudtrail_record, event_id, event_time
+from tests.fakes_relay import (
+    ACCOUNT,
+    MATERIAL_ID,
+    PRINCIPAL,
+    REGION,
+    WRAPPED_B64,
+    WRAPPED_MARKER,
+    InMemoryLedger,
+    call_failed,
+    crypto_used,
+    key_arn,
+    key_created,
+    key_deleted_by_service,
+    mixed_events,
+)
+
+REFERENCE = Path(__file__).resolve().parents[3] / "shared" / "reference" / "cloudtrail"
+KEY_ID = "1234abcd-12ab-34cd-56ef-1234567890ab"
+LEDGER_ID = "ledger-test"
+# Fields AWS adds that KeyLedger has no source for (no TLS termination details).
+AWS_ONLY = {"tlsDetails"}
+
+
+def _reference(name: str) -> dict[str, Any]:
+    path = REFERENCE / name
+    if not path.exists():
+        pytest.skip(f"reference record {path} not present")
+    value: dict[str, Any] = json.loads(path.read_text())
+    return value
+
+
+def _view(event: dict[str, Any], seq: int = 1) -> dict[str, Any]:
+    ledger = InMemoryLedger()
+    for _ in range(seq - 1):
+        ledger.append(crypto_used(KEY_ID))
+    record = ledger.append(event)
+    return cloudtrail_record(
+        record.event(),
+        seq=record.seq,
+        record_hash=record.record_hash,
+        prev=record.prev,
+        ledger_id=LEDGER_ID,
+    )
+
+
+def test_encrypt_record_has_the_top_level_fields_of_the_aws_example() -> None:
+    reference = _reference("encrypt-1.11.json")
+    record = _view(crypto_used(KEY_ID, "Encrypt"))["record"]
+    assert set(record) == set(reference) - AWS_ONLY
+    assert set(record["userIdentity"]) == set(reference["userIdentity"]) - {"accessKeyId"}
+    assert set(record["resources"][0]) == {"accountId", "type", "ARN"}
+    assert record["eventVersion"] == reference["eventVersion"] == "1.11"
+
+
+def test_createkey_record_has_the_top_level_fields_of_the_aws_example() -> None:
+    reference = _reference("createkey-1.08.json")
+    record = _view(key_created(KEY_ID))["record"]
+    assert set(record) == set(reference)
+    assert set(record["resources"][0]) == set(reference["resources"][0])
+    assert record["responseElements"]["keyMetadata"]["keyId"] == KEY_ID
+
+
+def test_api_call_fields_come_from_the_call_and_request() -> None:
+    event = crypto_used(KEY_ID, "Decrypt", key_ref="alias/payments")
+    record = _view(event)["record"]
+    assert record["eventName"] == "Decrypt"
+    assert record["eventSource"] == "kms.amazonaws.com"
+    assert record["eventType"] == "AwsApiCall"
+    assert record["awsRegion"] == REGION
+    assert record["sourceIPAddress"] == "127.0.0.1"
+    assert record["userAgent"] == "keyledger-cli/0.1.0"
+    assert record["requestID"] == event["call"]["request_id"]
+    assert record["readOnly"] is True
+    assert record["managementEvent"] is True
+    assert record["eventCategory"] == "Management"
+    assert record["recipientAccountId"] == ACCOUNT
+    assert record["userIdentity"] == {
+        "type": "IAMUser",
+        "principalId": PRINCIPAL,
+        "arn": PRINCIPAL,
+        "accountId": ACCOUNT,
+        "userName": "alice",
+    }
+    # keyId is what the caller sent; the resource is the resolved key.
+    assert record["requestParameters"]["keyId"] == "alias/payments"
+    assert record["resources"] == [
+        {"accountId": ACCOUNT, "type": "AWS::KMS::Key", "ARN": key_arn(KEY_ID)}
+    ]
+    assert record["additionalEventData"] == {"keyMaterialId": MATERIAL_ID}
+    assert "errorCode" not in record
+    assert "errorMessage" not in record
+
+
+def test_event_time_is_rfc3339_utc_with_whole_seconds() -> None:
+    assert event_time("2026-11-25T01:55:00.923456+00:00") == "2026-11-25T01:55:00Z"
+    assert event_time("2026-11-25T03:55:07.5+02:00") == "2026-11-25T01:55:07Z"
+    with pytest.raises(ValueError):
+        event_time("2026-11-25T01:55:00")
+
+
+def test_service_initiated_event_is_an_aws_service_event_invoked_by_kms() -> None:
+    record = _view(key_deleted_by_service(KEY_ID))["record"]
+    assert record["eventType"] == "AwsServiceEvent"
+    assert record["userIdentity"] == {
+        "type": "AWSService",
+        "accountId": ACCOUNT,
+        "invokedBy": "kms.amazonaws.com",
+    }
+    assert record["eventName"] == "DeleteKey"
+    assert record["requestParameters"] is None
+    assert record["resources"][0]["ARN"] == key_arn(KEY_ID)
+    assert "requestID" not in record
+    reference = _reference("deletekey-1.08.json")
+    assert set(record) == set(reference)
+
+
+def test_failed_call_carries_error_code_and_message() -> None:
+    record = _view(call_failed(KEY_ID, error_code="DisabledException"))["record"]
+    assert record["errorCode"] == "DisabledException"
+    assert record["errorMessage"] == "The key is disabled."
+    assert record["responseElements"] is None
+    assert "additionalEventData" not in record
+
+
+def test_failed_call_on_an_unknown_key_has_no_resources() -> None:
+    record = _view(call_failed(None, error_code="NotFoundException"))["record"]
+    assert "resources" not in record
+    assert record["recipientAccountId"] == ACCOUNT
+    assert record["requestParameters"]["keyId"] == "alias/unknown"
+    assert record["errorCode"] == "NotFoundException"
+
+
+def test_envelope_maps_the_record_back_to_its_chain_position() -> None:
+    ledger = InMemoryLedger()
+    ledger.extend(mixed_events(3))
+    record = ledger.record(3)
+    value = cloudtrail_record(
+        record.event(),
+        seq=3,
+        record_hash=record.record_hash,
+        prev=record.prev,
+        ledger_id=LEDGER_ID,
+    )
+    assert set(value) == {"ledger", "seq", "recordHash", "prev", "record"}
+    assert value["ledger"] == LEDGER_ID
+    assert value["seq"] == 3
+    assert value["recordHash"] == record.record_hash.hex()
+    assert value["prev"] == ledger.record(2).record_hash.hex()
+
+
+def test_wrapped_material_and_replay_fields_never_appear_in_the_view() -> None:
+    event = key_created(KEY_ID)
+    assert event["material"]["wrapped"] == WRAPPED_B64
+    published = orjson.dumps(_view(event))
+    assert WRAPPED_B64.encode() not in published
+    assert WRAPPED_MARKER not in published
+    for field in (b'"material"', b'"wrapped"', b'"material_id"', b'"backing_version"'):
+        assert field not in published
+    # Nor do the store's own bookkeeping fields.
+    for field in (b"originator_id", b"originator_version", b"ledger.domain.model"):
+        assert field not in published
+
+
+def test_the_view_reads_nothing_outside_its_allowed_fields() -> None:
+    event = crypto_used(KEY_ID)
+    event["secret_extra"] = {"plaintext": "c2VjcmV0"}
+    event["call"] = {**event["call"]}
+    published = orjson.dumps(_view(event))
+    assert b"secret_extra" not in published
+    assert b"c2VjcmV0" not in published
+
+
+def test_event_id_is_a_stable_uuid_per_ledger_and_seq() -> None:
+    first = _view(crypto_used(KEY_ID), seq=2)["record"]["eventID"]
+    again = _view(crypto_used(KEY_ID), seq=2)["record"]["eventID"]
+    assert first == again == event_id(LEDGER_ID, 2)
+    assert uuid.UUID(first).version == 5
+    assert event_id(LEDGER_ID, 3) != first
+    assert event_id("another-ledger", 2) != first
