@@ -380,28 +380,20 @@ def demo(ctx: typer.Context) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Console entry point: the one place errors become exit codes (raises SystemExit)."""
+    """Console entry point: the one place errors become exit codes (raises SystemExit).
+
+    Usage errors are typer's (exit 2); KeyLedger errors print one line and exit 1;
+    anything unexpected prints only its type (its message could hold data) and exits 1.
+    """
     try:
-        rc = app(args=argv, standalone_mode=False)
-        if isinstance(rc, int) and rc:
-            sys.exit(rc)
+        app(args=argv, prog_name="keyledger")
     except KeyLedgerError as err:
         typer.echo(f"error: {err.aws_name}: {err.message}", err=True)
-        sys.exit(1)
-    except typer.Abort:
-        typer.echo("aborted", err=True)
         sys.exit(1)
     except OSError as exc:
         typer.echo(f"error: {exc.strerror or type(exc).__name__}: {exc.filename or ''}", err=True)
         sys.exit(1)
-    except Exception as exc:  # noqa: BLE001 - the one boundary
-        import click
-
-        if isinstance(exc, click.exceptions.ClickException):
-            exc.show()
-            sys.exit(exc.exit_code)
-        if isinstance(exc, click.exceptions.Exit):
-            sys.exit(exc.exit_code)
+    except Exception as exc:
         typer.echo(f"error: KMSInternalException: {type(exc).__name__}", err=True)
         sys.exit(1)
 

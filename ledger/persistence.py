@@ -32,6 +32,7 @@ except ImportError:  # pragma: no cover
 
 CHAIN_TABLE = "kl_chain"
 POSITIONS_TABLE = "kl_positions"
+DDL_LOCK_ID = 0x6B6C6464  # "kldd": serialises schema creation across processes
 
 
 class _UnusedTranscoder(Transcoder):
@@ -167,6 +168,16 @@ if PostgresApplicationRecorder is not None:
             self._insert_chain = SQL("INSERT INTO {}.{} VALUES (%s, %s, %s, %s)").format(
                 schema, Identifier(CHAIN_TABLE)
             )
+
+        def create_table(self) -> None:
+            """Create tables, types and functions under an advisory lock, so processes
+            starting at once do not race on DDL ("tuple concurrently updated")."""
+            with self.datastore.get_connection() as conn:
+                conn.execute("SELECT pg_advisory_lock(%s)", (DDL_LOCK_ID,))
+                try:
+                    super().create_table()
+                finally:
+                    conn.execute("SELECT pg_advisory_unlock(%s)", (DDL_LOCK_ID,))
 
         def _fetch_ids_after_insert_events(
             self, curs: Cursor[DictRow], stored_events: Sequence[StoredEvent], **kwargs: Any
@@ -324,6 +335,14 @@ class LedgerDatabase:
     def transaction(self, *, commit: bool) -> Iterator[SqlCursor]:
         with self.datastore.transaction(commit=commit) as raw:
             yield SqlCursor(raw, self)
+
+    @contextmanager
+    def ddl_transaction(self) -> Iterator[SqlCursor]:
+        """A committing transaction for schema changes, serialised across processes."""
+        with self.transaction(commit=True) as c:
+            if self.is_postgres:
+                c.execute("SELECT pg_advisory_xact_lock(?)", (DDL_LOCK_ID,))
+            yield c
 
     # LedgerReader
     def read_records(self, after_seq: int, limit: int) -> list[LedgerRecord]:

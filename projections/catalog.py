@@ -31,7 +31,7 @@ class KeyCatalog:
         self.table = db.table(CATALOG)
         self.batch_size = batch_size
         self._lock = threading.Lock()
-        with db.transaction(commit=True) as c:
+        with db.ddl_transaction() as c:
             c.execute(
                 f"CREATE TABLE IF NOT EXISTS {self.table} (key_id TEXT PRIMARY KEY, "
                 "arn TEXT NOT NULL, metadata TEXT NOT NULL, updated_seq BIGINT NOT NULL)"
