@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn
 
+from ledger.keystore.port import MaterialRef
 from ledger.settings import Settings
 
 if TYPE_CHECKING:
@@ -64,12 +65,19 @@ class CliContext:
 class _NoKeyStore:
     """Stands in for the HSM in commands that never use key material."""
 
-    def _refuse(self, *_: object) -> object:
+    def _refuse(self) -> NoReturn:
         from ledger.errors import HsmError
 
         raise HsmError("This command does not open the HSM.")
 
-    generate_symmetric_key = encrypt = decrypt = _refuse
+    def generate_symmetric_key(self) -> MaterialRef:
+        self._refuse()
+
+    def encrypt(self, material: MaterialRef, plaintext: bytes, aad: bytes) -> tuple[bytes, bytes]:
+        self._refuse()
+
+    def decrypt(self, material: MaterialRef, iv: bytes, ciphertext: bytes, aad: bytes) -> bytes:
+        self._refuse()
 
     def close(self) -> None:
         pass

@@ -97,7 +97,9 @@ def run_demo(cli: CliContext, *, on_broker: Callable[[str], None] | None = None)
             published = relay.run_once()
             again = relay.run_once()
             topic = relay.topic
-        _step(13, f"streamed {published} CloudTrail records to {topic} (a second pass sent {again})")
+        _step(
+            13, f"streamed {published} CloudTrail records to {topic} (a second pass sent {again})"
+        )
         back = read_topic(broker.bootstrap, topic)
         seqs = sorted(orjson.loads(r.value)["seq"] for r in back)
         names = sorted({orjson.loads(r.value)["record"]["eventName"] for r in back})
@@ -105,7 +107,8 @@ def run_demo(cli: CliContext, *, on_broker: Callable[[str], None] | None = None)
             raise RuntimeError("the audit topic does not hold every seq exactly once")
         _step(
             14,
-            f"read back {len(back)} records, seq 1..{seqs[-1]} each once, events: {', '.join(names)}",
+            f"read back {len(back)} records, seq 1..{seqs[-1]} each once, "
+            f"events: {', '.join(names)}",
         )
     _step(15, "stopped the broker; demo complete")
     return {"events": result.count, "published": published, "read_back": len(back)}

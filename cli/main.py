@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -26,7 +27,9 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-keys_app = typer.Typer(help="Create, list, describe, enable and disable keys.", no_args_is_help=True)
+keys_app = typer.Typer(
+    help="Create, list, describe, enable and disable keys.", no_args_is_help=True
+)
 audit_app = typer.Typer(help="Verify the ledger and read the audit trail.", no_args_is_help=True)
 projections_app = typer.Typer(help="Maintain read models.", no_args_is_help=True)
 app.add_typer(keys_app, name="keys")
@@ -110,7 +113,9 @@ def keys_list(
 
 
 @keys_app.command("describe")
-def keys_describe(ctx: typer.Context, key: Annotated[str, typer.Argument(help="Key id or ARN.")]) -> None:
+def keys_describe(
+    ctx: typer.Context, key: Annotated[str, typer.Argument(help="Key id or ARN.")]
+) -> None:
     """DescribeKey, from the key catalog projection."""
     cli = _ctx(ctx)
     ledger = cli.ledger_without_hsm
@@ -125,7 +130,9 @@ def keys_describe(ctx: typer.Context, key: Annotated[str, typer.Argument(help="K
 
 
 @keys_app.command("enable")
-def keys_enable(ctx: typer.Context, key: Annotated[str, typer.Argument(help="Key id or ARN.")]) -> None:
+def keys_enable(
+    ctx: typer.Context, key: Annotated[str, typer.Argument(help="Key id or ARN.")]
+) -> None:
     """EnableKey."""
     cli = _ctx(ctx)
     resp = cli.ledger.enable_key(caller=cli.caller, key_id=key)
@@ -133,7 +140,9 @@ def keys_enable(ctx: typer.Context, key: Annotated[str, typer.Argument(help="Key
 
 
 @keys_app.command("disable")
-def keys_disable(ctx: typer.Context, key: Annotated[str, typer.Argument(help="Key id or ARN.")]) -> None:
+def keys_disable(
+    ctx: typer.Context, key: Annotated[str, typer.Argument(help="Key id or ARN.")]
+) -> None:
     """DisableKey."""
     cli = _ctx(ctx)
     resp = cli.ledger.disable_key(caller=cli.caller, key_id=key)
@@ -224,14 +233,14 @@ def decrypt(
     try:
         enc_context = parse_context(context)
     except ValidationError as err:
-        cli.ledger.record_rejected(operation="Decrypt", caller=cli.caller, request=request, error=err)
+        cli.ledger.record_rejected(
+            operation="Decrypt", caller=cli.caller, request=request, error=err
+        )
         raise
     blob = _read_input(infile)
     if infile == "-":
-        try:
+        with contextlib.suppress(binascii.Error, ValueError):  # else raw bytes on stdin
             blob = base64.b64decode(blob.strip(), validate=True)
-        except (binascii.Error, ValueError):
-            pass  # raw bytes on stdin
     resp = cli.ledger.decrypt(
         caller=cli.caller, ciphertext_blob=blob, key_id=key, encryption_context=enc_context
     )

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 from ledger.clock import Clock
 from ledger.keystore.port import KeyStore
 from ledger.persistence import ensure_postgres_schema, postgres_env, sqlite_env

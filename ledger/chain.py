@@ -77,7 +77,13 @@ def verify_chain(
             raise TamperError(count + 1, f"log ends at {count}, expected {expect_count} records")
         raise TamperError(expect_count + 1, f"log has {count} records, expected {expect_count}")
     if expect_head is not None and prev != expect_head:
-        raise TamperError(count, "head hash differs from the expected head (truncated or forked)")
+        # The head names no position: the log was truncated after, or rewritten at or
+        # before, its last record. Pair with expect_count to tell the two apart.
+        raise TamperError(
+            max(count, 1),
+            f"head hash differs from the expected head (log ends at {count}: "
+            "truncated after it or rewritten at or before it)",
+        )
     return VerifyResult(count=count, head=prev)
 
 
@@ -85,8 +91,7 @@ def _check_columns(pos: int, e: Any, state: bytes) -> None:
     try:
         data = orjson.loads(state)
         same = (
-            str(data["originator_id"]).replace("-", "")
-            == str(e["originator_id"]).replace("-", "")
+            str(data["originator_id"]).replace("-", "") == str(e["originator_id"]).replace("-", "")
             and int(data["originator_version"]) == int(e["originator_version"])
             and data["topic"] == e["topic"]
         )

@@ -18,35 +18,47 @@ GENESIS = bytes(32)
 
 
 def canonical(obj: Any) -> bytes:
-    """Canonical JSON bytes (sorted keys, compact, UTF-8).
+    """Canonical JSON bytes (RFC 8785: keys sorted by UTF-16 code units, compact, UTF-8).
 
-    Raises TypeError for floats or integers beyond ±2^53, which RFC 8785 cannot
-    round-trip identically.
+    Raises TypeError for floats or integers beyond ±2^53, which this domain excludes so
+    that every JCS implementation gives identical bytes.
     """
-    _check_canonical_domain(obj)
+    if _check_canonical_domain(obj):
+        # A key outside the BMP: code point order differs from UTF-16 order.
+        return orjson.dumps(_utf16_sorted(obj))
     return orjson.dumps(obj, option=orjson.OPT_SORT_KEYS)
 
 
-def _check_canonical_domain(obj: Any) -> None:
+def _check_canonical_domain(obj: Any) -> bool:
+    """Raise TypeError outside the domain; return True if a key is outside the BMP."""
     if isinstance(obj, bool) or obj is None or isinstance(obj, str):
-        return
+        return False
     if isinstance(obj, int):
         if abs(obj) > 2**53:
             raise TypeError("integer out of the canonical JSON range")
-        return
+        return False
     if isinstance(obj, float):
         raise TypeError("floats are not allowed in canonical JSON")
+    astral = False
     if isinstance(obj, dict):
         for k, v in obj.items():
             if not isinstance(k, str):
                 raise TypeError("canonical JSON keys must be strings")
-            _check_canonical_domain(v)
-        return
+            astral = _check_canonical_domain(v) or astral or any(ord(ch) > 0xFFFF for ch in k)
+        return astral
     if isinstance(obj, list | tuple):
         for v in obj:
-            _check_canonical_domain(v)
-        return
+            astral = _check_canonical_domain(v) or astral
+        return astral
     raise TypeError(f"type {type(obj).__name__} is not allowed in canonical JSON")
+
+
+def _utf16_sorted(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _utf16_sorted(obj[k]) for k in sorted(obj, key=lambda s: s.encode("utf-16-be"))}
+    if isinstance(obj, list | tuple):
+        return [_utf16_sorted(v) for v in obj]
+    return obj
 
 
 def record_hash(data: bytes) -> bytes:
@@ -85,5 +97,4 @@ class PositionStore(Protocol):
         """The last processed ``seq`` for ``name`` (0 when none was saved)."""
         ...
 
-    def set_position(self, name: str, position: int) -> None:
-        ...
+    def set_position(self, name: str, position: int) -> None: ...

@@ -26,7 +26,6 @@ from eventsourcing.persistence import IntegrityError, Mapper
 from ledger import envelope
 from ledger.clock import Clock, SystemClock
 from ledger.domain.model import ApiCall, CallContext, Key
-from ledger.groupcommit import GroupCommitter
 from ledger.errors import (
     DisabledError,
     IncorrectKeyError,
@@ -37,6 +36,7 @@ from ledger.errors import (
     UnsupportedOperationError,
     ValidationError,
 )
+from ledger.groupcommit import GroupCommitter
 from ledger.keystore.port import KeyStore
 from ledger.persistence import CanonicalMapper, LedgerDatabase
 from ledger.settings import Settings
@@ -56,7 +56,9 @@ KEY_SPECS = (
 KEY_USAGES = ("SIGN_VERIFY", "ENCRYPT_DECRYPT", "GENERATE_VERIFY_MAC", "KEY_AGREEMENT")
 ORIGINS = ("AWS_KMS", "EXTERNAL", "AWS_CLOUDHSM", "EXTERNAL_KEY_STORE")
 ENCRYPTION_ALGORITHMS = ("SYMMETRIC_DEFAULT", "RSAES_OAEP_SHA_1", "RSAES_OAEP_SHA_256", "SM2PKE")
-_UUID_RE = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")
+_UUID_RE = re.compile(
+    r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$"
+)
 _ARN_RE = re.compile(r"^arn:aws[a-z-]*:kms:([a-z0-9-]+):(\d{12}):key/(.+)$")
 
 
@@ -75,6 +77,11 @@ def validation_error(field: str, constraint: str, value: object | None = None) -
         f"1 validation error detected: Value{shown} at '{field}' failed to satisfy "
         f"constraint: {constraint}"
     )
+
+
+def enum_error(field: str, value: str, allowed: tuple[str, ...]) -> ValidationError:
+    constraint = "Member must satisfy enum value set: [" + ", ".join(allowed) + "]"
+    return validation_error(field, constraint, value)
 
 
 class _Attempt:
@@ -198,9 +205,7 @@ class KeyLedger(Application[UUID]):
         if not key_id:
             raise validation_error("keyId", "Member must have length greater than or equal to 1")
         if len(key_id) > 2048:
-            raise validation_error(
-                "keyId", "Member must have length less than or equal to 2048"
-            )
+            raise validation_error("keyId", "Member must have length less than or equal to 2048")
         if key_id.startswith("alias/") or ":alias/" in key_id:
             raise NotFoundError(f"Alias {key_id} is not found.")
         m = _ARN_RE.match(key_id)
@@ -219,6 +224,7 @@ class KeyLedger(Application[UUID]):
 
     def load_key(self, key_uuid: UUID) -> Key:
         """The current state of a key; raises NotFoundError when it does not exist."""
+        agg: object
         try:
             agg = self.repository.get(key_uuid)
         except AggregateNotFoundError:
@@ -248,11 +254,7 @@ class KeyLedger(Application[UUID]):
     def _check_algorithm(algorithm: str | None) -> str:
         algorithm = algorithm or SYMMETRIC_DEFAULT
         if algorithm not in ENCRYPTION_ALGORITHMS:
-            raise validation_error(
-                "encryptionAlgorithm",
-                "Member must satisfy enum value set: [" + ", ".join(ENCRYPTION_ALGORITHMS) + "]",
-                algorithm,
-            )
+            raise enum_error("encryptionAlgorithm", algorithm, ENCRYPTION_ALGORITHMS)
         return algorithm
 
     def metadata(self, key: Key) -> JSON:
@@ -318,20 +320,11 @@ class KeyLedger(Application[UUID]):
                 )
             spec, usage, orig = request["keySpec"], request["keyUsage"], request["origin"]
             if spec not in KEY_SPECS:
-                raise validation_error(
-                    "keySpec", "Member must satisfy enum value set: [" + ", ".join(KEY_SPECS) + "]",
-                    spec,
-                )  # fmt: skip
+                raise enum_error("keySpec", spec, KEY_SPECS)
             if usage not in KEY_USAGES:
-                raise validation_error(
-                    "keyUsage", "Member must satisfy enum value set: [" + ", ".join(KEY_USAGES) + "]",
-                    usage,
-                )  # fmt: skip
+                raise enum_error("keyUsage", usage, KEY_USAGES)
             if orig not in ORIGINS:
-                raise validation_error(
-                    "origin", "Member must satisfy enum value set: [" + ", ".join(ORIGINS) + "]",
-                    orig,
-                )  # fmt: skip
+                raise enum_error("origin", orig, ORIGINS)
             if spec == SYMMETRIC_DEFAULT and usage != "ENCRYPT_DECRYPT":
                 raise ValidationError(f"KeyUsage {usage} is not compatible with KeySpec {spec}")
             if spec != SYMMETRIC_DEFAULT or orig != "AWS_KMS":
@@ -374,7 +367,9 @@ class KeyLedger(Application[UUID]):
                 except IntegrityError:
                     continue
                 except Exception as exc:
-                    raise LedgerUnavailableError("The ledger could not record the request.") from exc
+                    raise LedgerUnavailableError(
+                        "The ledger could not record the request."
+                    ) from exc
                 return {}
             raise LedgerUnavailableError("The key kept changing; the request was not recorded.")
 
@@ -403,7 +398,10 @@ class KeyLedger(Application[UUID]):
         Encrypt event is committed. Raises ValidationError, NotFoundError,
         DisabledError, KMSInvalidStateError, LedgerUnavailableError.
         """
-        request: JSON = {"keyId": key_id, "encryptionAlgorithm": encryption_algorithm or SYMMETRIC_DEFAULT}
+        request: JSON = {
+            "keyId": key_id,
+            "encryptionAlgorithm": encryption_algorithm or SYMMETRIC_DEFAULT,
+        }
         if isinstance(encryption_context, Mapping):
             request["encryptionContext"] = dict(encryption_context)
 

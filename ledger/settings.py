@@ -12,7 +12,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 DEFAULT_SOFTHSM_MODULE = "/usr/lib/softhsm/libsofthsm2.so"
-DEFAULT_TOKEN_LABEL = "keyledger"
+DEFAULT_TOKEN_LABEL = "keyledger"  # noqa: S105 - a label, not a secret
 DEFAULT_REGION = "us-east-1"
 DEFAULT_ACCOUNT = "111122223333"
 

@@ -108,8 +108,14 @@ class KeyCatalog:
         c.execute(
             f"INSERT INTO {self.table} (key_id, arn, metadata, updated_seq) VALUES (?, ?, ?, ?) "
             "ON CONFLICT (key_id) DO UPDATE SET metadata = excluded.metadata, "
-            f"updated_seq = excluded.updated_seq WHERE {self.table}.updated_seq < excluded.updated_seq",
-            (key_id, meta["Arn"], orjson.dumps(meta, option=orjson.OPT_SORT_KEYS).decode(), record.seq),
+            "updated_seq = excluded.updated_seq "
+            f"WHERE {self.table}.updated_seq < excluded.updated_seq",
+            (
+                key_id,
+                meta["Arn"],
+                orjson.dumps(meta, option=orjson.OPT_SORT_KEYS).decode(),
+                record.seq,
+            ),
         )
 
     @staticmethod
@@ -154,5 +160,7 @@ class KeyCatalog:
     def snapshot(self) -> list[tuple[str, str]]:
         """Every catalog row (key id, metadata JSON), for comparing rebuilds."""
         with self.db.transaction(commit=False) as c:
-            rows = c.execute(f"SELECT key_id, metadata FROM {self.table} ORDER BY key_id").fetchall()
+            rows = c.execute(
+                f"SELECT key_id, metadata FROM {self.table} ORDER BY key_id"
+            ).fetchall()
         return [(r["key_id"], r["metadata"]) for r in rows]

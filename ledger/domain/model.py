@@ -98,6 +98,12 @@ class Key(Aggregate):
         origin: str
         material: JSON
 
+        def __repr__(self) -> str:
+            return (
+                f"Key.Created(originator_id={self.originator_id!r}, key_arn={self.key_arn!r}, "
+                f"material_id={self.material.get('material_id')!r}, wrapped=<redacted>)"
+            )
+
         def apply(self, aggregate: Aggregate) -> None:
             assert isinstance(aggregate, Key)
             aggregate.key_id = self.key_id
@@ -166,6 +172,13 @@ class Key(Aggregate):
             key_usage=key_usage,
             origin=origin,
             material=material_to_json(material),
+        )
+
+    def __repr__(self) -> str:
+        ids = [m.get("material_id") for m in self.materials]
+        return (
+            f"Key(id={self.id!r}, version={self.version}, arn={self.arn!r}, "
+            f"key_state={self.key_state!r}, material_ids={ids!r})"
         )
 
     @property

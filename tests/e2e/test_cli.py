@@ -28,7 +28,9 @@ def keyledger_cmd() -> list[str]:
 class Cli:
     def __init__(self, data_dir: Path) -> None:
         self.data_dir = data_dir
-        self.env = {k: v for k, v in os.environ.items() if not k.startswith(("KEYLEDGER_", "SOFTHSM2"))}
+        self.env = {
+            k: v for k, v in os.environ.items() if not k.startswith(("KEYLEDGER_", "SOFTHSM2"))
+        }
         self.env["PYTHONPATH"] = str(ROOT)
 
     def __call__(
@@ -80,7 +82,19 @@ def test_cli_key_lifecycle_and_round_trip_through_files_and_pipes(cli: Cli, tmp_
     plain = tmp_path / "plain.txt"
     plain.write_bytes(b"attack at dawn\n" * 200)
     blob = tmp_path / "blob.bin"
-    cli("encrypt", "--key", key, "--context", "app=e2e", "--context", "x=a=b", "--in", str(plain), "--out", str(blob))
+    cli(
+        "encrypt",
+        "--key",
+        key,
+        "--context",
+        "app=e2e",
+        "--context",
+        "x=a=b",
+        "--in",
+        str(plain),
+        "--out",
+        str(blob),
+    )
     assert b"attack" not in blob.read_bytes()
     out = cli("decrypt", "--context", "x=a=b", "--context", "app=e2e", "--in", str(blob)).stdout
     assert out == plain.read_bytes()
@@ -90,28 +104,66 @@ def test_cli_key_lifecycle_and_round_trip_through_files_and_pipes(cli: Cli, tmp_
     assert cli("decrypt", "--key", key, stdin=b64).stdout == b"\x00\x01binary"
 
     cli("keys", "disable", key)
-    assert json.loads(cli("--json", "keys", "describe", key).stdout)["KeyMetadata"]["KeyState"] == "Disabled"
+    assert (
+        json.loads(cli("--json", "keys", "describe", key).stdout)["KeyMetadata"]["KeyState"]
+        == "Disabled"
+    )
     cli("keys", "enable", key)
     assert cli.head_count() == 7
     trail = cli("audit", "trail").stdout.decode()
     for op in ("CreateKey", "Encrypt", "Decrypt", "DisableKey", "EnableKey"):
         assert op in trail
-    assert "rebuilt key catalog from 7 events (1 keys)" in cli("projections", "rebuild").stdout.decode()
+    assert (
+        "rebuilt key catalog from 7 events (1 keys)"
+        in cli("projections", "rebuild").stdout.decode()
+    )
 
 
 @pytest.mark.parametrize(
     ("name", "args", "error"),
     [
-        ("unknown key", ["encrypt", "--key", "11111111-2222-4333-8444-555555555555"], "NotFoundException"),
+        (
+            "unknown key",
+            ["encrypt", "--key", "11111111-2222-4333-8444-555555555555"],
+            "NotFoundException",
+        ),
         ("disabled key", ["encrypt", "--key", "{disabled}"], "DisabledException"),
-        ("wrong context", ["decrypt", "--context", "app=other", "--in", "{blob}"], "InvalidCiphertextException"),
+        (
+            "wrong context",
+            ["decrypt", "--context", "app=other", "--in", "{blob}"],
+            "InvalidCiphertextException",
+        ),
         ("missing context", ["decrypt", "--in", "{blob}"], "InvalidCiphertextException"),
-        ("flipped byte", ["decrypt", "--context", "app=e2e", "--in", "{flipped}"], "InvalidCiphertextException"),
-        ("truncated blob", ["decrypt", "--context", "app=e2e", "--in", "{truncated}"], "InvalidCiphertextException"),
-        ("ciphertext of another key", ["decrypt", "--key", "{other}", "--context", "app=e2e", "--in", "{blob}"], "IncorrectKeyException"),
-        ("plaintext over 4096 bytes", ["encrypt", "--key", "{key}", "--in", "{big}"], "ValidationException"),
-        ("empty plaintext", ["encrypt", "--key", "{key}", "--in", "{empty}"], "ValidationException"),
-        ("malformed context", ["encrypt", "--key", "{key}", "--context", "novalue", "--in", "{empty}"], "ValidationException"),
+        (
+            "flipped byte",
+            ["decrypt", "--context", "app=e2e", "--in", "{flipped}"],
+            "InvalidCiphertextException",
+        ),
+        (
+            "truncated blob",
+            ["decrypt", "--context", "app=e2e", "--in", "{truncated}"],
+            "InvalidCiphertextException",
+        ),
+        (
+            "ciphertext of another key",
+            ["decrypt", "--key", "{other}", "--context", "app=e2e", "--in", "{blob}"],
+            "IncorrectKeyException",
+        ),
+        (
+            "plaintext over 4096 bytes",
+            ["encrypt", "--key", "{key}", "--in", "{big}"],
+            "ValidationException",
+        ),
+        (
+            "empty plaintext",
+            ["encrypt", "--key", "{key}", "--in", "{empty}"],
+            "ValidationException",
+        ),
+        (
+            "malformed context",
+            ["encrypt", "--key", "{key}", "--context", "novalue", "--in", "{empty}"],
+            "ValidationException",
+        ),
     ],
     ids=lambda v: v if isinstance(v, str) and " " in v else None,
 )

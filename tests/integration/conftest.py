@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 
 from consumers.broker import BrokerStartError, TansuBroker
+from ledger.bootstrap import open_ledger
 from ledger.keystore.pkcs11_adapter import Pkcs11KeyStore, open_keystore
 from ledger.keystore.softhsm import ensure_embedded_token
-from ledger.bootstrap import open_ledger
 from ledger.service import KeyLedger
 from ledger.settings import Settings
 

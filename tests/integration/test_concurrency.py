@@ -43,7 +43,7 @@ def test_eight_threads_encrypting_and_decrypting_for_ten_seconds(ledger: KeyLedg
                 assert out["Plaintext"] == plaintext
                 n += 1
             done[i] = n
-        except BaseException as exc:  # noqa: BLE001 - reported below
+        except BaseException as exc:
             errors.append(exc)
 
     threads = [threading.Thread(target=work, args=(i,)) for i in range(8)]

@@ -125,25 +125,41 @@ def _bad_inputs(ledger: KeyLedger) -> list[tuple[str, type[KeyLedgerError], Any]
             InvalidCiphertextError,
             dec(ciphertext_blob=blob, encryption_context={**CTX, "x": "y"}),
         ),
-        ("truncated blob", InvalidCiphertextError, dec(ciphertext_blob=blob[:-1], encryption_context=CTX)),
-        ("short blob", InvalidCiphertextError, dec(ciphertext_blob=blob[:20], encryption_context=CTX)),
+        (
+            "truncated blob",
+            InvalidCiphertextError,
+            dec(ciphertext_blob=blob[:-1], encryption_context=CTX),
+        ),
+        (
+            "short blob",
+            InvalidCiphertextError,
+            dec(ciphertext_blob=blob[:20], encryption_context=CTX),
+        ),
         (
             "ciphertext of another key",
             IncorrectKeyError,
             dec(ciphertext_blob=other_blob, key_id=key["KeyId"], encryption_context=CTX),
         ),
-        ("plaintext over 4096 bytes", ValidationError, enc(key_id=key["KeyId"], plaintext=b"x" * 4097)),
+        (
+            "plaintext over 4096 bytes",
+            ValidationError,
+            enc(key_id=key["KeyId"], plaintext=b"x" * 4097),
+        ),
         ("empty plaintext", ValidationError, enc(key_id=key["KeyId"], plaintext=b"")),
         (
             "non-string context",
             ValidationError,
             enc(key_id=key["KeyId"], plaintext=b"x", encryption_context={"a": 1}),
         ),
-    ]  # fmt: skip
+    ]
     for i, f in enumerate(flipped):
         cases.append(
-            (f"flipped byte {i}", InvalidCiphertextError, dec(ciphertext_blob=bytes(f), encryption_context=CTX))
-        )  # fmt: skip
+            (
+                f"flipped byte {i}",
+                InvalidCiphertextError,
+                dec(ciphertext_blob=bytes(f), encryption_context=CTX),
+            )
+        )
     return cases
 
 
@@ -171,9 +187,9 @@ def test_each_bad_input_fails_with_its_aws_error_and_adds_exactly_one_failure_re
 
 def test_invalid_ciphertext_errors_carry_no_detail(ledger: KeyLedger) -> None:
     key = new_key(ledger)
-    blob = ledger.encrypt(caller=CALLER, key_id=key["KeyId"], plaintext=b"p", encryption_context=CTX)[
-        "CiphertextBlob"
-    ]
+    blob = ledger.encrypt(
+        caller=CALLER, key_id=key["KeyId"], plaintext=b"p", encryption_context=CTX
+    )["CiphertextBlob"]
     messages = set()
     for bad in (blob[:-1], blob[:10], b"\x02" + blob[1:]):
         with pytest.raises(InvalidCiphertextError) as info:

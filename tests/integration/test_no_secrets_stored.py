@@ -60,9 +60,12 @@ def test_plaintext_and_blobs_never_reach_store_logs_or_kafka(
         blob = ledger.encrypt(
             caller=CALLER, key_id=key, plaintext=plaintext, encryption_context={"k": "v"}
         )["CiphertextBlob"]
-        assert ledger.decrypt(
-            caller=CALLER, ciphertext_blob=blob, encryption_context={"k": "v"}
-        )["Plaintext"] == plaintext
+        assert (
+            ledger.decrypt(caller=CALLER, ciphertext_blob=blob, encryption_context={"k": "v"})[
+                "Plaintext"
+            ]
+            == plaintext
+        )
         with pytest.raises(KeyLedgerError) as info:  # failures must not echo inputs either
             ledger.decrypt(caller=CALLER, ciphertext_blob=blob[:-2], encryption_context={"k": "v"})
         assert blob[:-2].hex() not in str(info.value)

@@ -97,7 +97,9 @@ def cli_verify(ledger: KeyLedger, *extra: str) -> tuple[int, str]:
     return int(info.value.code or 0), ""
 
 
-@pytest.mark.parametrize(("name", "tamper", "position", "word"), TAMPERS, ids=[t[0] for t in TAMPERS])
+@pytest.mark.parametrize(
+    ("name", "tamper", "position", "word"), TAMPERS, ids=[t[0] for t in TAMPERS]
+)
 def test_verify_names_the_first_bad_position(
     ledger: KeyLedger,
     capsys: pytest.CaptureFixture[str],

@@ -134,7 +134,11 @@ def test_cli_libraries_are_imported_only_inside_cli(library: str) -> None:
 IMPORT_ALL_WITHOUT_NETWORK = """
 import importlib, pkgutil, socket, sys
 
+attempts = []
+
 def refuse(*args, **kwargs):
+    # Recorded as well as raised, so a module that swallows the error still fails.
+    attempts.append(repr(args[1:] or args))
     raise OSError("a socket was used at import time")
 
 socket.socket.connect = refuse
@@ -150,6 +154,8 @@ for package in sys.argv[1:]:
         importlib.import_module(info.name)
         names.append(info.name)
 print("\\n".join(names))
+if attempts:
+    sys.exit("sockets used at import time: " + ", ".join(attempts))
 """
 
 

@@ -122,7 +122,9 @@ def test_swapping_the_states_of_two_events_names_the_earlier_position(
     size: int, data: st.DataObject
 ) -> None:
     events, chain = make_log(size)
-    i, j = sorted(data.draw(st.lists(st.integers(0, size - 1), min_size=2, max_size=2, unique=True)))
+    i, j = sorted(
+        data.draw(st.lists(st.integers(0, size - 1), min_size=2, max_size=2, unique=True))
+    )
     events[i]["state"], events[j]["state"] = events[j]["state"], events[i]["state"]
     assert tamper_position(chain, events) == i + 1
 
@@ -133,7 +135,9 @@ def test_reordering_two_event_rows_names_the_earlier_position(
     size: int, data: st.DataObject
 ) -> None:
     events, chain = make_log(size)
-    i, j = sorted(data.draw(st.lists(st.integers(0, size - 1), min_size=2, max_size=2, unique=True)))
+    i, j = sorted(
+        data.draw(st.lists(st.integers(0, size - 1), min_size=2, max_size=2, unique=True))
+    )
     events[i], events[j] = events[j], events[i]
     assert tamper_position(chain, events) == i + 1
 
@@ -144,7 +148,9 @@ def test_renumbering_two_events_to_swap_their_order_names_the_earlier_position(
     size: int, data: st.DataObject
 ) -> None:
     events, chain = make_log(size)
-    i, j = sorted(data.draw(st.lists(st.integers(0, size - 1), min_size=2, max_size=2, unique=True)))
+    i, j = sorted(
+        data.draw(st.lists(st.integers(0, size - 1), min_size=2, max_size=2, unique=True))
+    )
     events[i]["nid"], events[j]["nid"] = events[j]["nid"], events[i]["nid"]
     events.sort(key=lambda row: row["nid"])
     assert tamper_position(chain, events) == i + 1
@@ -249,11 +255,6 @@ def test_truncating_every_record_is_caught_with_an_expected_count() -> None:
     assert tamper_position([], [], expect_count=4) == 1
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="ledger/chain.py:80 raises TamperError(count, ...) for a head mismatch; for a "
-    "log truncated to nothing that is position 0, outside the promised 1-based range",
-)
 def test_truncating_every_record_is_caught_with_an_expected_head_at_position_one() -> None:
     events, chain = make_log(4)
     head = verify_chain(chain, events).head
