@@ -27,7 +27,8 @@ from tests.fakes_relay import (
     mixed_events,
 )
 
-REFERENCE = Path(__file__).resolve().parents[3] / "shared" / "reference" / "cloudtrail"
+# Copies of shared/reference/cloudtrail (AWS KMS developer guide examples).
+REFERENCE = Path(__file__).resolve().parents[1] / "data" / "cloudtrail"
 KEY_ID = "1234abcd-12ab-34cd-56ef-1234567890ab"
 LEDGER_ID = "ledger-test"
 # Fields AWS adds that KeyLedger has no source for (no TLS termination details).
