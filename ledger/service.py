@@ -525,8 +525,3 @@ class KeyLedger(Application[UUID]):
     def _check_usable(self, key: Key) -> None:
         if not key.enabled:
             raise DisabledError(f"{key.arn} is disabled.")
-
-    def describe_key_from_ledger(self, *, key_id: str) -> JSON:
-        """DescribeKey straight from the write model (not recorded; reads no projection)."""
-        key = self.load_key(self.resolve_key_id(key_id))
-        return {"KeyMetadata": self.metadata(key)}

@@ -41,7 +41,6 @@ class Settings:
     region: str = DEFAULT_REGION
     account_id: str = DEFAULT_ACCOUNT
     principal: str | None = None
-    sqlite_synchronous: str = "FULL"
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: object) -> Settings:
@@ -57,7 +56,6 @@ class Settings:
             region=e.get("KEYLEDGER_REGION") or DEFAULT_REGION,
             account_id=e.get("KEYLEDGER_ACCOUNT_ID") or DEFAULT_ACCOUNT,
             principal=e.get("KEYLEDGER_PRINCIPAL") or None,
-            sqlite_synchronous=(e.get("KEYLEDGER_SQLITE_SYNCHRONOUS") or "FULL").upper(),
         )
         given = {k: v for k, v in overrides.items() if v is not None}
         if "data_dir" in given:

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from consumers.broker import TansuBroker
+
 pytestmark = [pytest.mark.e2e, pytest.mark.softhsm]
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -218,3 +220,28 @@ def test_demo_runs_end_to_end(cli: Cli) -> None:
     assert "streamed 7 CloudTrail records to keyledger.audit.v1 (a second pass sent 0)" in out
     assert "read back 7 records, seq 1..7 each once" in out
     assert lines[-1].endswith("demo complete")
+
+
+@pytest.mark.kafka
+def test_stream_once_publishes_every_event_once_and_a_rerun_publishes_nothing(
+    cli: Cli, kafka_broker: TansuBroker
+) -> None:
+    from consumers.relay import AUDIT_TOPIC, read_topic
+
+    key = cli("keys", "create").stdout.decode().strip()
+    cli("encrypt", "--key", key, "--context", "a=b", stdin=b"streamed")
+    cli("decrypt", "--key", key, stdin=b"not a blob", expect=1)
+    n = cli.head_count()
+    out = cli("stream", "--bootstrap", kafka_broker.bootstrap, "--once").stdout.decode()
+    assert out.strip() == f"published {n} records to {AUDIT_TOPIC}"
+    again = cli("stream", "--bootstrap", kafka_broker.bootstrap, "--once").stdout.decode()
+    assert again.strip() == f"published 0 records to {AUDIT_TOPIC}"
+    values = [json.loads(r.value) for r in read_topic(kafka_broker.bootstrap, AUDIT_TOPIC)]
+    mine = [v for v in values if v["record"]["resources"][0]["ARN"] == key] if values else []
+    assert sorted(v["seq"] for v in values) == list(range(1, n + 1))
+    assert [v["record"]["eventName"] for v in sorted(mine, key=lambda v: v["seq"])] == [
+        "CreateKey",
+        "Encrypt",
+        "Decrypt",
+    ]
+    assert mine[-1]["record"]["errorCode"] == "InvalidCiphertextException"

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 
-from consumers.broker import BrokerStartError, TansuBroker
 from ledger.bootstrap import open_ledger
 from ledger.keystore.pkcs11_adapter import Pkcs11KeyStore, open_keystore
 from ledger.keystore.softhsm import ensure_embedded_token
@@ -35,24 +34,6 @@ def softhsm_keystore(softhsm_settings: Settings) -> Iterator[Pkcs11KeyStore]:
     store = open_keystore(softhsm_settings)
     yield store
     store.close()
-
-
-@pytest.fixture(scope="session")
-def kafka_broker() -> Iterator[TansuBroker]:
-    """One in-memory Tansu broker on a free loopback port for the whole session.
-
-    Skips when the broker cannot start, except under ``CI=true``, where that fails.
-    """
-    try:
-        broker = TansuBroker().start()
-    except BrokerStartError as exc:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"Kafka test broker did not start: {exc}")
-        pytest.skip(f"Kafka test broker unavailable: {exc}")
-    try:
-        yield broker
-    finally:
-        broker.stop()
 
 
 # ---------------------------------------------------------------- ledgers on both backends
