@@ -12,14 +12,12 @@ from __future__ import annotations
 import os
 import sys
 import tempfile
-import threading
-import time
 import uuid
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.hsm_baseline import raw_softhsm_aes_gcm_ops
+from bench.hsm_baseline import ops_per_second, raw_softhsm_aes_gcm_ops
 from ledger.bootstrap import open_ledger
 from ledger.chain import verify_chain
 from ledger.keystore.port import KeyStore
@@ -34,29 +32,13 @@ TARGET_SQLITE_8 = 1000.0
 def encrypt_ops(ledger: KeyLedger, threads: int, seconds: float) -> float:
     key = ledger.create_key(caller=CALLER)["KeyMetadata"]["KeyId"]
     ledger.encrypt(caller=CALLER, key_id=key, plaintext=PAYLOAD)  # warm caches
-    counts = [0] * threads
-    gate = threading.Barrier(threads + 1)
-    deadline = 0.0
-
-    def work(i: int) -> None:
-        gate.wait()
-        n = 0
-        while time.perf_counter() < deadline:
-            ledger.encrypt(
-                caller=CALLER, key_id=key, plaintext=PAYLOAD, encryption_context={"w": str(i)}
-            )
-            n += 1
-        counts[i] = n
-
-    workers = [threading.Thread(target=work, args=(i,)) for i in range(threads)]
-    for w in workers:
-        w.start()
-    begin = time.perf_counter()
-    deadline = begin + seconds
-    gate.wait()
-    for w in workers:
-        w.join()
-    return sum(counts) / (time.perf_counter() - begin)
+    return ops_per_second(
+        lambda i: ledger.encrypt(
+            caller=CALLER, key_id=key, plaintext=PAYLOAD, encryption_context={"w": str(i)}
+        ),
+        threads=threads,
+        seconds=seconds,
+    )
 
 
 def pg_url() -> tuple[str, str] | None:
