@@ -79,5 +79,8 @@ class _NoKeyStore:
     def decrypt(self, material: MaterialRef, iv: bytes, ciphertext: bytes, aad: bytes) -> bytes:
         self._refuse()
 
+    def forget(self, material_id: str) -> None:
+        pass
+
     def close(self) -> None:
         pass

@@ -67,6 +67,38 @@ class HsmError(KeyLedgerError):
     aws_name = "KMSInternalException"
 
 
+class AlreadyExistsError(KeyLedgerError):
+    aws_name = "AlreadyExistsException"
+
+
+class LimitExceededError(KeyLedgerError):
+    aws_name = "LimitExceededException"
+
+
+class TagError(KeyLedgerError):
+    aws_name = "TagException"
+
+
+class InvalidMarkerError(KeyLedgerError):
+    aws_name = "InvalidMarkerException"
+
+
+class InvalidAliasNameError(KeyLedgerError):
+    aws_name = "InvalidAliasNameException"
+
+
+class MalformedPolicyDocumentError(KeyLedgerError):
+    aws_name = "MalformedPolicyDocumentException"
+
+
+class InvalidArnError(KeyLedgerError):
+    aws_name = "InvalidArnException"
+
+
+class NotAuthorizedError(KeyLedgerError):
+    aws_name = "NotAuthorizedException"
+
+
 class TamperError(Exception):
     """Chain verification found a bad position.
 
@@ -77,6 +109,21 @@ class TamperError(Exception):
         super().__init__(f"position {position}: {reason}")
         self.position = position
         self.reason = reason
+
+
+class InvalidGrantTokenError(KeyLedgerError):
+    """A grant token that is malformed or names no live grant.
+
+    The message never contains the token.
+    """
+
+    aws_name = "InvalidGrantTokenException"
+
+
+class InvalidGrantIdError(KeyLedgerError):
+    """A ``GrantId`` that is not a well-formed grant id."""
+
+    aws_name = "InvalidGrantIdException"
 
 
 AWS_ERROR_NAMES: dict[type[KeyLedgerError], str] = {
@@ -93,5 +140,14 @@ AWS_ERROR_NAMES: dict[type[KeyLedgerError], str] = {
         UnsupportedOperationError,
         LedgerUnavailableError,
         HsmError,
+        AlreadyExistsError,
+        LimitExceededError,
+        TagError,
+        InvalidMarkerError,
+        InvalidAliasNameError,
+        MalformedPolicyDocumentError,
+        InvalidArnError,
+        InvalidGrantTokenError,
+        InvalidGrantIdError,
     )
 }

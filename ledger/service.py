@@ -12,11 +12,15 @@ would show (key id as sent, encryption context, algorithm).
 
 from __future__ import annotations
 
+import contextlib
+import json
+import os
 import re
 import threading
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any, TypeVar
 from uuid import UUID
 
@@ -25,19 +29,25 @@ from eventsourcing.persistence import IntegrityError, Mapper
 
 from ledger import envelope
 from ledger.clock import Clock, SystemClock
-from ledger.domain.model import ApiCall, CallContext, Key
+from ledger.domain import grants
+from ledger.domain.model import Alias, ApiCall, CallContext, Key
 from ledger.errors import (
-    DisabledError,
     IncorrectKeyError,
     InvalidCiphertextError,
+    InvalidGrantTokenError,
     KeyLedgerError,
     LedgerUnavailableError,
+    LimitExceededError,
+    MalformedPolicyDocumentError,
+    NotAuthorizedError,
     NotFoundError,
+    TagError,
     UnsupportedOperationError,
     ValidationError,
 )
 from ledger.groupcommit import GroupCommitter
-from ledger.keystore.port import KeyStore
+from ledger.keystore.port import KeyStore, MaterialRef
+from ledger.pagination import paginate
 from ledger.persistence import CanonicalMapper, LedgerDatabase
 from ledger.settings import Settings
 
@@ -60,6 +70,7 @@ _UUID_RE = re.compile(
     r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$"
 )
 _ARN_RE = re.compile(r"^arn:aws[a-z-]*:kms:([a-z0-9-]+):(\d{12}):key/(.+)$")
+_ALIAS_ARN_RE = re.compile(r"^arn:aws[a-z-]*:kms:([a-z0-9-]+):(\d{12}):alias/.+$")
 
 
 @dataclass(frozen=True)
@@ -82,6 +93,106 @@ def validation_error(field: str, constraint: str, value: object | None = None) -
 def enum_error(field: str, value: str, allowed: tuple[str, ...]) -> ValidationError:
     constraint = "Member must satisfy enum value set: [" + ", ".join(allowed) + "]"
     return validation_error(field, constraint, value)
+
+
+ALIAS_NAME_RE = re.compile(r"^[a-zA-Z0-9:/_-]+$")
+MAX_POLICY_BYTES = 32768
+
+
+def check_description(description: str) -> None:
+    if len(description) > MAX_DESCRIPTION:
+        raise validation_error("description", "Member must have length less than or equal to 8192")
+
+
+def check_tags(tags: list[dict[str, str]]) -> dict[str, str]:
+    """TagResource/CreateKey tags to a map; raises TagError or ValidationError as AWS."""
+    out: dict[str, str] = {}
+    for i, tag in enumerate(tags, start=1):
+        if not isinstance(tag, Mapping) or "TagKey" not in tag or "TagValue" not in tag:
+            raise ValidationError("Each tag needs a TagKey and a TagValue.")
+        k, v = tag["TagKey"], tag["TagValue"]
+        if not isinstance(k, str) or not isinstance(v, str):
+            raise ValidationError("TagKey and TagValue must be strings.")
+        if not 1 <= len(k) <= 128:
+            raise validation_error(
+                f"tags.{i}.member.tagKey",
+                "Member must have length less than or equal to 128"
+                if k
+                else "Member must have length greater than or equal to 1",
+                k,
+            )
+        if len(v) > 256:
+            raise validation_error(
+                f"tags.{i}.member.tagValue", "Member must have length less than or equal to 256", v
+            )
+        if k.lower().startswith("aws:"):
+            raise TagError("Tags beginning with aws: are reserved")
+        if k in out:
+            raise TagError("Duplicate tag keys")
+        out[k] = v
+    if len(out) > 50:
+        raise TagError("Too many tags")
+    return out
+
+
+def check_policy(policy: str) -> None:
+    """A key policy document; raises MalformedPolicyDocumentError or LimitExceededError."""
+    if not isinstance(policy, str) or not policy:
+        raise validation_error("policy", "Member must have length greater than or equal to 1")
+    if len(policy.encode("utf-8")) > MAX_POLICY_BYTES:
+        raise LimitExceededError("The key policy exceeds the maximum size of 32768 bytes.")
+    try:
+        doc = json.loads(policy)
+    except ValueError:
+        raise MalformedPolicyDocumentError("The policy is not valid JSON.") from None
+    statements = doc.get("Statement") if isinstance(doc, dict) else None
+    if isinstance(statements, dict):
+        statements = [statements]
+    if not isinstance(statements, list) or not statements:
+        raise MalformedPolicyDocumentError("The policy must contain a Statement.")
+    for st in statements:
+        if not isinstance(st, dict) or st.get("Effect") not in ("Allow", "Deny"):
+            raise MalformedPolicyDocumentError("Each policy statement needs Effect Allow or Deny.")
+        if "Action" not in st and "NotAction" not in st:
+            raise MalformedPolicyDocumentError("Each policy statement needs an Action.")
+        if "Principal" not in st and "NotPrincipal" not in st:
+            raise MalformedPolicyDocumentError("Each policy statement needs a Principal.")
+
+
+def check_alias_name(alias_name: str) -> None:
+    """Raise what AWS raises for a malformed, reserved or overlong alias name."""
+    if not isinstance(alias_name, str) or not alias_name:
+        raise validation_error("aliasName", "Member must have length greater than or equal to 1")
+    if len(alias_name) > 256:
+        raise validation_error(
+            "aliasName", "Member must have length less than or equal to 256", alias_name
+        )
+    if not alias_name.startswith("alias/"):
+        raise ValidationError(
+            'Alias must start with the prefix "alias/". Please see '
+            "https://docs.aws.amazon.com/kms/latest/developerguide/kms-alias.html"
+        )
+    if not ALIAS_NAME_RE.match(alias_name) or ":" in alias_name or alias_name == "alias/":
+        raise validation_error(
+            "aliasName",
+            "Member must satisfy regular expression pattern: ^[a-zA-Z0-9:/_-]+$",
+            alias_name,
+        )
+    if alias_name.startswith("alias/aws/"):
+        raise NotAuthorizedError(
+            "Alias names that begin with alias/aws/ are reserved for AWS managed keys."
+        )
+
+
+def check_range(field: str, value: int, low: int, high: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ValidationError(f"{field} must be an integer.")
+    if value < low:
+        raise validation_error(
+            field, f"Member must have value greater than or equal to {low}", value
+        )
+    if value > high:
+        raise validation_error(field, f"Member must have value less than or equal to {high}", value)
 
 
 class _Attempt:
@@ -196,18 +307,23 @@ class KeyLedger(Application[UUID]):
             )
         )
 
-    def resolve_key_id(self, key_id: str) -> UUID:
-        """A key id or key ARN to the key's UUID (existence is not checked).
+    def resolve_key_id(self, key_id: str, *, allow_alias: bool = False) -> UUID:
+        """A key id, key ARN or (where ``allow_alias``) alias name or alias ARN to the
+        key's UUID. Existence of the key is not checked; an alias must exist.
 
-        Raises NotFoundError for aliases (not supported yet), malformed ids and ARNs
-        of another account or region, and ValidationError for an empty id.
+        Raises NotFoundError for unknown aliases, malformed ids and ARNs of another
+        account or region, and ValidationError for an empty or overlong id.
         """
         if not key_id:
             raise validation_error("keyId", "Member must have length greater than or equal to 1")
         if len(key_id) > 2048:
             raise validation_error("keyId", "Member must have length less than or equal to 2048")
-        if key_id.startswith("alias/") or ":alias/" in key_id:
-            raise NotFoundError(f"Alias {key_id} is not found.")
+        if key_id.startswith("alias/") or (key_id.startswith("arn:") and ":alias/" in key_id):
+            if not allow_alias:
+                raise NotFoundError(f"Invalid keyId '{key_id}'")
+            alias = self.load_alias(self.alias_arn_of(key_id))
+            assert alias.target_key_id is not None
+            return UUID(alias.target_key_id)
         m = _ARN_RE.match(key_id)
         if m:
             region, account, rest = m.groups()
@@ -222,19 +338,47 @@ class KeyLedger(Application[UUID]):
             raise NotFoundError(f"Invalid keyId '{key_id}'")
         return UUID(key_id)
 
+    def alias_arn_of(self, alias: str) -> str:
+        """``alias/name`` or an alias ARN to the alias ARN in this account and region.
+
+        Raises NotFoundError for an alias ARN of another account or region.
+        """
+        if alias.startswith("arn:"):
+            m = _ALIAS_ARN_RE.match(alias)
+            if (
+                not m
+                or m.group(1) != self.settings.region
+                or m.group(2) != self.settings.account_id
+            ):
+                raise NotFoundError(f"Invalid arn {alias}")
+            return alias
+        return f"arn:aws:kms:{self.settings.region}:{self.settings.account_id}:{alias}"
+
+    def load_alias(self, alias_arn: str) -> Alias:
+        """The alias (existing now); raises NotFoundError otherwise."""
+        agg: object
+        try:
+            agg = self.repository.get(Alias.stream_id(alias_arn))
+        except AggregateNotFoundError:
+            agg = None
+        if not isinstance(agg, Alias) or not agg.exists:
+            raise NotFoundError(f"Alias {alias_arn} is not found.")
+        return agg
+
     def load_key(self, key_uuid: UUID) -> Key:
-        """The current state of a key; raises NotFoundError when it does not exist."""
+        """The current state of a key; raises NotFoundError when it does not exist
+        (never created, or deleted at the end of its waiting period)."""
         agg: object
         try:
             agg = self.repository.get(key_uuid)
         except AggregateNotFoundError:
             agg = None
-        if not isinstance(agg, Key):
+        if not isinstance(agg, Key) or agg.deleted:
             raise NotFoundError(f"Key '{self.settings.key_arn(str(key_uuid))}' does not exist")
         return agg
 
-    def _key_for(self, key_id: str, attempt: _Attempt) -> Key:
-        key = self.load_key(self.resolve_key_id(key_id))
+    def _key_for(self, key_id: str, attempt: _Attempt, *, allow_alias: bool = False) -> Key:
+        key = self.load_key(self.resolve_key_id(key_id, allow_alias=allow_alias))
         attempt.key_arn = key.arn
         return key
 
@@ -259,7 +403,7 @@ class KeyLedger(Application[UUID]):
 
     def metadata(self, key: Key) -> JSON:
         """DescribeKey's KeyMetadata for a loaded key (AWS response shape)."""
-        return {
+        md: JSON = {
             "AWSAccountId": self.settings.account_id,
             "KeyId": key.key_id,
             "Arn": key.arn,
@@ -275,6 +419,12 @@ class KeyLedger(Application[UUID]):
             "EncryptionAlgorithms": [SYMMETRIC_DEFAULT],
             "MultiRegion": False,
         }
+        if key.deletion_date is not None:
+            md["DeletionDate"] = datetime.fromisoformat(key.deletion_date).timestamp()
+            md["PendingDeletionWindowInDays"] = key.pending_window_days
+        if key.current_material_id is not None:
+            md["CurrentKeyMaterialId"] = key.current_material_id
+        return md
 
     @property
     def ledger_id(self) -> str:
@@ -300,24 +450,29 @@ class KeyLedger(Application[UUID]):
         key_usage: str | None = None,
         key_spec: str | None = None,
         origin: str | None = None,
+        policy: str | None = None,
+        tags: list[dict[str, str]] | None = None,
+        bypass_policy_lockout_safety_check: bool = False,
     ) -> JSON:
-        """CreateKey. Only SYMMETRIC_DEFAULT / ENCRYPT_DECRYPT / AWS_KMS for now.
+        """CreateKey: SYMMETRIC_DEFAULT / ENCRYPT_DECRYPT keys, origin AWS_KMS (material
+        generated in the HSM) or EXTERNAL (created PendingImport, without material).
 
-        Raises ValidationError for values outside AWS's enums or limits and
-        UnsupportedOperationError for valid ones this version cannot yet create.
+        Raises ValidationError for values outside AWS's enums or limits, TagError,
+        MalformedPolicyDocumentError, and UnsupportedOperationError for valid values
+        this version cannot yet create.
         """
         request: JSON = {
             "description": description,
             "keySpec": key_spec or SYMMETRIC_DEFAULT,
             "keyUsage": key_usage or "ENCRYPT_DECRYPT",
             "origin": origin or "AWS_KMS",
+            "bypassPolicyLockoutSafetyCheck": bypass_policy_lockout_safety_check,
         }
+        if tags:
+            request["tags"] = tags
 
         def body(call: CallContext, attempt: _Attempt) -> JSON:
-            if len(description) > MAX_DESCRIPTION:
-                raise validation_error(
-                    "description", "Member must have length less than or equal to 8192"
-                )
+            check_description(description)
             spec, usage, orig = request["keySpec"], request["keyUsage"], request["origin"]
             if spec not in KEY_SPECS:
                 raise enum_error("keySpec", spec, KEY_SPECS)
@@ -327,11 +482,14 @@ class KeyLedger(Application[UUID]):
                 raise enum_error("origin", orig, ORIGINS)
             if spec == SYMMETRIC_DEFAULT and usage != "ENCRYPT_DECRYPT":
                 raise ValidationError(f"KeyUsage {usage} is not compatible with KeySpec {spec}")
-            if spec != SYMMETRIC_DEFAULT or orig != "AWS_KMS":
+            tag_map = check_tags(tags or [])
+            if policy is not None:
+                check_policy(policy)
+            if spec != SYMMETRIC_DEFAULT or orig not in ("AWS_KMS", "EXTERNAL"):
                 raise UnsupportedOperationError(
                     f"KeySpec {spec} with origin {orig} is not supported by this KeyLedger version."
                 )
-            material = self.keystore.generate_symmetric_key()
+            material = self.keystore.generate_symmetric_key() if orig == "AWS_KMS" else None
             key_uuid = uuid.uuid4()
             arn = self.settings.key_arn(str(key_uuid))
             attempt.key_arn = arn
@@ -346,22 +504,34 @@ class KeyLedger(Application[UUID]):
                 origin=orig,
                 material=material,
                 request=request,
+                policy=policy,
+                tags=tag_map,
             )
             self._commit(key)
             return {"KeyMetadata": self.metadata(key)}
 
         return self._run("CreateKey", caller, request, body, read_only=False)
 
-    def _set_enabled(self, operation: str, key_id: str, caller: Caller, enabled: bool) -> JSON:
-        request: JSON = {"keyId": key_id}
+    def _key_command(
+        self,
+        operation: str,
+        caller: Caller,
+        key_id: str,
+        request: JSON,
+        change: Callable[[Key, CallContext, datetime], JSON],
+        *,
+        prepare: Callable[[], None] | None = None,
+    ) -> JSON:
+        """Load the key, apply ``change`` (which triggers one event and returns the
+        response), save; on a concurrent write reload and retry. ``prepare`` runs
+        parameter validation first so bad input fails before the key is loaded."""
 
         def body(call: CallContext, attempt: _Attempt) -> JSON:
+            if prepare is not None:
+                prepare()
             for _ in range(5):  # another writer may have moved the key on: reload, retry
                 key = self._key_for(key_id, attempt)
-                if enabled:
-                    key.enable(call=call, timestamp=self.clock.now(), request=request)
-                else:
-                    key.disable(call=call, timestamp=self.clock.now(), request=request)
+                response = change(key, call, self.clock.now())
                 try:
                     self.save(key)
                 except IntegrityError:
@@ -370,18 +540,30 @@ class KeyLedger(Application[UUID]):
                     raise LedgerUnavailableError(
                         "The ledger could not record the request."
                     ) from exc
-                return {}
+                return response
             raise LedgerUnavailableError("The key kept changing; the request was not recorded.")
 
         return self._run(operation, caller, request, body, read_only=False)
 
     def enable_key(self, *, caller: Caller, key_id: str) -> JSON:
         """EnableKey. Raises NotFoundError, KMSInvalidStateError."""
-        return self._set_enabled("EnableKey", key_id, caller, True)
+        request: JSON = {"keyId": key_id}
+
+        def change(key: Key, call: CallContext, now: datetime) -> JSON:
+            key.enable(call=call, timestamp=now, request=request)
+            return {}
+
+        return self._key_command("EnableKey", caller, key_id, request, change)
 
     def disable_key(self, *, caller: Caller, key_id: str) -> JSON:
         """DisableKey. Raises NotFoundError, KMSInvalidStateError."""
-        return self._set_enabled("DisableKey", key_id, caller, False)
+        request: JSON = {"keyId": key_id}
+
+        def change(key: Key, call: CallContext, now: datetime) -> JSON:
+            key.disable(call=call, timestamp=now, request=request)
+            return {}
+
+        return self._key_command("DisableKey", caller, key_id, request, change)
 
     def encrypt(
         self,
@@ -416,8 +598,8 @@ class KeyLedger(Application[UUID]):
                 raise validation_error(
                     "plaintext", "Member must have length less than or equal to 4096"
                 )
-            key = self._key_for(key_id, attempt)
-            self._check_usable(key)
+            key = self._key_for(key_id, attempt, allow_alias=True)
+            key.check("Encrypt")
             if algorithm != SYMMETRIC_DEFAULT:
                 raise IncorrectKeyError(
                     "The key ID in the request does not identify a CMK that can perform "
@@ -481,7 +663,7 @@ class KeyLedger(Application[UUID]):
                 raise validation_error(
                     "ciphertextBlob", "Member must have length less than or equal to 6144"
                 )
-            named = self._key_for(key_id, attempt) if key_id is not None else None
+            named = self._key_for(key_id, attempt, allow_alias=True) if key_id is not None else None
             env = envelope.parse(bytes(ciphertext_blob))
             if named is not None and UUID(named.key_id) != env.key_id:
                 raise IncorrectKeyError(
@@ -496,7 +678,7 @@ class KeyLedger(Application[UUID]):
                 except NotFoundError:
                     raise InvalidCiphertextError("") from None
                 attempt.key_arn = key.arn
-            self._check_usable(key)
+            key.check("Decrypt")
             if algorithm != SYMMETRIC_DEFAULT:
                 raise IncorrectKeyError(
                     "The key ID in the request does not identify a CMK that can perform "
@@ -522,6 +704,609 @@ class KeyLedger(Application[UUID]):
 
         return self._run("Decrypt", caller, request, body, read_only=True)
 
-    def _check_usable(self, key: Key) -> None:
-        if not key.enabled:
-            raise DisabledError(f"{key.arn} is disabled.")
+    # ------------------------------------------------------------ read helpers
+
+    def _read(
+        self,
+        operation: str,
+        caller: Caller,
+        request: JSON,
+        key_id: str,
+        answer: Callable[[Key], JSON],
+        *,
+        allow_alias: bool = False,
+    ) -> JSON:
+        """A read-only operation on one key: the state table applies; a failure is
+        recorded, a success is not (read calls are not yet part of the log)."""
+
+        def body(call: CallContext, attempt: _Attempt) -> JSON:
+            key = self._key_for(key_id, attempt, allow_alias=allow_alias)
+            key.check(operation)
+            return answer(key)
+
+        return self._run(operation, caller, request, body, read_only=True)
+
+    def describe_key(self, *, caller: Caller, key_id: str) -> JSON:
+        """DescribeKey from the write model (accepts aliases). Raises NotFoundError."""
+        return self._read(
+            "DescribeKey",
+            caller,
+            {"keyId": key_id},
+            key_id,
+            lambda key: {"KeyMetadata": self.metadata(key)},
+            allow_alias=True,
+        )
+
+    # ------------------------------------------------------------ metadata, tags
+
+    def update_key_description(self, *, caller: Caller, key_id: str, description: str) -> JSON:
+        """UpdateKeyDescription. Raises ValidationError, NotFoundError, KMSInvalidStateError."""
+        request: JSON = {"keyId": key_id, "description": description}
+
+        def change(key: Key, call: CallContext, now: datetime) -> JSON:
+            key.update_description(
+                call=call, timestamp=now, request=request, description=description
+            )
+            return {}
+
+        return self._key_command(
+            "UpdateKeyDescription", caller, key_id, request, change,
+            prepare=lambda: check_description(description),
+        )  # fmt: skip
+
+    def tag_resource(self, *, caller: Caller, key_id: str, tags: list[dict[str, str]]) -> JSON:
+        """TagResource (adds or overwrites). Raises TagError, ValidationError, NotFoundError,
+        KMSInvalidStateError."""
+        request: JSON = {"keyId": key_id, "tags": tags}
+        parsed: dict[str, str] = {}
+
+        def prepare() -> None:
+            if not tags:
+                raise validation_error("tags", "Member must have length greater than or equal to 1")
+            parsed.update(check_tags(tags))
+
+        def change(key: Key, call: CallContext, now: datetime) -> JSON:
+            key.tag(call=call, timestamp=now, request=request, tags=parsed)
+            return {}
+
+        return self._key_command("TagResource", caller, key_id, request, change, prepare=prepare)
+
+    def untag_resource(self, *, caller: Caller, key_id: str, tag_keys: list[str]) -> JSON:
+        """UntagResource (unknown keys are ignored, as AWS does)."""
+        request: JSON = {"keyId": key_id, "tagKeys": tag_keys}
+
+        def prepare() -> None:
+            if not tag_keys:
+                raise validation_error(
+                    "tagKeys", "Member must have length greater than or equal to 1"
+                )
+            for i, k in enumerate(tag_keys, start=1):
+                if not isinstance(k, str) or not 1 <= len(k) <= 128:
+                    raise validation_error(
+                        f"tagKeys.{i}.member", "Member must have length less than or equal to 128"
+                    )
+
+        def change(key: Key, call: CallContext, now: datetime) -> JSON:
+            key.untag(call=call, timestamp=now, request=request, tag_keys=list(tag_keys))
+            return {}
+
+        return self._key_command("UntagResource", caller, key_id, request, change, prepare=prepare)
+
+    def list_resource_tags(
+        self, *, caller: Caller, key_id: str, limit: int | None = None, marker: str | None = None
+    ) -> JSON:
+        """ListResourceTags, sorted by tag key; Limit 1-50."""
+
+        def answer(key: Key) -> JSON:
+            tags = [{"TagKey": k, "TagValue": v} for k, v in sorted(key.tags.items())]
+            page, fields = paginate(tags, limit=limit, marker=marker, default=50, maximum=50)
+            return {"Tags": page, **fields}
+
+        return self._read("ListResourceTags", caller, {"keyId": key_id}, key_id, answer)
+
+    # ------------------------------------------------------------ key policies
+
+    @staticmethod
+    def _check_policy_name(policy_name: str) -> None:
+        if policy_name != "default":
+            raise ValidationError("PolicyName must be default.")
+
+    def put_key_policy(
+        self,
+        *,
+        caller: Caller,
+        key_id: str,
+        policy: str,
+        policy_name: str = "default",
+        bypass_policy_lockout_safety_check: bool = False,
+    ) -> JSON:
+        """PutKeyPolicy: stored, versioned in the log, replayable (evaluation comes with
+        authorization). Raises MalformedPolicyDocumentError, LimitExceededError,
+        ValidationError, NotFoundError, KMSInvalidStateError."""
+        request: JSON = {
+            "keyId": key_id,
+            "policyName": policy_name,
+            "policy": policy,
+            "bypassPolicyLockoutSafetyCheck": bypass_policy_lockout_safety_check,
+        }
+
+        def prepare() -> None:
+            self._check_policy_name(policy_name)
+            check_policy(policy)
+
+        def change(key: Key, call: CallContext, now: datetime) -> JSON:
+            key.put_policy(
+                call=call, timestamp=now, request=request, policy_name=policy_name, policy=policy
+            )
+            return {}
+
+        return self._key_command("PutKeyPolicy", caller, key_id, request, change, prepare=prepare)
+
+    def get_key_policy(self, *, caller: Caller, key_id: str, policy_name: str = "default") -> JSON:
+        """GetKeyPolicy."""
+
+        def answer(key: Key) -> JSON:
+            self._check_policy_name(policy_name)
+            return {"Policy": key.policy, "PolicyName": policy_name}
+
+        request = {"keyId": key_id, "policyName": policy_name}
+        return self._read("GetKeyPolicy", caller, request, key_id, answer)
+
+    def list_key_policies(
+        self, *, caller: Caller, key_id: str, limit: int | None = None, marker: str | None = None
+    ) -> JSON:
+        """ListKeyPolicies: always ``["default"]``."""
+
+        def answer(key: Key) -> JSON:
+            page, fields = paginate(["default"], limit=limit, marker=marker)
+            return {"PolicyNames": page, **fields}
+
+        return self._read("ListKeyPolicies", caller, {"keyId": key_id}, key_id, answer)
+
+    # ------------------------------------------------------------ rotation
+
+    def enable_key_rotation(
+        self, *, caller: Caller, key_id: str, rotation_period_in_days: int | None = None
+    ) -> JSON:
+        """EnableKeyRotation (period 90-2560 days, default 365)."""
+        period = 365 if rotation_period_in_days is None else rotation_period_in_days
+        request: JSON = {"keyId": key_id, "rotationPeriodInDays": period}
+
+        def change(key: Key, call: CallContext, now: datetime) -> JSON:
+            key.enable_rotation(call=call, timestamp=now, request=request, period_days=period)
+            return {}
+
+        return self._key_command(
+            "EnableKeyRotation", caller, key_id, request, change,
+            prepare=lambda: check_range("rotationPeriodInDays", period, 90, 2560),
+        )  # fmt: skip
+
+    def disable_key_rotation(self, *, caller: Caller, key_id: str) -> JSON:
+        """DisableKeyRotation."""
+        request: JSON = {"keyId": key_id}
+
+        def change(key: Key, call: CallContext, now: datetime) -> JSON:
+            key.disable_rotation(call=call, timestamp=now, request=request)
+            return {}
+
+        return self._key_command("DisableKeyRotation", caller, key_id, request, change)
+
+    def get_key_rotation_status(self, *, caller: Caller, key_id: str) -> JSON:
+        """GetKeyRotationStatus."""
+
+        def answer(key: Key) -> JSON:
+            out: JSON = {
+                "KeyRotationEnabled": key.rotation_period_days is not None,
+                "KeyId": key.arn,
+            }
+            if key.rotation_period_days is not None and key.next_rotation_date is not None:
+                out["RotationPeriodInDays"] = key.rotation_period_days
+                out["NextRotationDate"] = datetime.fromisoformat(key.next_rotation_date).timestamp()
+            return out
+
+        return self._read("GetKeyRotationStatus", caller, {"keyId": key_id}, key_id, answer)
+
+    def rotate_key_on_demand(self, *, caller: Caller, key_id: str) -> JSON:
+        """RotateKeyOnDemand: a new backing-key version generated in the HSM now.
+
+        Raises LimitExceededError past the per-key limit (settings, default 25).
+        """
+        request: JSON = {"keyId": key_id}
+        fresh: list[MaterialRef] = []
+
+        def change(key: Key, call: CallContext, now: datetime) -> JSON:
+            limit = self.settings.on_demand_rotation_limit
+            key.check_on_demand_rotation(limit)  # before any HSM work
+            if not fresh:
+                fresh.append(self.keystore.generate_symmetric_key())
+            key.rotate(
+                call=call,
+                timestamp=now,
+                request=request,
+                material=fresh[0],
+                rotation_type="ON_DEMAND",
+                on_demand_limit=limit,
+            )
+            return {"KeyId": key.arn}
+
+        return self._key_command("RotateKeyOnDemand", caller, key_id, request, change)
+
+    def list_key_rotations(
+        self, *, caller: Caller, key_id: str, limit: int | None = None, marker: str | None = None
+    ) -> JSON:
+        """ListKeyRotations: every rotation after the initial material, oldest first."""
+
+        def answer(key: Key) -> JSON:
+            rows = [
+                {
+                    "KeyId": key.arn,
+                    "KeyMaterialId": m["material_id"],
+                    "RotationDate": datetime.fromisoformat(m["rotation_date"]).timestamp(),
+                    "RotationType": m["rotation_type"],
+                }
+                for m in key.rotations()
+            ]
+            page, fields = paginate(rows, limit=limit, marker=marker)
+            return {"Rotations": page, **fields}
+
+        return self._read("ListKeyRotations", caller, {"keyId": key_id}, key_id, answer)
+
+    # ------------------------------------------------------------ deletion
+
+    def schedule_key_deletion(
+        self, *, caller: Caller, key_id: str, pending_window_in_days: int | None = None
+    ) -> JSON:
+        """ScheduleKeyDeletion (7-30 days, default 30): the key turns PendingDeletion and
+        refuses cryptographic use; ``maintenance`` deletes it at DeletionDate."""
+        days = 30 if pending_window_in_days is None else pending_window_in_days
+        request: JSON = {"keyId": key_id, "pendingWindowInDays": days}
+
+        def change(key: Key, call: CallContext, now: datetime) -> JSON:
+            key.schedule_deletion(call=call, timestamp=now, request=request, window_days=days)
+            assert key.deletion_date is not None
+            return {
+                "KeyId": key.arn,
+                "DeletionDate": datetime.fromisoformat(key.deletion_date).timestamp(),
+                "KeyState": key.key_state,
+                "PendingWindowInDays": days,
+            }
+
+        return self._key_command(
+            "ScheduleKeyDeletion", caller, key_id, request, change,
+            prepare=lambda: check_range("pendingWindowInDays", days, 7, 30),
+        )  # fmt: skip
+
+    def cancel_key_deletion(self, *, caller: Caller, key_id: str) -> JSON:
+        """CancelKeyDeletion: the key returns to Disabled."""
+        request: JSON = {"keyId": key_id}
+
+        def change(key: Key, call: CallContext, now: datetime) -> JSON:
+            key.cancel_deletion(call=call, timestamp=now, request=request)
+            return {"KeyId": key.arn}
+
+        return self._key_command("CancelKeyDeletion", caller, key_id, request, change)
+
+    # ------------------------------------------------------------ maintenance
+
+    def _service_call(self, operation: str) -> CallContext:
+        return CallContext(
+            operation=operation,
+            request_id=str(uuid.uuid4()),
+            principal="kms.amazonaws.com",
+            region=self.settings.region,
+            account_id=self.settings.account_id,
+            service_initiated=True,
+        )
+
+    def perform_due(self, key_uuid: UUID) -> list[str]:
+        """Do what is due for one key at the clock's now: automatic rotation (service
+        event RotateKey) and deletion at the end of the waiting period (DeleteKey).
+
+        Returns the event names recorded. Raises LedgerUnavailableError.
+        """
+        done: list[str] = []
+        for _ in range(5):
+            try:
+                key = self.load_key(key_uuid)
+            except NotFoundError:
+                return done
+            now = self.clock.now()
+            if key.deletion_due(now):
+                key.delete(call=self._service_call("DeleteKey"), timestamp=now)
+                name = "DeleteKey"
+            elif key.rotation_due(now):
+                material = self.keystore.generate_symmetric_key()
+                key.rotate(
+                    call=self._service_call("RotateKey"),
+                    timestamp=now,
+                    request={"keyId": key.key_id},
+                    material=material,
+                    rotation_type="AUTOMATIC",
+                    on_demand_limit=self.settings.on_demand_rotation_limit,
+                )
+                name = "RotateKey"
+            else:
+                return done
+            try:
+                self.save(key)
+            except IntegrityError:
+                continue
+            except Exception as exc:
+                raise LedgerUnavailableError("The ledger could not record the request.") from exc
+            done.append(name)
+            if name == "DeleteKey":
+                for m in key.materials:
+                    self.keystore.forget(str(m["material_id"]))
+        return done
+
+    # ------------------------------------------------------------ aliases
+
+    def _alias_command(
+        self,
+        operation: str,
+        caller: Caller,
+        request: JSON,
+        change: Callable[[CallContext, _Attempt, datetime], Alias],
+    ) -> JSON:
+        def body(call: CallContext, attempt: _Attempt) -> JSON:
+            for _ in range(5):
+                alias = change(call, attempt, self.clock.now())
+                try:
+                    self.save(alias)
+                except IntegrityError:
+                    continue
+                except Exception as exc:
+                    raise LedgerUnavailableError(
+                        "The ledger could not record the request."
+                    ) from exc
+                return {}
+            raise LedgerUnavailableError("The alias kept changing; the request was not recorded.")
+
+        return self._run(operation, caller, request, body, read_only=False)
+
+    def _alias_target(self, target_key_id: str, operation: str, attempt: _Attempt) -> Key:
+        if target_key_id.startswith("alias/") or ":alias/" in target_key_id:
+            raise ValidationError("Aliases must refer to keys. Not aliases")
+        key = self._key_for(target_key_id, attempt)
+        key.check(operation)
+        return key
+
+    def create_alias(self, *, caller: Caller, alias_name: str, target_key_id: str) -> JSON:
+        """CreateAlias. Raises ValidationError (malformed name, alias target),
+        NotAuthorizedError (``alias/aws/``), AlreadyExistsError, NotFoundError,
+        KMSInvalidStateError."""
+        request: JSON = {"aliasName": alias_name, "targetKeyId": target_key_id}
+
+        def change(call: CallContext, attempt: _Attempt, now: datetime) -> Alias:
+            check_alias_name(alias_name)
+            key = self._alias_target(target_key_id, "CreateAlias", attempt)
+            arn = self.alias_arn_of(alias_name)
+            existing: object
+            try:
+                existing = self.repository.get(Alias.stream_id(arn))
+            except AggregateNotFoundError:
+                existing = None
+            if isinstance(existing, Alias):
+                existing.recreate(
+                    call=call, timestamp=now, target_key_id=key.key_id, key_arn=key.arn,
+                    request=request,
+                )  # fmt: skip
+                return existing
+            return Alias.create(
+                call=call, timestamp=now, alias_name=alias_name, alias_arn=arn,
+                target_key_id=key.key_id, key_arn=key.arn, request=request,
+            )  # fmt: skip
+
+        return self._alias_command("CreateAlias", caller, request, change)
+
+    def update_alias(self, *, caller: Caller, alias_name: str, target_key_id: str) -> JSON:
+        """UpdateAlias: point an existing alias at another key of the same type and usage."""
+        request: JSON = {"aliasName": alias_name, "targetKeyId": target_key_id}
+
+        def change(call: CallContext, attempt: _Attempt, now: datetime) -> Alias:
+            check_alias_name(alias_name)
+            alias = self.load_alias(self.alias_arn_of(alias_name))
+            key = self._alias_target(target_key_id, "UpdateAlias", attempt)
+            assert alias.target_key_id is not None
+            current = self.load_key(UUID(alias.target_key_id))
+            if (current.key_spec, current.key_usage) != (key.key_spec, key.key_usage):
+                raise ValidationError(
+                    f"{key.arn} key usage or key spec does not match the alias's current key."
+                )
+            alias.retarget(
+                call=call, timestamp=now, target_key_id=key.key_id, key_arn=key.arn,
+                request=request,
+            )  # fmt: skip
+            return alias
+
+        return self._alias_command("UpdateAlias", caller, request, change)
+
+    def delete_alias(self, *, caller: Caller, alias_name: str) -> JSON:
+        """DeleteAlias. Raises NotFoundError for an unknown alias."""
+        request: JSON = {"aliasName": alias_name}
+
+        def change(call: CallContext, attempt: _Attempt, now: datetime) -> Alias:
+            if not alias_name.startswith(("alias/", "arn:")):
+                check_alias_name(alias_name)
+            alias = self.load_alias(self.alias_arn_of(alias_name))
+            assert alias.target_key_id is not None
+            key_arn = self.settings.key_arn(alias.target_key_id)
+            attempt.key_arn = key_arn
+            with contextlib.suppress(NotFoundError):  # a deleted key's alias can still go
+                self.load_key(UUID(alias.target_key_id)).check("DeleteAlias")
+            alias.delete(call=call, timestamp=now, key_arn=key_arn, request=request)
+            return alias
+
+        return self._alias_command("DeleteAlias", caller, request, change)
+
+    # ------------------------------------------------------------ grants
+
+    def create_grant(
+        self,
+        *,
+        caller: Caller,
+        key_id: str,
+        grantee_principal: str,
+        operations: list[str],
+        retiring_principal: str | None = None,
+        constraints: Mapping[str, Any] | None = None,
+        name: str | None = None,
+    ) -> JSON:
+        """CreateGrant: returns ``GrantId`` and ``GrantToken``.
+
+        A retry with the same Name and parameters returns the same GrantId (and a new
+        token). Security: the token is returned once and never stored; the ledger keeps
+        only the SHA-256 of its secret part. Raises ValidationError, NotFoundError,
+        DisabledError/KMSInvalidStateError.
+        """
+        request: JSON = {
+            "keyId": key_id,
+            "granteePrincipal": grantee_principal,
+            "operations": operations,
+        }
+        if retiring_principal is not None:
+            request["retiringPrincipal"] = retiring_principal
+        if constraints is not None:
+            request["constraints"] = dict(constraints)
+        if name is not None:
+            request["name"] = name
+        issued: dict[str, str] = {}
+
+        def change(key: Key, call: CallContext, now: datetime) -> JSON:
+            key.check("CreateGrant")
+            spec = grants.validate_create_grant(
+                key_arn=key.arn,
+                key_spec=key.key_spec,
+                key_usage=key.key_usage,
+                issuing_account=f"arn:aws:iam::{self.settings.account_id}:root",
+                grantee_principal=grantee_principal,
+                operations=operations,
+                retiring_principal=retiring_principal,
+                constraints=constraints,
+                name=name,
+            )
+            existing = [
+                (gid, grants.GrantSpec.from_json(g["grant"])) for gid, g in key.grants.items()
+            ]
+            grant_id = grants.find_same_grant(existing, spec) or grants.new_grant_id(os.urandom(32))
+            secret = os.urandom(grants.TOKEN_SECRET_BYTES)
+            key.create_grant(
+                call=call,
+                timestamp=now,
+                request=request,
+                grant_id=grant_id,
+                grant=spec.to_json(),
+                token_digest=grants.token_digest(secret),
+            )
+            issued["GrantId"] = grant_id
+            issued["GrantToken"] = grants.make_grant_token(UUID(key.key_id), grant_id, secret)
+            return dict(issued)
+
+        return self._key_command("CreateGrant", caller, key_id, request, change)
+
+    def grant_entries(self, key: Key) -> list[JSON]:
+        """ListGrants entries of a loaded key, oldest first."""
+        out = []
+        for gid, g in sorted(key.grants.items(), key=lambda kv: (kv[1]["creation_date"], kv[0])):
+            entry: JSON = {**g["grant"], "GrantId": gid}
+            entry["CreationDate"] = datetime.fromisoformat(g["creation_date"]).timestamp()
+            out.append(entry)
+        return out
+
+    def list_grants(
+        self,
+        *,
+        caller: Caller,
+        key_id: str,
+        limit: int | None = None,
+        marker: str | None = None,
+        grant_id: str | None = None,
+        grantee_principal: str | None = None,
+    ) -> JSON:
+        """ListGrants of one key, optionally filtered by GrantId or GranteePrincipal."""
+
+        def answer(key: Key) -> JSON:
+            if grant_id is not None:
+                grants.check_grant_id(grant_id)
+            rows = [
+                e
+                for e in self.grant_entries(key)
+                if (grant_id is None or e["GrantId"] == grant_id)
+                and (grantee_principal is None or e["GranteePrincipal"] == grantee_principal)
+            ]
+            page, fields = paginate(rows, limit=limit, marker=marker)
+            return {"Grants": page, **fields}
+
+        return self._read("ListGrants", caller, {"keyId": key_id}, key_id, answer)
+
+    def retire_grant(
+        self,
+        *,
+        caller: Caller,
+        grant_token: str | None = None,
+        key_id: str | None = None,
+        grant_id: str | None = None,
+    ) -> JSON:
+        """RetireGrant by GrantToken, or by KeyId (ARN) and GrantId.
+
+        Raises InvalidGrantTokenError for a malformed or unknown token, InvalidGrantIdError,
+        NotFoundError, ValidationError when neither form is given. Who may retire (retiring
+        principal, grantee with RetireGrant) is enforced with authorization (issue 5).
+        """
+        request: JSON = {}
+        if key_id is not None:
+            request["keyId"] = key_id
+        if grant_id is not None:
+            request["grantId"] = grant_id
+        target: dict[str, Any] = {}
+
+        def prepare() -> None:
+            if grant_token is not None:
+                key_uuid, gid, secret = grants.parse_grant_token(grant_token)
+                target.update(key=str(key_uuid), grant_id=gid, secret=secret)
+            elif key_id is not None and grant_id is not None:
+                target.update(key=key_id, grant_id=grants.check_grant_id(grant_id))
+            else:
+                raise ValidationError("Either GrantToken, or both KeyId and GrantId, are required.")
+
+        def body(call: CallContext, attempt: _Attempt) -> JSON:
+            prepare()
+
+            def change(key: Key, call: CallContext, now: datetime) -> JSON:
+                gid = str(target["grant_id"])
+                if "secret" in target:
+                    entry = key.grants.get(gid)
+                    if entry is None:
+                        raise InvalidGrantTokenError("Invalid grant token.")
+                    grants.verify_token_secret(target["secret"], entry["token_digests"])
+                key.end_grant(call=call, timestamp=now, request=request, grant_id=gid, revoke=False)
+                return {}
+
+            for _ in range(5):
+                key = self._key_for(str(target["key"]), attempt)
+                response = change(key, call, self.clock.now())
+                try:
+                    self.save(key)
+                except IntegrityError:
+                    continue
+                except Exception as exc:
+                    raise LedgerUnavailableError(
+                        "The ledger could not record the request."
+                    ) from exc
+                return response
+            raise LedgerUnavailableError("The key kept changing; the request was not recorded.")
+
+        return self._run("RetireGrant", caller, request, body, read_only=False)
+
+    def revoke_grant(self, *, caller: Caller, key_id: str, grant_id: str) -> JSON:
+        """RevokeGrant. Raises InvalidGrantIdError, NotFoundError."""
+        request: JSON = {"keyId": key_id, "grantId": grant_id}
+
+        def change(key: Key, call: CallContext, now: datetime) -> JSON:
+            key.end_grant(call=call, timestamp=now, request=request, grant_id=grant_id, revoke=True)
+            return {}
+
+        def prepare() -> None:
+            grants.check_grant_id(grant_id)
+
+        return self._key_command("RevokeGrant", caller, key_id, request, change, prepare=prepare)

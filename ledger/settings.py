@@ -41,6 +41,7 @@ class Settings:
     region: str = DEFAULT_REGION
     account_id: str = DEFAULT_ACCOUNT
     principal: str | None = None
+    on_demand_rotation_limit: int = 25
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: object) -> Settings:
@@ -56,6 +57,7 @@ class Settings:
             region=e.get("KEYLEDGER_REGION") or DEFAULT_REGION,
             account_id=e.get("KEYLEDGER_ACCOUNT_ID") or DEFAULT_ACCOUNT,
             principal=e.get("KEYLEDGER_PRINCIPAL") or None,
+            on_demand_rotation_limit=int(e.get("KEYLEDGER_ON_DEMAND_ROTATION_LIMIT") or 25),
         )
         given = {k: v for k, v in overrides.items() if v is not None}
         if "data_dir" in given:

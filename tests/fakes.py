@@ -80,6 +80,10 @@ class FakeKeyStore:
         except InvalidTag:
             raise InvalidCiphertextError("") from None
 
+    def forget(self, material_id: str) -> None:
+        with self._lock:
+            self._cache.pop(material_id, None)
+
     def close(self) -> None:
         with self._lock:
             self._closed = True

@@ -13,20 +13,35 @@ HSM-wrapped blob in ``Key.Created.material``.
 from __future__ import annotations
 
 import base64
+import json
 from dataclasses import asdict, dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
-from uuid import UUID
+from uuid import UUID, uuid5
 
 from eventsourcing.domain import Aggregate
 
-from ledger.errors import KMSInvalidStateError
+from ledger.domain.key_states import (
+    DISABLED,
+    ENABLED,
+    PENDING_DELETION,
+    PENDING_IMPORT,
+    check_key_state,
+)
+from ledger.errors import (
+    AlreadyExistsError,
+    KMSInvalidStateError,
+    LimitExceededError,
+    NotFoundError,
+    TagError,
+    UnsupportedOperationError,
+)
 from ledger.keystore.port import MaterialRef
 
 JSON = dict[str, Any]
 
-ENABLED = "Enabled"
-DISABLED = "Disabled"
+MAX_TAGS = 50
+ALIAS_NAMESPACE = UUID("6b6c6561-6c69-4173-8000-6b65796c6564")  # fixed: alias stream ids
 
 
 @dataclass(frozen=True)
@@ -66,10 +81,34 @@ def cloudtrail_date(ts: datetime) -> str:
     return f"{ts:%b} {ts.day}, {ts.year}, {hour}:{ts:%M:%S} {ampm}"
 
 
-class Key(Aggregate):
-    """One KMS key: its metadata, state and backing-key versions.
+def default_key_policy(account_id: str) -> str:
+    """AWS's default key policy: the account root may use every KMS action."""
+    policy = {
+        "Version": "2012-10-17",
+        "Id": "key-default-1",
+        "Statement": [
+            {
+                "Sid": "Enable IAM User Permissions",
+                "Effect": "Allow",
+                "Principal": {"AWS": f"arn:aws:iam::{account_id}:root"},
+                "Action": "kms:*",
+                "Resource": "*",
+            }
+        ],
+    }
+    return json.dumps(policy, indent=2)
 
-    Raises KMSInvalidStateError from commands the key's state does not allow.
+
+def iso(ts: datetime) -> str:
+    return ts.isoformat()
+
+
+class Key(Aggregate):
+    """One KMS key: metadata, state, backing-key versions, tags, policy, rotation,
+    deletion schedule and grants.
+
+    Commands check AWS's key state table first and raise DisabledError or
+    KMSInvalidStateError (see ``key_states``); parameter validation is the service's.
     """
 
     def __init__(self) -> None:
@@ -81,6 +120,15 @@ class Key(Aggregate):
         self.origin = ""
         self.key_state = ENABLED
         self.materials: list[JSON] = []
+        self.tags: dict[str, str] = {}
+        self.policy = ""
+        self.rotation_period_days: int | None = None
+        self.next_rotation_date: str | None = None
+        self.on_demand_rotations = 0
+        self.deletion_date: str | None = None
+        self.pending_window_days: int | None = None
+        self.deleted = False
+        self.grants: dict[str, JSON] = {}
 
     class Event(Aggregate.Event):
         call: JSON
@@ -91,18 +139,28 @@ class Key(Aggregate):
         read_only: bool
 
     class Created(Event, Aggregate.Created):
+        class_version = 2
         key_id: str
         description: str
         key_spec: str
         key_usage: str
         origin: str
-        material: JSON
+        material: JSON | None
+        policy: str
+        tags: dict[str, str]
 
         def __repr__(self) -> str:
+            mid = (self.material or {}).get("material_id")
             return (
                 f"Key.Created(originator_id={self.originator_id!r}, key_arn={self.key_arn!r}, "
-                f"material_id={self.material.get('material_id')!r}, wrapped=<redacted>)"
+                f"material_id={mid!r}, wrapped=<redacted>)"
             )
+
+        @staticmethod
+        def upcast_v1_v2(state: JSON) -> None:
+            """v1 (issue 2) had no policy and no tags: AWS's defaults apply."""
+            state["policy"] = default_key_policy(state["call"]["account_id"])
+            state["tags"] = {}
 
         def apply(self, aggregate: Aggregate) -> None:
             assert isinstance(aggregate, Key)
@@ -112,8 +170,16 @@ class Key(Aggregate):
             aggregate.key_spec = self.key_spec
             aggregate.key_usage = self.key_usage
             aggregate.origin = self.origin
-            aggregate.key_state = ENABLED
-            aggregate.materials = [self.material]
+            aggregate.policy = self.policy
+            aggregate.tags = dict(self.tags)
+            if self.material is None:
+                aggregate.key_state = PENDING_IMPORT
+                aggregate.materials = []
+            else:
+                aggregate.key_state = ENABLED
+                aggregate.materials = [
+                    {**self.material, "rotation_date": iso(self.timestamp), "rotation_type": None}
+                ]
 
     class Enabled(Event):
         def apply(self, aggregate: Aggregate) -> None:
@@ -124,6 +190,130 @@ class Key(Aggregate):
         def apply(self, aggregate: Aggregate) -> None:
             assert isinstance(aggregate, Key)
             aggregate.key_state = DISABLED
+
+    class DescriptionUpdated(Event):
+        description: str
+
+        def apply(self, aggregate: Aggregate) -> None:
+            assert isinstance(aggregate, Key)
+            aggregate.description = self.description
+
+    class Tagged(Event):
+        tags: dict[str, str]
+
+        def apply(self, aggregate: Aggregate) -> None:
+            assert isinstance(aggregate, Key)
+            aggregate.tags.update(self.tags)
+
+    class Untagged(Event):
+        tag_keys: list[str]
+
+        def apply(self, aggregate: Aggregate) -> None:
+            assert isinstance(aggregate, Key)
+            for k in self.tag_keys:
+                aggregate.tags.pop(k, None)
+
+    class PolicyPut(Event):
+        policy_name: str
+        policy: str
+
+        def apply(self, aggregate: Aggregate) -> None:
+            assert isinstance(aggregate, Key)
+            aggregate.policy = self.policy
+
+    class RotationEnabled(Event):
+        rotation_period_days: int
+        next_rotation_date: str
+
+        def apply(self, aggregate: Aggregate) -> None:
+            assert isinstance(aggregate, Key)
+            aggregate.rotation_period_days = self.rotation_period_days
+            aggregate.next_rotation_date = self.next_rotation_date
+
+    class RotationDisabled(Event):
+        def apply(self, aggregate: Aggregate) -> None:
+            assert isinstance(aggregate, Key)
+            aggregate.rotation_period_days = None
+            aggregate.next_rotation_date = None
+
+    class Rotated(Event):
+        material: JSON
+        rotation_type: str
+        next_rotation_date: str | None
+
+        def __repr__(self) -> str:
+            return (
+                f"Key.Rotated(originator_id={self.originator_id!r}, "
+                f"material_id={self.material.get('material_id')!r}, wrapped=<redacted>)"
+            )
+
+        def apply(self, aggregate: Aggregate) -> None:
+            assert isinstance(aggregate, Key)
+            aggregate.materials.append(
+                {
+                    **self.material,
+                    "rotation_date": iso(self.timestamp),
+                    "rotation_type": self.rotation_type,
+                }
+            )
+            if self.rotation_type == "ON_DEMAND":
+                aggregate.on_demand_rotations += 1
+            else:
+                aggregate.next_rotation_date = self.next_rotation_date
+
+    class DeletionScheduled(Event):
+        deletion_date: str
+        pending_window_days: int
+
+        def apply(self, aggregate: Aggregate) -> None:
+            assert isinstance(aggregate, Key)
+            aggregate.key_state = PENDING_DELETION
+            aggregate.deletion_date = self.deletion_date
+            aggregate.pending_window_days = self.pending_window_days
+
+    class DeletionCanceled(Event):
+        def apply(self, aggregate: Aggregate) -> None:
+            assert isinstance(aggregate, Key)
+            aggregate.key_state = DISABLED
+            aggregate.deletion_date = None
+            aggregate.pending_window_days = None
+
+    class Deleted(Event):
+        def apply(self, aggregate: Aggregate) -> None:
+            assert isinstance(aggregate, Key)
+            aggregate.deleted = True
+            aggregate.grants = {}
+
+    class GrantCreated(Event):
+        grant_id: str
+        grant: JSON
+        token_digest: str
+
+        def apply(self, aggregate: Aggregate) -> None:
+            assert isinstance(aggregate, Key)
+            existing = aggregate.grants.get(self.grant_id)
+            if existing is not None:  # a same-name retry: same grant, one more token
+                existing["token_digests"].append(self.token_digest)
+                return
+            aggregate.grants[self.grant_id] = {
+                "grant": self.grant,
+                "token_digests": [self.token_digest],
+                "creation_date": iso(self.timestamp),
+            }
+
+    class GrantRetired(Event):
+        grant_id: str
+
+        def apply(self, aggregate: Aggregate) -> None:
+            assert isinstance(aggregate, Key)
+            aggregate.grants.pop(self.grant_id, None)
+
+    class GrantRevoked(Event):
+        grant_id: str
+
+        def apply(self, aggregate: Aggregate) -> None:
+            assert isinstance(aggregate, Key)
+            aggregate.grants.pop(self.grant_id, None)
 
     @classmethod
     def create(
@@ -137,18 +327,21 @@ class Key(Aggregate):
         key_spec: str,
         key_usage: str,
         origin: str,
-        material: MaterialRef,
+        material: MaterialRef | None,
         request: JSON,
+        policy: str | None = None,
+        tags: dict[str, str] | None = None,
     ) -> Key:
+        state = ENABLED if material is not None else PENDING_IMPORT
         metadata = {
             "AWSAccountId": call.account_id,
             "keyId": str(key_id),
             "arn": arn,
             "creationDate": cloudtrail_date(timestamp),
-            "enabled": True,
+            "enabled": state == ENABLED,
             "description": description,
             "keyUsage": key_usage,
-            "keyState": ENABLED,
+            "keyState": state,
             "origin": origin,
             "keyManager": "CUSTOMER",
             "customerMasterKeySpec": key_spec,
@@ -164,14 +357,16 @@ class Key(Aggregate):
             key_arn=arn,
             request=request,
             response={"keyMetadata": metadata},
-            additional={"keyMaterialId": material.material_id},
+            additional=None if material is None else {"keyMaterialId": material.material_id},
             read_only=False,
             key_id=str(key_id),
             description=description,
             key_spec=key_spec,
             key_usage=key_usage,
             origin=origin,
-            material=material_to_json(material),
+            material=None if material is None else material_to_json(material),
+            policy=policy if policy is not None else default_key_policy(call.account_id),
+            tags=dict(tags or {}),
         )
 
     def __repr__(self) -> str:
@@ -180,6 +375,8 @@ class Key(Aggregate):
             f"Key(id={self.id!r}, version={self.version}, arn={self.arn!r}, "
             f"key_state={self.key_state!r}, material_ids={ids!r})"
         )
+
+    # ---------------------------------------------------------------- queries
 
     @property
     def enabled(self) -> bool:
@@ -194,41 +391,397 @@ class Key(Aggregate):
         """The 1-based backing-key version used for new ciphertexts."""
         return len(self.materials)
 
+    @property
+    def current_material_id(self) -> str | None:
+        return str(self.materials[-1]["material_id"]) if self.materials else None
+
     def material_version(self, version: int) -> MaterialRef:
         """The backing key of a given version; raises KeyError when unknown."""
         if not 1 <= version <= len(self.materials):
             raise KeyError(version)
         return material_from_json(self.materials[version - 1])
 
-    def enable(self, *, call: CallContext, timestamp: datetime, request: JSON) -> None:
-        self._check_not_pending()
+    def rotations(self) -> list[JSON]:
+        """Every rotation (not the initial material), oldest first."""
+        return [m for m in self.materials if m.get("rotation_type")]
+
+    def check(self, operation: str) -> None:
+        """Raise what AWS raises for ``operation`` in this key's state."""
+        check_key_state(operation, self.key_state, self.arn)
+
+    def rotation_due(self, now: datetime) -> bool:
+        """Automatic rotation is due: enabled, schedule passed, key usable (AWS does
+        not rotate disabled or pending-deletion keys)."""
+        return (
+            self.key_state == ENABLED
+            and self.next_rotation_date is not None
+            and datetime.fromisoformat(self.next_rotation_date) <= now
+        )
+
+    def deletion_due(self, now: datetime) -> bool:
+        return (
+            self.key_state == PENDING_DELETION
+            and not self.deleted
+            and self.deletion_date is not None
+            and datetime.fromisoformat(self.deletion_date) <= now
+        )
+
+    # ---------------------------------------------------------------- commands
+
+    def _emit(
+        self,
+        event_class: type[Key.Event],
+        *,
+        call: CallContext,
+        timestamp: datetime,
+        request: JSON,
+        response: JSON | None = None,
+        additional: JSON | None = None,
+        **fields: Any,
+    ) -> None:
         self.trigger_event(
-            self.Enabled,
+            event_class,
             timestamp=timestamp,
             call=call.as_dict(),
             key_arn=self.arn,
             request=request,
-            response=None,
-            additional=None,
+            response=response,
+            additional=additional,
             read_only=False,
+            **fields,
         )
+
+    def enable(self, *, call: CallContext, timestamp: datetime, request: JSON) -> None:
+        self.check("EnableKey")
+        self._emit(self.Enabled, call=call, timestamp=timestamp, request=request)
 
     def disable(self, *, call: CallContext, timestamp: datetime, request: JSON) -> None:
-        self._check_not_pending()
-        self.trigger_event(
-            self.Disabled,
+        self.check("DisableKey")
+        self._emit(self.Disabled, call=call, timestamp=timestamp, request=request)
+
+    def update_description(
+        self, *, call: CallContext, timestamp: datetime, request: JSON, description: str
+    ) -> None:
+        self.check("UpdateKeyDescription")
+        self._emit(
+            self.DescriptionUpdated,
+            call=call,
+            timestamp=timestamp,
+            request=request,
+            description=description,
+        )
+
+    def tag(
+        self, *, call: CallContext, timestamp: datetime, request: JSON, tags: dict[str, str]
+    ) -> None:
+        """TagResource; raises TagException when the result would exceed 50 tags."""
+        self.check("TagResource")
+        if len(set(self.tags) | set(tags)) > MAX_TAGS:
+            raise TagError("Too many tags")
+        self._emit(self.Tagged, call=call, timestamp=timestamp, request=request, tags=tags)
+
+    def untag(
+        self, *, call: CallContext, timestamp: datetime, request: JSON, tag_keys: list[str]
+    ) -> None:
+        self.check("UntagResource")
+        self._emit(
+            self.Untagged, call=call, timestamp=timestamp, request=request, tag_keys=tag_keys
+        )
+
+    def put_policy(
+        self,
+        *,
+        call: CallContext,
+        timestamp: datetime,
+        request: JSON,
+        policy_name: str,
+        policy: str,
+    ) -> None:
+        self.check("PutKeyPolicy")
+        self._emit(
+            self.PolicyPut,
+            call=call,
+            timestamp=timestamp,
+            request=request,
+            policy_name=policy_name,
+            policy=policy,
+        )
+
+    def enable_rotation(
+        self, *, call: CallContext, timestamp: datetime, request: JSON, period_days: int
+    ) -> None:
+        self.check("EnableKeyRotation")
+        self._check_rotatable()
+        nxt = iso(timestamp + timedelta(days=period_days))
+        self._emit(
+            self.RotationEnabled,
+            call=call,
+            timestamp=timestamp,
+            request=request,
+            rotation_period_days=period_days,
+            next_rotation_date=nxt,
+        )
+
+    def disable_rotation(self, *, call: CallContext, timestamp: datetime, request: JSON) -> None:
+        self.check("DisableKeyRotation")
+        self._check_rotatable()
+        self._emit(self.RotationDisabled, call=call, timestamp=timestamp, request=request)
+
+    def rotate(
+        self,
+        *,
+        call: CallContext,
+        timestamp: datetime,
+        request: JSON,
+        material: MaterialRef,
+        rotation_type: str,
+        on_demand_limit: int,
+    ) -> None:
+        """RotateKeyOnDemand (``ON_DEMAND``) or the automatic rotation (``AUTOMATIC``).
+
+        Raises LimitExceededError past ``on_demand_limit`` on-demand rotations.
+        """
+        if rotation_type == "ON_DEMAND":
+            self.check_on_demand_rotation(on_demand_limit)
+            nxt = self.next_rotation_date
+        else:
+            assert self.rotation_period_days is not None
+            nxt = iso(timestamp + timedelta(days=self.rotation_period_days))
+        self._emit(
+            self.Rotated,
+            call=call,
+            timestamp=timestamp,
+            request=request,
+            response={"keyId": self.arn} if rotation_type == "ON_DEMAND" else None,
+            additional={"keyMaterialId": material.material_id, "rotationType": rotation_type},
+            material=material_to_json(material),
+            rotation_type=rotation_type,
+            next_rotation_date=nxt,
+        )
+
+    def check_on_demand_rotation(self, limit: int) -> None:
+        """Raise what AWS raises for RotateKeyOnDemand now (state, key type, limit)."""
+        self.check("RotateKeyOnDemand")
+        self._check_rotatable()
+        if self.on_demand_rotations >= limit:
+            raise LimitExceededError(
+                "The on-demand rotations limit has been reached for the given keyId. "
+                f"No more on-demand rotations can be performed for this key: {self.arn}"
+            )
+
+    def _check_rotatable(self) -> None:
+        if self.key_spec != "SYMMETRIC_DEFAULT" or self.origin != "AWS_KMS":
+            raise UnsupportedOperationError(
+                f"{self.arn} origin is {self.origin} which is not valid for this operation."
+                if self.origin != "AWS_KMS"
+                else f"{self.arn} key spec {self.key_spec} is not valid for this operation."
+            )
+
+    def schedule_deletion(
+        self, *, call: CallContext, timestamp: datetime, request: JSON, window_days: int
+    ) -> None:
+        self.check("ScheduleKeyDeletion")
+        deletion = timestamp + timedelta(days=window_days)
+        self._emit(
+            self.DeletionScheduled,
+            call=call,
+            timestamp=timestamp,
+            request=request,
+            response={
+                "keyId": self.arn,
+                "deletionDate": cloudtrail_date(deletion),
+                "keyState": PENDING_DELETION,
+                "pendingWindowInDays": window_days,
+            },
+            deletion_date=iso(deletion),
+            pending_window_days=window_days,
+        )
+
+    def cancel_deletion(self, *, call: CallContext, timestamp: datetime, request: JSON) -> None:
+        self.check("CancelKeyDeletion")
+        self._emit(
+            self.DeletionCanceled,
+            call=call,
+            timestamp=timestamp,
+            request=request,
+            response={"keyId": self.arn},
+        )
+
+    def delete(self, *, call: CallContext, timestamp: datetime) -> None:
+        """The service event at the end of the waiting period."""
+        if not self.deletion_due(timestamp):
+            raise KMSInvalidStateError(f"{self.arn} is not pending deletion.")
+        self._emit(
+            self.Deleted,
+            call=call,
+            timestamp=timestamp,
+            request={"keyId": self.key_id},
+            additional={"keyMaterialIds": [m["material_id"] for m in self.materials]},
+        )
+
+    def create_grant(
+        self,
+        *,
+        call: CallContext,
+        timestamp: datetime,
+        request: JSON,
+        grant_id: str,
+        grant: JSON,
+        token_digest: str,
+    ) -> None:
+        self.check("CreateGrant")
+        self._emit(
+            self.GrantCreated,
+            call=call,
+            timestamp=timestamp,
+            request=request,
+            response={"grantId": grant_id},
+            grant_id=grant_id,
+            grant=grant,
+            token_digest=token_digest,
+        )
+
+    def end_grant(
+        self, *, call: CallContext, timestamp: datetime, request: JSON, grant_id: str, revoke: bool
+    ) -> None:
+        """RetireGrant or RevokeGrant; raises NotFoundError for an unknown grant id."""
+        self.check("RevokeGrant" if revoke else "RetireGrant")
+        if grant_id not in self.grants:
+            raise NotFoundError(f"Grant ID {grant_id} not found")
+        self._emit(
+            self.GrantRevoked if revoke else self.GrantRetired,
+            call=call,
+            timestamp=timestamp,
+            request=request,
+            grant_id=grant_id,
+        )
+
+
+class Alias(Aggregate):
+    """One alias name in an account and region; its target over time is its history.
+
+    The stream id is derived from the alias ARN, so re-creating a deleted alias
+    continues the same stream.
+    """
+
+    def __init__(self) -> None:
+        self.alias_name = ""
+        self.alias_arn = ""
+        self.target_key_id: str | None = None
+        self.created_on_ts: str | None = None
+
+    class Event(Aggregate.Event):
+        call: JSON
+        key_arn: str
+        request: JSON
+        response: JSON | None
+        additional: JSON | None
+        read_only: bool
+
+    class Created(Event, Aggregate.Created):
+        alias_name: str
+        alias_arn: str
+        target_key_id: str
+
+        def apply(self, aggregate: Aggregate) -> None:
+            assert isinstance(aggregate, Alias)
+            aggregate.alias_name = self.alias_name
+            aggregate.alias_arn = self.alias_arn
+            aggregate.target_key_id = self.target_key_id
+            aggregate.created_on_ts = iso(self.timestamp)
+
+    class Recreated(Event):
+        target_key_id: str
+
+        def apply(self, aggregate: Aggregate) -> None:
+            assert isinstance(aggregate, Alias)
+            aggregate.target_key_id = self.target_key_id
+            aggregate.created_on_ts = iso(self.timestamp)
+
+    class Retargeted(Event):
+        target_key_id: str
+        previous_key_id: str
+
+        def apply(self, aggregate: Aggregate) -> None:
+            assert isinstance(aggregate, Alias)
+            aggregate.target_key_id = self.target_key_id
+
+    class Deleted(Event):
+        def apply(self, aggregate: Aggregate) -> None:
+            assert isinstance(aggregate, Alias)
+            aggregate.target_key_id = None
+
+    @staticmethod
+    def stream_id(alias_arn: str) -> UUID:
+        return uuid5(ALIAS_NAMESPACE, alias_arn)
+
+    @classmethod
+    def create(
+        cls,
+        *,
+        call: CallContext,
+        timestamp: datetime,
+        alias_name: str,
+        alias_arn: str,
+        target_key_id: str,
+        key_arn: str,
+        request: JSON,
+    ) -> Alias:
+        return cls._create(
+            cls.Created,
+            id=cls.stream_id(alias_arn),
             timestamp=timestamp,
             call=call.as_dict(),
-            key_arn=self.arn,
+            key_arn=key_arn,
             request=request,
             response=None,
             additional=None,
             read_only=False,
+            alias_name=alias_name,
+            alias_arn=alias_arn,
+            target_key_id=target_key_id,
         )
 
-    def _check_not_pending(self) -> None:
-        if self.key_state not in (ENABLED, DISABLED):
-            raise KMSInvalidStateError(f"{self.arn} is pending deletion.")
+    @property
+    def exists(self) -> bool:
+        return self.target_key_id is not None
+
+    def _emit(self, event_class: type[Alias.Event], *, call: CallContext, timestamp: datetime,
+              key_arn: str, request: JSON, **fields: Any) -> None:  # fmt: skip
+        self.trigger_event(
+            event_class,
+            timestamp=timestamp,
+            call=call.as_dict(),
+            key_arn=key_arn,
+            request=request,
+            response=None,
+            additional=None,
+            read_only=False,
+            **fields,
+        )
+
+    def recreate(
+        self, *, call: CallContext, timestamp: datetime, target_key_id: str, key_arn: str,
+        request: JSON,
+    ) -> None:  # fmt: skip
+        if self.exists:
+            raise AlreadyExistsError(f"An alias with the name {self.alias_arn} already exists")
+        self._emit(self.Recreated, call=call, timestamp=timestamp, key_arn=key_arn,
+                   request=request, target_key_id=target_key_id)  # fmt: skip
+
+    def retarget(
+        self, *, call: CallContext, timestamp: datetime, target_key_id: str, key_arn: str,
+        request: JSON,
+    ) -> None:  # fmt: skip
+        assert self.target_key_id is not None
+        self._emit(self.Retargeted, call=call, timestamp=timestamp, key_arn=key_arn,
+                   request=request, target_key_id=target_key_id,
+                   previous_key_id=self.target_key_id)  # fmt: skip
+
+    def delete(
+        self, *, call: CallContext, timestamp: datetime, key_arn: str, request: JSON
+    ) -> None:
+        self._emit(self.Deleted, call=call, timestamp=timestamp, key_arn=key_arn, request=request)
 
 
 class ApiCall(Aggregate):

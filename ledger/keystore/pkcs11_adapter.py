@@ -554,6 +554,16 @@ class Pkcs11KeyStore:
             raise InvalidCiphertextError("") from None
         return out
 
+    def forget(self, material_id: str) -> None:
+        """Destroy the cached unwrapped session object of this material, if any."""
+        if self._closed or self._pid != os.getpid():
+            return
+        with self._login.lock, self._cache_lock:
+            key = self._unwrapped.pop(material_id, None)
+            if key is not None:
+                with suppress(p11e.PKCS11Error):
+                    key.destroy()
+
     def close(self) -> None:
         """Close pooled sessions, destroy cached unwrapped keys and release the login.
 

@@ -50,6 +50,12 @@ class KeyStore(Protocol):
         """
         ...
 
+    def forget(self, material_id: str) -> None:
+        """Destroy any unwrapped copy of this material held by the HSM session (after
+        key deletion). The wrapped blob stays in the ledger's history; see the README's
+        note on crypto-shredding."""
+        ...
+
     def close(self) -> None:
         """Release sessions and cached handles."""
         ...
