@@ -1,8 +1,9 @@
-"""The key catalog: the current metadata of every key, built from the log.
+"""The key catalog: current documents of every key and alias, built from the log.
 
-The catalog and its position are written in one transaction, so a crash never leaves
+Documents and the position are written in one transaction, so a crash never leaves
 them apart; updates only move forward (``updated_seq``), so concurrent catch-ups in
-several processes converge. ListKeys and DescribeKey read it after catching up.
+several processes converge. Read operations catch up first, then answer. The same
+pure fold (``projections.state``) answers point-in-time questions from the log.
 """
 
 from __future__ import annotations
@@ -15,31 +16,50 @@ from uuid import UUID
 import orjson
 
 from ledger.errors import NotFoundError, ValidationError
+from ledger.pagination import paginate
 from ledger.persistence import LedgerDatabase, SqlCursor
 from ledger.records import LedgerRecord
+from projections.state import (
+    LedgerState,
+    alias_entry,
+    apply_alias_event,
+    apply_key_event,
+    event_kind,
+    grant_entries,
+    key_metadata,
+    key_policy,
+)
 
-TOPIC_PREFIX = "ledger.domain.model:"
-CATALOG = "kl_key_catalog"
-POSITION_NAME = "projection:key_catalog"
+KEYS = "kl_key_docs"
+ALIASES = "kl_alias_docs"
+POSITION_NAME = "projection:key_catalog:v2"
+
+
+def _dumps(doc: dict[str, Any]) -> str:
+    return orjson.dumps(doc, option=orjson.OPT_SORT_KEYS).decode()
 
 
 class KeyCatalog:
-    """Key catalog projection over a ledger database."""
+    """Key and alias catalog projection over a ledger database."""
 
     def __init__(self, db: LedgerDatabase, *, batch_size: int = 1000) -> None:
         self.db = db
-        self.table = db.table(CATALOG)
+        self.keys_table = db.table(KEYS)
+        self.aliases_table = db.table(ALIASES)
         self.batch_size = batch_size
         self._lock = threading.Lock()
         with db.ddl_transaction() as c:
-            c.execute(
-                f"CREATE TABLE IF NOT EXISTS {self.table} (key_id TEXT PRIMARY KEY, "
-                "arn TEXT NOT NULL, metadata TEXT NOT NULL, updated_seq BIGINT NOT NULL)"
-            )
+            for table in (self.keys_table, self.aliases_table):
+                c.execute(
+                    f"CREATE TABLE IF NOT EXISTS {table} (id TEXT PRIMARY KEY, "
+                    "doc TEXT NOT NULL, updated_seq BIGINT NOT NULL)"
+                )
 
     @property
     def position(self) -> int:
         return self.db.get_position(POSITION_NAME)
+
+    # ---------------------------------------------------------------- building
 
     def catch_up(self) -> int:
         """Apply every record after the tracked position; return how many were read."""
@@ -64,103 +84,172 @@ class KeyCatalog:
     def rebuild(self) -> int:
         """Drop the catalog and rebuild it from the whole log; return records read."""
         with self._lock, self.db.transaction(commit=True) as c:
-            c.execute(f"DELETE FROM {self.table}")
+            c.execute(f"DELETE FROM {self.keys_table}")
+            c.execute(f"DELETE FROM {self.aliases_table}")
             c.execute("DELETE FROM {positions} WHERE name = ?", (POSITION_NAME,))
         return self.catch_up()
 
     def _apply(self, c: SqlCursor, record: LedgerRecord) -> None:
         event = record.event()
-        topic = str(event.get("topic", ""))
-        if not topic.startswith(TOPIC_PREFIX + "Key."):
-            return
-        kind = topic[len(TOPIC_PREFIX) + 4 :]
-        key_id = str(event["originator_id"])
-        if kind == "Created":
-            meta = {
-                "AWSAccountId": event["call"]["account_id"],
-                "KeyId": key_id,
-                "Arn": event["key_arn"],
-                "CreationDate": event["timestamp"],
-                "Enabled": True,
-                "Description": event["description"],
-                "KeyUsage": event["key_usage"],
-                "KeyState": "Enabled",
-                "Origin": event["origin"],
-                "KeyManager": "CUSTOMER",
-                "CustomerMasterKeySpec": event["key_spec"],
-                "KeySpec": event["key_spec"],
-                "EncryptionAlgorithms": ["SYMMETRIC_DEFAULT"],
-                "MultiRegion": False,
-            }
+        agg, _ = event_kind(event)
+        if agg == "Key":
+            table, fold = self.keys_table, apply_key_event
+        elif agg == "Alias":
+            table, fold = self.aliases_table, apply_alias_event
         else:
-            row = c.execute(
-                f"SELECT metadata FROM {self.table} WHERE key_id = ?", (key_id,)
-            ).fetchone()
-            if row is None:
-                return
-            meta = orjson.loads(row["metadata"])
-            if kind == "Enabled":
-                meta.update(Enabled=True, KeyState="Enabled")
-            elif kind == "Disabled":
-                meta.update(Enabled=False, KeyState="Disabled")
-            else:
-                return
+            return
+        oid = str(event["originator_id"])
+        row = c.execute(f"SELECT doc, updated_seq FROM {table} WHERE id = ?", (oid,)).fetchone()
+        if row is not None and int(row["updated_seq"]) >= record.seq:
+            return  # another process got here first
+        doc = fold(None if row is None else orjson.loads(row["doc"]), event)
+        if doc is None:
+            return
         c.execute(
-            f"INSERT INTO {self.table} (key_id, arn, metadata, updated_seq) VALUES (?, ?, ?, ?) "
-            "ON CONFLICT (key_id) DO UPDATE SET metadata = excluded.metadata, "
-            "updated_seq = excluded.updated_seq "
-            f"WHERE {self.table}.updated_seq < excluded.updated_seq",
-            (
-                key_id,
-                meta["Arn"],
-                orjson.dumps(meta, option=orjson.OPT_SORT_KEYS).decode(),
-                record.seq,
-            ),
+            f"INSERT INTO {table} (id, doc, updated_seq) VALUES (?, ?, ?) "
+            "ON CONFLICT (id) DO UPDATE SET doc = excluded.doc, "
+            f"updated_seq = excluded.updated_seq WHERE {table}.updated_seq < excluded.updated_seq",
+            (oid, _dumps(doc), record.seq),
         )
 
-    @staticmethod
-    def _public(meta: dict[str, Any]) -> dict[str, Any]:
-        out = dict(meta)
-        out["CreationDate"] = datetime.fromisoformat(meta["CreationDate"]).timestamp()
-        return out
+    # ---------------------------------------------------------------- reading
 
-    def describe_key(self, key_uuid: UUID, arn_for_errors: str) -> dict[str, Any]:
-        """DescribeKey's response; raises NotFoundError for an unknown key."""
+    def _docs(self, table: str) -> list[dict[str, Any]]:
+        self.catch_up()
+        with self.db.transaction(commit=False) as c:
+            rows = c.execute(f"SELECT doc FROM {table} ORDER BY id").fetchall()
+        return [orjson.loads(r["doc"]) for r in rows]
+
+    def key_doc(self, key_uuid: UUID, arn_for_errors: str) -> dict[str, Any]:
+        """A live key's document; raises NotFoundError for unknown or deleted keys."""
         self.catch_up()
         with self.db.transaction(commit=False) as c:
             row = c.execute(
-                f"SELECT metadata FROM {self.table} WHERE key_id = ?", (str(key_uuid),)
+                f"SELECT doc FROM {self.keys_table} WHERE id = ?", (str(key_uuid),)
             ).fetchone()
-        if row is None:
+        doc = None if row is None else orjson.loads(row["doc"])
+        if doc is None or doc["deleted"]:
             raise NotFoundError(f"Key '{arn_for_errors}' does not exist")
-        return {"KeyMetadata": self._public(orjson.loads(row["metadata"]))}
+        return doc  # type: ignore[no-any-return]
 
-    def list_keys(self, *, limit: int = 100, marker: str | None = None) -> dict[str, Any]:
-        """ListKeys' response, ordered by key id, paginated with an opaque marker.
+    def describe_key(self, key_uuid: UUID, arn_for_errors: str) -> dict[str, Any]:
+        """DescribeKey's response; raises NotFoundError for an unknown or deleted key."""
+        return {"KeyMetadata": key_metadata(self.key_doc(key_uuid, arn_for_errors))}
 
-        Raises ValidationError for a limit outside 1-1000.
-        """
-        if not 1 <= limit <= 1000:
+    def list_keys(self, *, limit: int | None = None, marker: str | None = None) -> dict[str, Any]:
+        """ListKeys (deleted keys are not listed), ordered by key id."""
+        keys = [
+            {"KeyId": d["key_id"], "KeyArn": d["arn"]}
+            for d in self._docs(self.keys_table)
+            if not d["deleted"]
+        ]
+        page, fields = paginate(keys, limit=limit, marker=marker)
+        return {"Keys": page, **fields}
+
+    def list_aliases(
+        self, *, key_uuid: UUID | None = None, limit: int | None = None, marker: str | None = None
+    ) -> dict[str, Any]:
+        """ListAliases, all or of one key, ordered by alias name."""
+        docs = [d for d in self._docs(self.aliases_table) if d["target"] is not None]
+        if key_uuid is not None:
+            docs = [d for d in docs if d["target"] == str(key_uuid)]
+        entries = [alias_entry(d) for d in sorted(docs, key=lambda d: d["name"])]
+        page, fields = paginate(entries, limit=limit, marker=marker)
+        return {"Aliases": page, **fields}
+
+    def list_retirable_grants(
+        self, *, retiring_principal: str, limit: int | None = None, marker: str | None = None
+    ) -> dict[str, Any]:
+        """ListRetirableGrants across all keys for one retiring principal."""
+        if not retiring_principal:
             raise ValidationError(
-                f"1 validation error detected: Value '{limit}' at 'limit' failed to satisfy "
-                "constraint: Member must have value between 1 and 1000"
+                "1 validation error detected: Value at 'retiringPrincipal' failed to satisfy "
+                "constraint: Member must have length greater than or equal to 1"
             )
+        rows = [
+            g
+            for d in self._docs(self.keys_table)
+            if not d["deleted"]
+            for g in grant_entries(d)
+            if g.get("RetiringPrincipal") == retiring_principal
+        ]
+        page, fields = paginate(rows, limit=limit, marker=marker)
+        return {"Grants": page, **fields}
+
+    def due_keys(self, now: datetime) -> list[UUID]:
+        """Keys whose deletion or automatic rotation is due at ``now``."""
+        due = []
+        for d in self._docs(self.keys_table):
+            if d["deleted"]:
+                continue
+            deletion = d["state"] == "PendingDeletion" and d["deletion_date"] is not None
+            if (deletion and datetime.fromisoformat(d["deletion_date"]) <= now) or (
+                d["state"] == "Enabled"
+                and d["next_rotation"] is not None
+                and datetime.fromisoformat(d["next_rotation"]) <= now
+            ):
+                due.append(UUID(d["key_id"]))
+        return due
+
+    def snapshot(self) -> list[tuple[str, str]]:
+        """Every catalog row (id, document JSON), for comparing rebuilds."""
         self.catch_up()
         with self.db.transaction(commit=False) as c:
             rows = c.execute(
-                f"SELECT key_id, arn FROM {self.table} WHERE key_id > ? ORDER BY key_id LIMIT ?",
-                (marker or "", limit + 1),
+                f"SELECT id, doc FROM {self.keys_table} UNION ALL "
+                f"SELECT id, doc FROM {self.aliases_table} ORDER BY 1"
             ).fetchall()
-        keys = [{"KeyId": r["key_id"], "KeyArn": r["arn"]} for r in rows[:limit]]
-        out: dict[str, Any] = {"Keys": keys, "Truncated": len(rows) > limit}
-        if len(rows) > limit:
-            out["NextMarker"] = keys[-1]["KeyId"]
-        return out
+        return [(r["id"], r["doc"]) for r in rows]
 
-    def snapshot(self) -> list[tuple[str, str]]:
-        """Every catalog row (key id, metadata JSON), for comparing rebuilds."""
-        with self.db.transaction(commit=False) as c:
-            rows = c.execute(
-                f"SELECT key_id, metadata FROM {self.table} ORDER BY key_id"
-            ).fetchall()
-        return [(r["key_id"], r["metadata"]) for r in rows]
+
+# -------------------------------------------------------------------- point in time
+
+
+def state_at(
+    db: LedgerDatabase, *, seq: int | None = None, time: datetime | None = None
+) -> LedgerState:
+    """The whole read model as it was after record ``seq``, or at ``time`` (the last
+    record whose timestamp is not after it), replayed from the log alone."""
+    state = LedgerState()
+    position = 0
+    while True:
+        records = db.read_records(position, 2000)
+        if not records:
+            return state
+        for record in records:
+            if seq is not None and record.seq > seq:
+                return state
+            event = record.event()
+            if time is not None and datetime.fromisoformat(event["timestamp"]) > time:
+                return state
+            state.apply(record.seq, event)
+        position = records[-1].seq
+
+
+def describe_key_at(state: LedgerState, key_uuid: UUID, arn_for_errors: str) -> dict[str, Any]:
+    """DescribeKey as of ``state``; raises NotFoundError if the key did not exist then."""
+    doc = state.keys.get(str(key_uuid))
+    if doc is None or doc["deleted"]:
+        raise NotFoundError(f"Key '{arn_for_errors}' does not exist")
+    return {"KeyMetadata": key_metadata(doc)}
+
+
+def list_aliases_at(state: LedgerState, key_uuid: UUID | None = None) -> dict[str, Any]:
+    docs = [d for d in state.aliases.values() if d["target"] is not None]
+    if key_uuid is not None:
+        docs = [d for d in docs if d["target"] == str(key_uuid)]
+    return {"Aliases": [alias_entry(d) for d in sorted(docs, key=lambda d: d["name"])]}
+
+
+def list_grants_at(state: LedgerState, key_uuid: UUID, arn_for_errors: str) -> dict[str, Any]:
+    doc = state.keys.get(str(key_uuid))
+    if doc is None or doc["deleted"]:
+        raise NotFoundError(f"Key '{arn_for_errors}' does not exist")
+    return {"Grants": grant_entries(doc)}
+
+
+def get_key_policy_at(state: LedgerState, key_uuid: UUID, arn_for_errors: str) -> dict[str, Any]:
+    doc = state.keys.get(str(key_uuid))
+    if doc is None or doc["deleted"]:
+        raise NotFoundError(f"Key '{arn_for_errors}' does not exist")
+    return {"Policy": key_policy(doc), "PolicyName": "default"}
