@@ -16,6 +16,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 EVENT_VERSION = "1.11"
+AWS_INTERNAL = "AWS Internal"
 EVENT_SOURCE = "kms.amazonaws.com"
 RESOURCE_TYPE = "AWS::KMS::Key"
 
@@ -82,14 +83,15 @@ def cloudtrail_view(event: dict[str, Any], *, seq: int, ledger_id: str) -> dict[
         "eventSource": EVENT_SOURCE,
         "eventName": call["operation"],
         "awsRegion": region,
-        "sourceIPAddress": call.get("source_ip") or (EVENT_SOURCE if service else None),
-        "userAgent": call.get("user_agent") or (EVENT_SOURCE if service else None),
-        "requestParameters": event.get("request"),
-        "responseElements": event.get("response"),
+        "sourceIPAddress": call.get("source_ip") or (AWS_INTERNAL if service else None),
+        "userAgent": call.get("user_agent") or (AWS_INTERNAL if service else None),
+        # Service events (RotateKey, DeleteKey) carry no request or response in AWS.
+        "requestParameters": None if service else event.get("request"),
+        "responseElements": None if service else event.get("response"),
     }
-    if event.get("additional") is not None:
+    if event.get("additional") is not None and not service:
         record["additionalEventData"] = event["additional"]
-    if call.get("request_id"):
+    if call.get("request_id") and not service:  # AWS service events have no requestID
         record["requestID"] = call["request_id"]
     record["eventID"] = event_id(ledger_id, seq)
     record["readOnly"] = bool(event.get("read_only", False))
@@ -103,13 +105,15 @@ def cloudtrail_view(event: dict[str, Any], *, seq: int, ledger_id: str) -> dict[
         record["errorCode"] = event["error_code"]
     if event.get("error_message") is not None:
         record["errorMessage"] = event["error_message"]
+    if service and event.get("additional") is not None:
+        record["serviceEventDetails"] = event["additional"]
     return record
 
 
 def _user_identity(call: dict[str, Any], *, service: bool) -> dict[str, Any]:
     account = call.get("account_id")
-    if service:
-        return {"type": "AWSService", "accountId": account, "invokedBy": EVENT_SOURCE}
+    if service:  # as AWS's RotateKey and DeleteKey examples
+        return {"accountId": account, "invokedBy": AWS_INTERNAL}
     arn: str | None = call.get("principal")
     identity: dict[str, Any] = {
         "type": _identity_type(arn),

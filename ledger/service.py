@@ -1166,8 +1166,10 @@ class KeyLedger(Application[UUID]):
         }
         if retiring_principal is not None:
             request["retiringPrincipal"] = retiring_principal
-        if constraints is not None:
-            request["constraints"] = dict(constraints)
+        if constraints is not None:  # CloudTrail spells the members in camelCase
+            request["constraints"] = {
+                k[:1].lower() + k[1:]: v for k, v in dict(constraints).items()
+            }
         if name is not None:
             request["name"] = name
         issued: dict[str, str] = {}

@@ -553,7 +553,16 @@ class Key(Aggregate):
             timestamp=timestamp,
             request=request,
             response={"keyId": self.arn} if rotation_type == "ON_DEMAND" else None,
-            additional={"keyMaterialId": material.material_id, "rotationType": rotation_type},
+            additional=(
+                {"keyMaterialId": material.material_id, "rotationType": rotation_type}
+                if rotation_type == "ON_DEMAND"
+                else {  # AWS's serviceEventDetails for RotateKey
+                    "rotationType": rotation_type,
+                    "keyOrigin": self.origin,
+                    "previousKeyMaterialId": self.current_material_id,
+                    "currentKeyMaterialId": material.material_id,
+                }
+            ),
             material=material_to_json(material),
             rotation_type=rotation_type,
             next_rotation_date=nxt,

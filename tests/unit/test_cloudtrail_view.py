@@ -115,11 +115,8 @@ def test_event_time_is_rfc3339_utc_with_whole_seconds() -> None:
 def test_service_initiated_event_is_an_aws_service_event_invoked_by_kms() -> None:
     record = _view(key_deleted_by_service(KEY_ID))["record"]
     assert record["eventType"] == "AwsServiceEvent"
-    assert record["userIdentity"] == {
-        "type": "AWSService",
-        "accountId": ACCOUNT,
-        "invokedBy": "kms.amazonaws.com",
-    }
+    assert record["userIdentity"] == {"accountId": ACCOUNT, "invokedBy": "AWS Internal"}
+    assert record["sourceIPAddress"] == record["userAgent"] == "AWS Internal"
     assert record["eventName"] == "DeleteKey"
     assert record["requestParameters"] is None
     assert record["resources"][0]["ARN"] == key_arn(KEY_ID)
@@ -191,3 +188,23 @@ def test_event_id_is_a_stable_uuid_per_ledger_and_seq() -> None:
     assert uuid.UUID(first).version == 5
     assert event_id(LEDGER_ID, 3) != first
     assert event_id("another-ledger", 2) != first
+
+
+def test_automatic_rotation_matches_aws_rotatekey_service_event() -> None:
+    event = key_deleted_by_service(KEY_ID)
+    event["call"] = {**event["call"], "operation": "RotateKey", "request_id": "r-1"}
+    event["topic"] = "ledger.domain.model:Key.Rotated"
+    event["request"] = {"keyId": KEY_ID}
+    event["additional"] = {
+        "rotationType": "AUTOMATIC",
+        "keyOrigin": "AWS_KMS",
+        "previousKeyMaterialId": "a" * 64,
+        "currentKeyMaterialId": "b" * 64,
+    }
+    record = _view(event)["record"]
+    reference = _reference("rotatekey-1.11.json")
+    assert set(record) - {"eventCategory"} == set(reference)
+    assert record["serviceEventDetails"] == event["additional"]
+    assert record["requestParameters"] is None and "requestID" not in record
+    assert "additionalEventData" not in record
+    assert set(record["serviceEventDetails"]) == set(reference["serviceEventDetails"])
