@@ -361,9 +361,20 @@ class KeyLedger(Application[UUID]):
             agg = self.repository.get(Alias.stream_id(alias_arn))
         except AggregateNotFoundError:
             agg = None
-        if not isinstance(agg, Alias) or not agg.exists:
+        if not isinstance(agg, Alias) or not agg.exists or self._key_deleted(agg.target_key_id):
             raise NotFoundError(f"Alias {alias_arn} is not found.")
         return agg
+
+    def _key_deleted(self, key_id: str | None) -> bool:
+        """True when the key was deleted: its aliases went with it (as in AWS)."""
+        if key_id is None:
+            return False
+        agg: object
+        try:
+            agg = self.repository.get(UUID(key_id))
+        except AggregateNotFoundError:
+            return False
+        return isinstance(agg, Key) and agg.deleted
 
     def load_key(self, key_uuid: UUID) -> Key:
         """The current state of a key; raises NotFoundError when it does not exist
@@ -1089,7 +1100,7 @@ class KeyLedger(Application[UUID]):
             if isinstance(existing, Alias):
                 existing.recreate(
                     call=call, timestamp=now, target_key_id=key.key_id, key_arn=key.arn,
-                    request=request,
+                    request=request, target_deleted=self._key_deleted(existing.target_key_id),
                 )  # fmt: skip
                 return existing
             return Alias.create(

@@ -24,6 +24,7 @@ from projections.state import (
     alias_entry,
     apply_alias_event,
     apply_key_event,
+    drop_alias,
     event_kind,
     grant_entries,
     key_metadata,
@@ -105,11 +106,22 @@ class KeyCatalog:
         doc = fold(None if row is None else orjson.loads(row["doc"]), event)
         if doc is None:
             return
+        self._upsert(c, table, oid, doc, record.seq)
+        if agg == "Key" and doc["deleted"]:  # AWS deletes a key's aliases with the key
+            rows = c.execute(f"SELECT id, doc FROM {self.aliases_table}").fetchall()
+            for r in rows:
+                alias = orjson.loads(r["doc"])
+                if alias["target"] == oid:
+                    dropped = drop_alias(alias, event["timestamp"])
+                    self._upsert(c, self.aliases_table, r["id"], dropped, record.seq)
+
+    @staticmethod
+    def _upsert(c: SqlCursor, table: str, oid: str, doc: dict[str, Any], seq: int) -> None:
         c.execute(
             f"INSERT INTO {table} (id, doc, updated_seq) VALUES (?, ?, ?) "
             "ON CONFLICT (id) DO UPDATE SET doc = excluded.doc, "
             f"updated_seq = excluded.updated_seq WHERE {table}.updated_seq < excluded.updated_seq",
-            (oid, _dumps(doc), record.seq),
+            (oid, _dumps(doc), seq),
         )
 
     # ---------------------------------------------------------------- reading

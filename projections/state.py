@@ -139,6 +139,11 @@ def apply_alias_event(doc: JSON | None, event: JSON) -> JSON | None:
     return d
 
 
+def drop_alias(doc: JSON, timestamp: str) -> JSON:
+    """The alias document after the key it names was deleted."""
+    return {**doc, "target": None, "updated": timestamp}
+
+
 def default_policy(account: str) -> str:
     from ledger.domain.model import default_key_policy
 
@@ -213,6 +218,10 @@ class LedgerState:
             doc = apply_key_event(self.keys.get(oid), event)
             if doc is not None:
                 self.keys[oid] = doc
+                if doc["deleted"]:  # AWS deletes a key's aliases with the key
+                    for aid, alias in self.aliases.items():
+                        if alias["target"] == oid:
+                            self.aliases[aid] = drop_alias(alias, event["timestamp"])
         elif agg == "Alias":
             doc = apply_alias_event(self.aliases.get(oid), event)
             if doc is not None:

@@ -771,9 +771,11 @@ class Alias(Aggregate):
 
     def recreate(
         self, *, call: CallContext, timestamp: datetime, target_key_id: str, key_arn: str,
-        request: JSON,
+        request: JSON, target_deleted: bool = False,
     ) -> None:  # fmt: skip
-        if self.exists:
+        """Create the alias again: allowed when it was deleted, or when the key it named
+        was deleted (AWS deletes a key's aliases with the key)."""
+        if self.exists and not target_deleted:
             raise AlreadyExistsError(f"An alias with the name {self.alias_arn} already exists")
         self._emit(self.Recreated, call=call, timestamp=timestamp, key_arn=key_arn,
                    request=request, target_key_id=target_key_id)  # fmt: skip
