@@ -9,6 +9,7 @@ from ledger.keystore.port import MaterialRef
 from ledger.settings import Settings
 
 if TYPE_CHECKING:
+    from ledger.clock import Clock
     from ledger.service import Caller, KeyLedger
     from projections.catalog import KeyCatalog
 
@@ -19,6 +20,7 @@ USER_AGENT = "keyledger-cli/0.1.0"
 class CliContext:
     settings: Settings
     json_output: bool = False
+    clock: Clock | None = None  # set before first use to fix the ledger's time
     _ledger: KeyLedger | None = field(default=None, repr=False)
     _catalog: KeyCatalog | None = field(default=None, repr=False)
 
@@ -27,7 +29,7 @@ class CliContext:
         if self._ledger is None:
             from ledger.bootstrap import open_ledger
 
-            self._ledger = open_ledger(self.settings)
+            self._ledger = open_ledger(self.settings, clock=self.clock)
         return self._ledger
 
     @property
@@ -38,7 +40,10 @@ class CliContext:
             from ledger.service import KeyLedger
 
             self._ledger = KeyLedger(
-                settings=self.settings, keystore=_NoKeyStore(), env=ledger_env(self.settings)
+                settings=self.settings,
+                keystore=_NoKeyStore(),
+                env=ledger_env(self.settings),
+                clock=self.clock,
             )
         return self._ledger
 

@@ -16,7 +16,15 @@ from typing import Annotated, Any
 import orjson
 import typer
 
+from cli.aliases import aliases_app
+from cli.common import ctx_of as _ctx
+from cli.common import emit as _emit
+from cli.common import jsonable as _jsonable
+from cli.common import parse_pairs
 from cli.context import CliContext
+from cli.grants import grants_app
+from cli.keys import keys_app
+from cli.maintenance import maintenance_app
 from ledger.errors import KeyLedgerError, TamperError, ValidationError
 from ledger.settings import Settings
 
@@ -27,38 +35,17 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-keys_app = typer.Typer(
-    help="Create, list, describe, enable and disable keys.", no_args_is_help=True
-)
 audit_app = typer.Typer(help="Verify the ledger and read the audit trail.", no_args_is_help=True)
 projections_app = typer.Typer(help="Maintain read models.", no_args_is_help=True)
 app.add_typer(keys_app, name="keys")
+app.add_typer(aliases_app, name="aliases")
+app.add_typer(grants_app, name="grants")
+app.add_typer(maintenance_app, name="maintenance")
 app.add_typer(audit_app, name="audit")
 app.add_typer(projections_app, name="projections")
 
 
-def _ctx(ctx: typer.Context) -> CliContext:
-    obj = ctx.find_root().obj
-    assert isinstance(obj, CliContext)
-    return obj
-
-
-def _emit(cli: CliContext, response: dict[str, Any], text: str) -> None:
-    if cli.json_output:
-        typer.echo(orjson.dumps(_jsonable(response), option=orjson.OPT_INDENT_2).decode())
-    else:
-        typer.echo(text)
-
-
-def _jsonable(value: Any) -> Any:
-    """AWS JSON wire form: blobs base64-encoded."""
-    if isinstance(value, bytes):
-        return base64.b64encode(value).decode("ascii")
-    if isinstance(value, dict):
-        return {k: _jsonable(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_jsonable(v) for v in value]
-    return value
+__all__ = ["_jsonable", "app", "main", "parse_context", "trail_line"]
 
 
 @app.callback()
@@ -82,89 +69,12 @@ def root(
     ctx.call_on_close(cli.close)
 
 
-# ---------------------------------------------------------------- keys
-
-
-@keys_app.command("create")
-def keys_create(
-    ctx: typer.Context,
-    description: Annotated[str, typer.Option(help="Key description.")] = "",
-    key_spec: Annotated[str, typer.Option(help="AWS KeySpec.")] = "SYMMETRIC_DEFAULT",
-    key_usage: Annotated[str, typer.Option(help="AWS KeyUsage.")] = "ENCRYPT_DECRYPT",
-) -> None:
-    """CreateKey: a symmetric key generated inside the HSM."""
-    cli = _ctx(ctx)
-    resp = cli.ledger.create_key(
-        caller=cli.caller, description=description, key_spec=key_spec, key_usage=key_usage
-    )
-    _emit(cli, resp, resp["KeyMetadata"]["Arn"])
-
-
-@keys_app.command("list")
-def keys_list(
-    ctx: typer.Context,
-    limit: Annotated[int, typer.Option(help="Page size (1-1000).")] = 100,
-    marker: Annotated[str | None, typer.Option(help="NextMarker of a previous page.")] = None,
-) -> None:
-    """ListKeys, from the key catalog projection."""
-    cli = _ctx(ctx)
-    resp = cli.catalog.list_keys(limit=limit, marker=marker)
-    _emit(cli, resp, "\n".join(k["KeyArn"] for k in resp["Keys"]))
-
-
-@keys_app.command("describe")
-def keys_describe(
-    ctx: typer.Context, key: Annotated[str, typer.Argument(help="Key id or ARN.")]
-) -> None:
-    """DescribeKey, from the key catalog projection."""
-    cli = _ctx(ctx)
-    ledger = cli.ledger_without_hsm
-    key_uuid = ledger.resolve_key_id(key)
-    resp = cli.catalog.describe_key(key_uuid, ledger.settings.key_arn(str(key_uuid)))
-    md = resp["KeyMetadata"]
-    _emit(
-        cli,
-        resp,
-        f"{md['Arn']}  {md['KeyState']}  {md['KeySpec']}  {md['KeyUsage']}  {md['Description']!r}",
-    )
-
-
-@keys_app.command("enable")
-def keys_enable(
-    ctx: typer.Context, key: Annotated[str, typer.Argument(help="Key id or ARN.")]
-) -> None:
-    """EnableKey."""
-    cli = _ctx(ctx)
-    resp = cli.ledger.enable_key(caller=cli.caller, key_id=key)
-    _emit(cli, resp, f"enabled {key}")
-
-
-@keys_app.command("disable")
-def keys_disable(
-    ctx: typer.Context, key: Annotated[str, typer.Argument(help="Key id or ARN.")]
-) -> None:
-    """DisableKey."""
-    cli = _ctx(ctx)
-    resp = cli.ledger.disable_key(caller=cli.caller, key_id=key)
-    _emit(cli, resp, f"disabled {key}")
-
-
 # ---------------------------------------------------------------- crypto
 
 
 def parse_context(pairs: list[str] | None) -> dict[str, str]:
     """``k=v`` pairs to an encryption context; raises ValidationError when malformed."""
-    out: dict[str, str] = {}
-    for pair in pairs or []:
-        k, sep, v = pair.partition("=")
-        if not sep or not k:
-            raise ValidationError(
-                "EncryptionContext entries must be given as key=value with a non-empty key."
-            )
-        if k in out:
-            raise ValidationError(f"EncryptionContext key '{k}' is given twice.")
-        out[k] = v
-    return out
+    return parse_pairs(pairs, "EncryptionContext")
 
 
 def _read_input(path: str) -> bytes:
@@ -374,10 +284,13 @@ def stream(
 
 @projections_app.command("rebuild")
 def projections_rebuild(ctx: typer.Context) -> None:
-    """Rebuild the key catalog from the whole log."""
+    """Rebuild the key and alias catalog from the whole log."""
     cli = _ctx(ctx)
     n = cli.catalog.rebuild()
-    typer.echo(f"rebuilt key catalog from {n} events ({len(cli.catalog.snapshot())} keys)")
+    docs = [orjson.loads(doc) for _, doc in cli.catalog.snapshot()]
+    keys = sum(1 for d in docs if "key_id" in d and not d["deleted"])
+    aliases = sum(1 for d in docs if "key_id" not in d and d.get("target") is not None)
+    typer.echo(f"rebuilt catalog from {n} events ({keys} keys, {aliases} aliases)")
 
 
 @app.command("demo")

@@ -220,8 +220,12 @@ class KeyCatalog:
 def state_at(
     db: LedgerDatabase, *, seq: int | None = None, time: datetime | None = None
 ) -> LedgerState:
-    """The whole read model as it was after record ``seq``, or at ``time`` (the last
-    record whose timestamp is not after it), replayed from the log alone."""
+    """The whole read model as it was after record ``seq``, or at ``time`` (every record
+    whose timestamp is not after it, in log order), replayed from the log alone.
+
+    Timestamps need not grow with ``seq`` (``maintenance run --now`` in the future,
+    clock skew between nodes): a future-dated record is skipped, not a stop.
+    """
     state = LedgerState()
     position = 0
     while True:
@@ -233,7 +237,7 @@ def state_at(
                 return state
             event = record.event()
             if time is not None and datetime.fromisoformat(event["timestamp"]) > time:
-                return state
+                continue
             state.apply(record.seq, event)
         position = records[-1].seq
 

@@ -116,7 +116,7 @@ def test_cli_key_lifecycle_and_round_trip_through_files_and_pipes(cli: Cli, tmp_
     for op in ("CreateKey", "Encrypt", "Decrypt", "DisableKey", "EnableKey"):
         assert op in trail
     assert (
-        "rebuilt key catalog from 7 events (1 keys)"
+        "rebuilt catalog from 7 events (1 keys, 0 aliases)"
         in cli("projections", "rebuild").stdout.decode()
     )
 

@@ -808,3 +808,22 @@ def test_grant_tokens_appear_nowhere_in_stored_events_or_cloudtrail_views(
         for needle in forbidden:
             assert needle not in r.data, r.seq
             assert needle not in published, r.seq
+
+
+def test_as_of_time_skips_future_dated_records_instead_of_stopping_at_them(
+    make_env: Callable[..., Env],
+) -> None:
+    env = make_env()
+    ledger = env.ledger
+    key = ledger.create_key(caller=ADMIN, description="v1")["KeyMetadata"]
+    env.clock.advance(days(365 * 4))  # e.g. `maintenance run --now` far in the future
+    ledger.update_key_description(caller=ADMIN, key_id=key["KeyId"], description="future")
+    env.clock.advance(-days(365 * 4 - 10))  # back to the real clock
+    ledger.disable_key(caller=ADMIN, key_id=key["KeyId"])
+    arn_uuid = UUID(key["KeyId"])
+    state = state_at(ledger.db, time=T0 + days(20))
+    md = describe_key_at(state, arn_uuid, key["Arn"])["KeyMetadata"]
+    assert (md["KeyState"], md["Description"]) == ("Disabled", "v1")
+    later = state_at(ledger.db, time=T0 + days(365 * 5))
+    md = describe_key_at(later, arn_uuid, key["Arn"])["KeyMetadata"]
+    assert (md["KeyState"], md["Description"]) == ("Disabled", "future")

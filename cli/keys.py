@@ -1,0 +1,361 @@
+"""``keyledger keys ...``: key lifecycle, metadata, tags, rotation, deletion, policy."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Annotated, Any
+
+import typer
+
+from cli.common import (
+    AsOfOpt,
+    AtSeqOpt,
+    KeyArg,
+    LimitOpt,
+    MarkerOpt,
+    ctx_of,
+    emit,
+    emit_list,
+    fmt_time,
+    point_in_time,
+    read_text_file,
+)
+from ledger.errors import NotFoundError, ValidationError
+
+if TYPE_CHECKING:
+    from uuid import UUID
+
+    from cli.context import CliContext
+    from projections.state import LedgerState
+
+keys_app = typer.Typer(
+    help="Create, describe, tag, rotate, delete keys and manage their policy.",
+    no_args_is_help=True,
+)
+rotation_app = typer.Typer(help="Automatic and on-demand key rotation.", no_args_is_help=True)
+policy_app = typer.Typer(help="The key policy (stored and versioned).", no_args_is_help=True)
+keys_app.add_typer(rotation_app, name="rotation")
+keys_app.add_typer(policy_app, name="policy")
+
+BypassOpt = Annotated[
+    bool,
+    typer.Option(
+        "--bypass-policy-lockout-safety-check", help="AWS BypassPolicyLockoutSafetyCheck."
+    ),
+]
+
+
+def parse_tags(pairs: list[str] | None) -> list[dict[str, str]]:
+    """``k=v`` entries to AWS Tags (the service checks keys, values and duplicates)."""
+    tags = []
+    for pair in pairs or []:
+        k, sep, v = pair.partition("=")
+        if not sep:
+            raise ValidationError("Tags must be given as key=value.")
+        tags.append({"TagKey": k, "TagValue": v})
+    return tags
+
+
+def _tags_or_record(
+    cli: CliContext, operation: str, request: dict[str, Any], pairs: list[str]
+) -> list[dict[str, str]]:
+    """Parsed tags; a malformed entry is recorded as a failed ``operation``, then raised."""
+    try:
+        return parse_tags(pairs)
+    except ValidationError as err:
+        cli.ledger_without_hsm.record_rejected(
+            operation=operation, caller=cli.caller, request=request, error=err
+        )
+        raise
+
+
+def resolve_key_at(cli: CliContext, state: LedgerState | None, key: str) -> UUID:
+    """Key id, ARN, alias name or alias ARN to the key UUID, now or as of ``state``."""
+    from uuid import UUID
+
+    ledger = cli.ledger_without_hsm
+    is_alias = key.startswith("alias/") or (key.startswith("arn:") and ":alias/" in key)
+    if state is None or not is_alias:
+        return ledger.resolve_key_id(key, allow_alias=True)
+    arn = ledger.alias_arn_of(key)
+    for doc in state.aliases.values():
+        if doc["arn"] == arn and doc["target"] is not None:
+            return UUID(doc["target"])
+    raise NotFoundError(f"Alias {arn} is not found.")
+
+
+# ---------------------------------------------------------------- lifecycle
+
+
+@keys_app.command("create")
+def keys_create(
+    ctx: typer.Context,
+    description: Annotated[str, typer.Option(help="Key description.")] = "",
+    key_spec: Annotated[str, typer.Option(help="AWS KeySpec.")] = "SYMMETRIC_DEFAULT",
+    key_usage: Annotated[str, typer.Option(help="AWS KeyUsage.")] = "ENCRYPT_DECRYPT",
+    origin: Annotated[
+        str, typer.Option(help="AWS_KMS (material made in the HSM) or EXTERNAL.")
+    ] = "AWS_KMS",
+    policy_file: Annotated[
+        str | None, typer.Option("--policy-file", help="Key policy JSON file (- for stdin).")
+    ] = None,
+    tag: Annotated[list[str] | None, typer.Option("--tag", help="Tag key=value.")] = None,
+    bypass: BypassOpt = False,
+) -> None:
+    """CreateKey: prints the key ARN."""
+    cli = ctx_of(ctx)
+    tags = _tags_or_record(cli, "CreateKey", {"description": description}, tag or [])
+    policy = read_text_file(policy_file) if policy_file is not None else None
+    resp = cli.ledger.create_key(
+        caller=cli.caller,
+        description=description,
+        key_spec=key_spec,
+        key_usage=key_usage,
+        origin=origin,
+        policy=policy,
+        tags=tags or None,
+        bypass_policy_lockout_safety_check=bypass,
+    )
+    emit(cli, resp, resp["KeyMetadata"]["Arn"])
+
+
+@keys_app.command("list")
+def keys_list(ctx: typer.Context, limit: LimitOpt = None, marker: MarkerOpt = None) -> None:
+    """ListKeys, from the key catalog projection."""
+    cli = ctx_of(ctx)
+    resp = cli.catalog.list_keys(limit=limit, marker=marker)
+    emit_list(cli, resp, "Keys", lambda k: k["KeyArn"])
+
+
+@keys_app.command("describe")
+def keys_describe(
+    ctx: typer.Context,
+    key: Annotated[str, typer.Argument(help="Key id, key ARN, alias name or alias ARN.")],
+    as_of: AsOfOpt = None,
+    at_seq: AtSeqOpt = None,
+) -> None:
+    """DescribeKey from the catalog; with --as-of/--at-seq, replayed from the log."""
+    from projections.catalog import describe_key_at
+
+    cli = ctx_of(ctx)
+    state = point_in_time(cli, as_of, at_seq)
+    key_uuid = resolve_key_at(cli, state, key)
+    arn = cli.settings.key_arn(str(key_uuid))
+    if state is None:
+        resp = cli.catalog.describe_key(key_uuid, arn)
+    else:
+        resp = describe_key_at(state, key_uuid, arn)
+    md = resp["KeyMetadata"]
+    emit(
+        cli,
+        resp,
+        f"{md['Arn']}  {md['KeyState']}  {md['KeySpec']}  {md['KeyUsage']}  {md['Description']!r}",
+    )
+
+
+@keys_app.command("enable")
+def keys_enable(ctx: typer.Context, key: KeyArg) -> None:
+    """EnableKey."""
+    cli = ctx_of(ctx)
+    resp = cli.ledger_without_hsm.enable_key(caller=cli.caller, key_id=key)
+    emit(cli, resp, f"enabled {key}")
+
+
+@keys_app.command("disable")
+def keys_disable(ctx: typer.Context, key: KeyArg) -> None:
+    """DisableKey."""
+    cli = ctx_of(ctx)
+    resp = cli.ledger_without_hsm.disable_key(caller=cli.caller, key_id=key)
+    emit(cli, resp, f"disabled {key}")
+
+
+@keys_app.command("update-description")
+def keys_update_description(
+    ctx: typer.Context,
+    key: KeyArg,
+    description: Annotated[str, typer.Option(help="The new description.")],
+) -> None:
+    """UpdateKeyDescription."""
+    cli = ctx_of(ctx)
+    resp = cli.ledger_without_hsm.update_key_description(
+        caller=cli.caller, key_id=key, description=description
+    )
+    emit(cli, resp, f"updated description of {key}")
+
+
+@keys_app.command("schedule-deletion")
+def keys_schedule_deletion(
+    ctx: typer.Context,
+    key: KeyArg,
+    days: Annotated[int, typer.Option(help="PendingWindowInDays (7-30).")] = 30,
+) -> None:
+    """ScheduleKeyDeletion: the key turns PendingDeletion; `maintenance run` deletes it."""
+    cli = ctx_of(ctx)
+    resp = cli.ledger_without_hsm.schedule_key_deletion(
+        caller=cli.caller, key_id=key, pending_window_in_days=days
+    )
+    emit(cli, resp, f"{resp['KeyId']}  {resp['KeyState']}  until {fmt_time(resp['DeletionDate'])}")
+
+
+@keys_app.command("cancel-deletion")
+def keys_cancel_deletion(ctx: typer.Context, key: KeyArg) -> None:
+    """CancelKeyDeletion: the key returns to Disabled."""
+    cli = ctx_of(ctx)
+    resp = cli.ledger_without_hsm.cancel_key_deletion(caller=cli.caller, key_id=key)
+    emit(cli, resp, f"{resp['KeyId']}  Disabled (deletion cancelled)")
+
+
+# ---------------------------------------------------------------- tags
+
+
+@keys_app.command("tag")
+def keys_tag(
+    ctx: typer.Context,
+    key: KeyArg,
+    tags: Annotated[list[str], typer.Argument(help="Tags as key=value (adds or overwrites).")],
+) -> None:
+    """TagResource."""
+    cli = ctx_of(ctx)
+    parsed = _tags_or_record(cli, "TagResource", {"keyId": key}, tags)
+    resp = cli.ledger_without_hsm.tag_resource(caller=cli.caller, key_id=key, tags=parsed)
+    emit(cli, resp, f"tagged {key}")
+
+
+@keys_app.command("untag")
+def keys_untag(
+    ctx: typer.Context,
+    key: KeyArg,
+    tag_keys: Annotated[list[str], typer.Argument(help="Tag keys to remove.")],
+) -> None:
+    """UntagResource (unknown tag keys are ignored, as AWS does)."""
+    cli = ctx_of(ctx)
+    resp = cli.ledger_without_hsm.untag_resource(caller=cli.caller, key_id=key, tag_keys=tag_keys)
+    emit(cli, resp, f"untagged {key}")
+
+
+@keys_app.command("tags")
+def keys_tags(
+    ctx: typer.Context, key: KeyArg, limit: LimitOpt = None, marker: MarkerOpt = None
+) -> None:
+    """ListResourceTags: one key=value line per tag."""
+    cli = ctx_of(ctx)
+    resp = cli.ledger_without_hsm.list_resource_tags(
+        caller=cli.caller, key_id=key, limit=limit, marker=marker
+    )
+    emit_list(cli, resp, "Tags", lambda t: f"{t['TagKey']}={t['TagValue']}")
+
+
+# ---------------------------------------------------------------- rotation
+
+
+@rotation_app.command("enable")
+def rotation_enable(
+    ctx: typer.Context,
+    key: KeyArg,
+    period_days: Annotated[
+        int | None, typer.Option(help="RotationPeriodInDays (90-2560, default 365).")
+    ] = None,
+) -> None:
+    """EnableKeyRotation."""
+    cli = ctx_of(ctx)
+    resp = cli.ledger_without_hsm.enable_key_rotation(
+        caller=cli.caller, key_id=key, rotation_period_in_days=period_days
+    )
+    emit(cli, resp, f"rotation enabled for {key}")
+
+
+@rotation_app.command("disable")
+def rotation_disable(ctx: typer.Context, key: KeyArg) -> None:
+    """DisableKeyRotation."""
+    cli = ctx_of(ctx)
+    resp = cli.ledger_without_hsm.disable_key_rotation(caller=cli.caller, key_id=key)
+    emit(cli, resp, f"rotation disabled for {key}")
+
+
+@rotation_app.command("status")
+def rotation_status(ctx: typer.Context, key: KeyArg) -> None:
+    """GetKeyRotationStatus."""
+    cli = ctx_of(ctx)
+    resp = cli.ledger_without_hsm.get_key_rotation_status(caller=cli.caller, key_id=key)
+    if resp["KeyRotationEnabled"]:
+        text = (
+            f"enabled  every {resp['RotationPeriodInDays']} days  "
+            f"next {fmt_time(resp['NextRotationDate'])}"
+        )
+    else:
+        text = "disabled"
+    emit(cli, resp, text)
+
+
+@rotation_app.command("list")
+def rotation_list(
+    ctx: typer.Context, key: KeyArg, limit: LimitOpt = None, marker: MarkerOpt = None
+) -> None:
+    """ListKeyRotations: one line per rotation, oldest first."""
+    cli = ctx_of(ctx)
+    resp = cli.ledger_without_hsm.list_key_rotations(
+        caller=cli.caller, key_id=key, limit=limit, marker=marker
+    )
+    emit_list(
+        cli,
+        resp,
+        "Rotations",
+        lambda r: f"{fmt_time(r['RotationDate'])}  {r['RotationType']}  {r['KeyMaterialId']}",
+    )
+
+
+@keys_app.command("rotate")
+def keys_rotate(ctx: typer.Context, key: KeyArg) -> None:
+    """RotateKeyOnDemand: new key material generated in the HSM now."""
+    cli = ctx_of(ctx)
+    resp = cli.ledger.rotate_key_on_demand(caller=cli.caller, key_id=key)
+    emit(cli, resp, f"rotated {resp['KeyId']}")
+
+
+# ---------------------------------------------------------------- policy
+
+
+@policy_app.command("get")
+def policy_get(
+    ctx: typer.Context, key: KeyArg, as_of: AsOfOpt = None, at_seq: AtSeqOpt = None
+) -> None:
+    """GetKeyPolicy (the default policy); with --as-of/--at-seq, replayed from the log."""
+    from projections.catalog import get_key_policy_at
+
+    cli = ctx_of(ctx)
+    state = point_in_time(cli, as_of, at_seq)
+    if state is None:
+        resp = cli.ledger_without_hsm.get_key_policy(caller=cli.caller, key_id=key)
+    else:
+        key_uuid = cli.ledger_without_hsm.resolve_key_id(key)
+        resp = get_key_policy_at(state, key_uuid, cli.settings.key_arn(str(key_uuid)))
+    emit(cli, resp, resp["Policy"])
+
+
+@policy_app.command("put")
+def policy_put(
+    ctx: typer.Context,
+    key: KeyArg,
+    file: Annotated[str, typer.Option("--file", help="Policy JSON file (- for stdin).")],
+    bypass: BypassOpt = False,
+) -> None:
+    """PutKeyPolicy."""
+    cli = ctx_of(ctx)
+    resp = cli.ledger_without_hsm.put_key_policy(
+        caller=cli.caller,
+        key_id=key,
+        policy=read_text_file(file),
+        bypass_policy_lockout_safety_check=bypass,
+    )
+    emit(cli, resp, f"put policy default on {key}")
+
+
+@policy_app.command("list")
+def policy_list(
+    ctx: typer.Context, key: KeyArg, limit: LimitOpt = None, marker: MarkerOpt = None
+) -> None:
+    """ListKeyPolicies (always "default")."""
+    cli = ctx_of(ctx)
+    resp = cli.ledger_without_hsm.list_key_policies(
+        caller=cli.caller, key_id=key, limit=limit, marker=marker
+    )
+    emit_list(cli, resp, "PolicyNames", str)
