@@ -75,7 +75,10 @@ class _NoKeyStore:
 
         raise HsmError("This command does not open the HSM.")
 
-    def generate_symmetric_key(self) -> MaterialRef:
+    def generate_symmetric_key(self, kek: str | None = None) -> MaterialRef:
+        self._refuse()
+
+    def destroy_kek(self, kek: str) -> None:
         self._refuse()
 
     def encrypt(self, material: MaterialRef, plaintext: bytes, aad: bytes) -> tuple[bytes, bytes]:

@@ -30,7 +30,7 @@ from eventsourcing.persistence import IntegrityError, Mapper
 from ledger import envelope
 from ledger.clock import Clock, SystemClock
 from ledger.domain import grants
-from ledger.domain.model import Alias, ApiCall, CallContext, Key
+from ledger.domain.model import Alias, ApiCall, CallContext, Key, kek_label
 from ledger.errors import (
     IncorrectKeyError,
     InvalidCiphertextError,
@@ -500,8 +500,12 @@ class KeyLedger(Application[UUID]):
                 raise UnsupportedOperationError(
                     f"KeySpec {spec} with origin {orig} is not supported by this KeyLedger version."
                 )
-            material = self.keystore.generate_symmetric_key() if orig == "AWS_KMS" else None
             key_uuid = uuid.uuid4()
+            material = (
+                self.keystore.generate_symmetric_key(kek=kek_label(key_uuid))
+                if orig == "AWS_KMS"
+                else None
+            )
             arn = self.settings.key_arn(str(key_uuid))
             attempt.key_arn = arn
             key = Key.create(
@@ -929,7 +933,7 @@ class KeyLedger(Application[UUID]):
             limit = self.settings.on_demand_rotation_limit
             key.check_on_demand_rotation(limit)  # before any HSM work
             if not fresh:
-                fresh.append(self.keystore.generate_symmetric_key())
+                fresh.append(self.keystore.generate_symmetric_key(kek=kek_label(key.key_id)))
             key.rotate(
                 call=call,
                 timestamp=now,
@@ -1023,10 +1027,16 @@ class KeyLedger(Application[UUID]):
                 return done
             now = self.clock.now()
             if key.deletion_due(now):
+                # Destroy first: a crash before the record leaves a key that can no
+                # longer be used and is deleted again (recorded) by the next run.
+                for kek in key.keks():
+                    self.keystore.destroy_kek(kek)
+                for m in key.materials:
+                    self.keystore.forget(str(m["material_id"]))
                 key.delete(call=self._service_call("DeleteKey"), timestamp=now)
                 name = "DeleteKey"
             elif key.rotation_due(now):
-                material = self.keystore.generate_symmetric_key()
+                material = self.keystore.generate_symmetric_key(kek=kek_label(key.key_id))
                 key.rotate(
                     call=self._service_call("RotateKey"),
                     timestamp=now,
@@ -1045,9 +1055,6 @@ class KeyLedger(Application[UUID]):
             except Exception as exc:
                 raise LedgerUnavailableError("The ledger could not record the request.") from exc
             done.append(name)
-            if name == "DeleteKey":
-                for m in key.materials:
-                    self.keystore.forget(str(m["material_id"]))
         return done
 
     # ------------------------------------------------------------ aliases

@@ -62,16 +62,26 @@ class CallContext:
 
 
 def material_to_json(material: MaterialRef) -> JSON:
-    return {
+    out: JSON = {
         "material_id": material.material_id,
         "wrapped": base64.b64encode(material.wrapped).decode("ascii"),
     }
+    if material.kek is not None:
+        out["kek"] = material.kek
+    return out
 
 
 def material_from_json(data: JSON) -> MaterialRef:
     return MaterialRef(
-        material_id=str(data["material_id"]), wrapped=base64.b64decode(data["wrapped"])
+        material_id=str(data["material_id"]),
+        wrapped=base64.b64decode(data["wrapped"]),
+        kek=data.get("kek"),
     )
+
+
+def kek_label(key_id: UUID | str) -> str:
+    """The label of a KMS key's own key-encryption key in the HSM."""
+    return f"keyledger-kek-{key_id}"
 
 
 def cloudtrail_date(ts: datetime) -> str:
@@ -400,6 +410,10 @@ class Key(Aggregate):
         if not 1 <= version <= len(self.materials):
             raise KeyError(version)
         return material_from_json(self.materials[version - 1])
+
+    def keks(self) -> list[str]:
+        """The labels of the KEKs this key's material is wrapped under."""
+        return sorted({str(m["kek"]) for m in self.materials if m.get("kek")})
 
     def rotations(self) -> list[JSON]:
         """Every rotation (not the initial material), oldest first."""

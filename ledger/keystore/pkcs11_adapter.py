@@ -1,11 +1,24 @@
 """The KeyStore port over PKCS#11 (python-pkcs11). The only module that imports ``pkcs11``.
 
-Model: one AES-256 *domain wrapping key* lives on the token as a sensitive,
-non-extractable token object labelled ``keyledger-domain-wrap``. Every backing key is
-generated inside the HSM as a session object, wrapped under the domain key
-(CKM_AES_KEY_WRAP_PAD), destroyed, and handed to the ledger only as that wrapped blob.
-To use a key, the blob is unwrapped into a sensitive, non-extractable session object
-whose handle is cached by ``material_id``.
+Model: every backing key is generated inside the HSM as a session object, wrapped
+(CKM_AES_KEY_WRAP_PAD) under a wrapping key that never leaves the token, destroyed, and
+handed to the ledger only as that wrapped blob. To use a key, the blob is unwrapped into
+a sensitive, non-extractable session object whose handle is cached by ``material_id``.
+
+Wrapping keys are AES-256 token objects, sensitive, non-extractable, WRAP/UNWRAP only:
+
+* the *domain key* labelled ``keyledger-domain-wrap``, created when a store opens;
+  material with ``kek`` None (from before per-key KEKs) is wrapped under it;
+* one *key-encryption key* (KEK) per KMS key, labelled by the caller (``keyledger-kek-``
+  followed by the key's id), created by the first ``generate_symmetric_key(kek=...)``
+  (the CreateKey path: one token-object keygen, about 10 ms). ``destroy_kek`` destroys
+  it when the KMS key is deleted, which makes every blob wrapped under it, kept forever
+  by the immutable log, unrecoverable (crypto-shredding).
+
+KEK handles are cached per store by label: a label is looked up on the token once per
+store (about 1 ms), never per operation. After ``destroy_kek`` a *new* KEK with the same
+label would be created by ``generate_symmetric_key(kek=label)``: labels carry the KMS
+key id and a deleted key is never used again, so the service never asks for that.
 
 Threading: python-pkcs11 initialises modules with ``C_Initialize(NULL)`` and releases the
 GIL on every call; SoftHSM2 then runs without its own mutexes and crashes under threads.
@@ -27,6 +40,19 @@ Process caveats:
   HsmError (two domain keys). The embedded token is always opened through
   ``open_keystore``, which runs on one machine; create the domain key once, at setup,
   for shared HSMs.
+* KEK creation is serialised within the process (per token), not across processes:
+  two processes creating the *same* KEK at the same instant may both create one. A
+  later lookup then finds both (wrapping uses the one with the smaller CKA_ID, unwrapping
+  tries each) and ``destroy_kek`` destroys all of them; only the two creators' caches
+  each know one. In practice a KMS key's first material (hence its KEK) is generated
+  once, by the process serving CreateKey.
+* SoftHSM2 looks objects up by scanning every token object (about 20 us each), so a
+  label lookup, done once per KEK per store (first use after opening, and on CreateKey),
+  costs about 2 ms with 100 KEKs on the token and 22 ms with 1000.
+* ``destroy_kek`` evicts the cached unwrapped keys of every store of *this process* on
+  the token. Another process that already unwrapped material under that KEK keeps its
+  session copy until it calls ``forget``/``destroy_kek`` or closes; it can unwrap
+  nothing new under the destroyed KEK.
 * The cache of unwrapped handles grows with the number of distinct backing keys used
   (each costs the HSM a few hundred bytes) until ``close()``.
 """
@@ -38,6 +64,7 @@ import hashlib
 import hmac
 import os
 import threading
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
@@ -60,6 +87,9 @@ from ledger.keystore.port import MaterialRef
 from ledger.settings import DEFAULT_SOFTHSM_MODULE, Settings
 
 DOMAIN_KEY_LABEL = "keyledger-domain-wrap"
+KEK_LABEL_PREFIX = "keyledger-kek-"
+KEK_LABEL_MAX_LEN = 128
+KEK_ID_LEN = 16  # random CKA_ID: a deterministic order among duplicate KEKs
 WRAP_MECHANISM = Mechanism.AES_KEY_WRAP_PAD  # 0x210A; 32-byte key -> 40-byte blob
 IV_LEN = 12
 TAG_LEN = 16
@@ -173,6 +203,11 @@ class _Login:
     pin_digest: bytes = field(repr=False)
     refs: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
+    # Serialises KEK lookup, creation and destruction on this token in this process.
+    # Lock order: kek_lock before lock.
+    kek_lock: threading.Lock = field(default_factory=threading.Lock)
+    # The open stores on this token, so destroy_kek can evict their caches.
+    stores: weakref.WeakSet[Pkcs11KeyStore] = field(default_factory=weakref.WeakSet)
 
 
 _registry_lock = threading.Lock()
@@ -259,6 +294,75 @@ def _release_login(module: str, token_label: str, login: _Login) -> None:
                 login.session.close()
 
 
+# --- KEKs -----------------------------------------------------------------------------
+
+
+def check_kek_label(kek: object) -> str:
+    """Return ``kek`` if it is a valid KEK label, else raise HsmError.
+
+    Valid: printable ASCII, at most 128 characters, ``keyledger-kek-`` followed by at
+    least one character. Callers therefore cannot address the domain key or any object
+    KeyLedger did not create. The message never repeats the label.
+    """
+    if (
+        not isinstance(kek, str)
+        or len(kek) > KEK_LABEL_MAX_LEN
+        or len(kek) <= len(KEK_LABEL_PREFIX)
+        or not kek.startswith(KEK_LABEL_PREFIX)
+        or not (kek.isascii() and kek.isprintable())
+    ):
+        raise HsmError(
+            f"invalid KEK label: printable ASCII, at most {KEK_LABEL_MAX_LEN} characters, "
+            f"starting with {KEK_LABEL_PREFIX!r}"
+        )
+    return kek
+
+
+def _find_keks(session: Any, label: str) -> list[tuple[bytes, int]]:
+    """``(CKA_ID, handle)`` of every KEK labelled ``label``, sorted by CKA_ID.
+
+    Raises HsmError when an object with the label is not a sensitive, non-extractable
+    AES key with WRAP and UNWRAP.
+    """
+    found: list[tuple[bytes, int]] = []
+    for key in session.get_objects(
+        {Attribute.CLASS: ObjectClass.SECRET_KEY, Attribute.LABEL: label}
+    ):
+        attrs = key.get_attributes(
+            [
+                Attribute.KEY_TYPE,
+                Attribute.SENSITIVE,
+                Attribute.EXTRACTABLE,
+                Attribute.WRAP,
+                Attribute.UNWRAP,
+                Attribute.ID,
+            ]
+        )
+        ok = (
+            attrs.get(Attribute.KEY_TYPE) == KeyType.AES
+            and attrs.get(Attribute.SENSITIVE) is True
+            and attrs.get(Attribute.EXTRACTABLE) is False
+            and attrs.get(Attribute.WRAP) is True
+            and attrs.get(Attribute.UNWRAP) is True
+        )
+        if not ok:
+            raise HsmError(
+                "a key-encryption key on the token is not a sensitive, non-extractable "
+                "AES key with WRAP and UNWRAP"
+            )
+        found.append((bytes(attrs.get(Attribute.ID) or b""), int(key.handle)))
+    found.sort()
+    return found
+
+
+@dataclass
+class _Unwrapped:
+    """A cached unwrapped session key and the KEK its blob was wrapped under."""
+
+    key: Any
+    kek: str | None
+
+
 # --- key views: a key handle used through another session -----------------------------
 
 
@@ -302,8 +406,9 @@ class Pkcs11KeyStore:
     on the same token in one process; they share the login.
 
     Security: backing keys exist in plaintext only inside the HSM. The wrapped blobs
-    returned are as secret as the domain key is safe; whoever can log in to the token
-    can unwrap them. Error messages name PKCS#11 error classes, never data.
+    returned are as secret as their wrapping key (domain key or KEK) is safe; whoever
+    can log in to the token can unwrap them until that KEK is destroyed. Error
+    messages name PKCS#11 error classes, never data.
     """
 
     def __init__(self, *, module: str, token_label: str, pin: str) -> None:
@@ -322,12 +427,16 @@ class Pkcs11KeyStore:
         self._idle: list[Any] = []
         self._opened: list[Any] = []
         self._cache_lock = threading.Lock()
-        self._unwrapped: dict[str, Any] = {}
+        self._unwrapped: dict[str, _Unwrapped] = {}
+        # KEK label -> handles of the KEK objects with that label (wrap under the first).
+        self._keks: dict[str, tuple[int, ...]] = {}
         try:
             self._domain_handle = self._find_or_create_domain_key()
         except BaseException:
             _release_login(module, token_label, self._login)
             raise
+        with self._login.kek_lock:
+            self._login.stores.add(self)
 
     def __repr__(self) -> str:
         return f"Pkcs11KeyStore(module={self._module!r}, token_label={self._token_label!r})"
@@ -436,55 +545,148 @@ class Pkcs11KeyStore:
         with suppress(p11e.PKCS11Error):
             session.close()
 
-    def _key_handle(self, material: MaterialRef) -> int:
-        """The cached unwrapped handle for ``material``; unwraps on first use.
+    def _rw_session(self) -> Any:
+        """A fresh read/write session (token objects need one); the caller closes it."""
+        return self._login.token.open(rw=True)
 
-        Raises HsmError when the blob does not match its id or cannot be unwrapped.
+    def _kek_handles(self, kek: str, *, create: bool) -> tuple[int, ...]:
+        """Handles of the KEK labelled ``kek``: cached, else looked up once (and created
+        when missing and ``create``).
+
+        Raises HsmError when the label is invalid, the KEK is missing and not to be
+        created ("key material was destroyed"), or the HSM fails.
         """
+        check_kek_label(kek)
         with self._cache_lock:
-            key = self._unwrapped.get(material.material_id)
-        if key is not None:
-            handle: int = key.handle
-            return handle
-        if hashlib.sha256(material.wrapped).hexdigest() != material.material_id:
-            raise HsmError("wrapped key material does not match its material id")
+            handles = self._keks.get(kek)
+        if handles is not None:
+            return handles
         self._check_open()
         login = self._login
-        with login.lock:
-            # Re-check: another thread may have unwrapped it while we waited.
+        with login.kek_lock:
             with self._cache_lock:
-                key = self._unwrapped.get(material.material_id)
-            if key is None:
+                handles = self._keks.get(kek)
+            if handles is not None:
+                return handles
+            try:
+                session = self._rw_session()
                 try:
-                    # Owned by the login session, so the key lives as long as the store.
-                    key = _KeyView(login.session, self._domain_handle).unwrap_key(
-                        ObjectClass.SECRET_KEY,
-                        KeyType.AES,
-                        material.wrapped,
-                        mechanism=WRAP_MECHANISM,
-                        store=False,
-                        capabilities=MechanismFlag.ENCRYPT | MechanismFlag.DECRYPT,
-                        template={
-                            Attribute.PRIVATE: True,
-                            Attribute.SENSITIVE: True,
-                            Attribute.EXTRACTABLE: False,
-                        },
-                    )
-                except p11e.PKCS11Error as exc:
-                    raise HsmError(f"cannot unwrap key material: {type(exc).__name__}") from None
+                    found = _find_keks(session, kek)
+                    if not found and create:
+                        key = session.generate_key(
+                            KeyType.AES,
+                            256,
+                            id=os.urandom(KEK_ID_LEN),
+                            label=kek,
+                            store=True,
+                            mechanism=Mechanism.AES_KEY_GEN,
+                            capabilities=MechanismFlag.WRAP | MechanismFlag.UNWRAP,
+                            template={
+                                Attribute.PRIVATE: True,
+                                Attribute.SENSITIVE: True,
+                                Attribute.EXTRACTABLE: False,
+                                Attribute.MODIFIABLE: False,
+                            },
+                        )
+                        # No second lookup to catch another process creating the same
+                        # label meanwhile: SoftHSM2's find scans every token object
+                        # (about 20 us each), and the CreateKey path is one process.
+                        found = [(b"", int(key.handle))]
+                finally:
+                    with suppress(p11e.PKCS11Error):
+                        session.close()
+            except p11e.PKCS11Error as exc:
+                raise HsmError(
+                    f"cannot set up the key-encryption key: {type(exc).__name__}"
+                ) from None
+            if not found:
+                raise HsmError("key material was destroyed")
+            handles = tuple(handle for _, handle in found)
+            with self._cache_lock:
+                self._keks[kek] = handles
+        return handles
+
+    def _key_handle(self, material: MaterialRef) -> int:
+        """The cached unwrapped handle for ``material``; unwraps on first use, under
+        ``material.kek``'s KEK, or the domain key when it is None.
+
+        Raises HsmError when the blob does not match its id, its KEK was destroyed, or
+        it cannot be unwrapped (for instance under another key's KEK).
+        """
+        with self._cache_lock:
+            cached = self._unwrapped.get(material.material_id)
+        if cached is None:
+            if hashlib.sha256(material.wrapped).hexdigest() != material.material_id:
+                raise HsmError("wrapped key material does not match its material id")
+            self._check_open()
+            if material.kek is None:
+                wrapping: tuple[int, ...] = (self._domain_handle,)
+            else:
+                wrapping = self._kek_handles(material.kek, create=False)
+            login = self._login
+            with login.lock:
+                # Re-check: another thread may have unwrapped it while we waited.
                 with self._cache_lock:
-                    self._unwrapped[material.material_id] = key
-        handle = key.handle
+                    cached = self._unwrapped.get(material.material_id)
+                if cached is None:
+                    cached = _Unwrapped(self._unwrap(material.wrapped, wrapping), material.kek)
+                    with self._cache_lock:
+                        self._unwrapped[material.material_id] = cached
+        if cached.kek != material.kek:
+            # The blob was wrapped under another key (its id is its hash): refuse, as
+            # unwrapping it under the claimed KEK would.
+            raise HsmError("cannot unwrap key material: WrappedKeyInvalid")
+        handle: int = cached.key.handle
         return handle
+
+    def _unwrap(self, wrapped: bytes, wrapping: tuple[int, ...]) -> Any:
+        """Unwrap into a session object of the login session (caller holds its lock),
+        trying each wrapping key in turn. Raises HsmError when none unwraps it."""
+        error = "WrappedKeyInvalid"
+        for wrapping_handle in wrapping:
+            try:
+                # Owned by the login session, so the key lives as long as the store.
+                return _KeyView(self._login.session, wrapping_handle).unwrap_key(
+                    ObjectClass.SECRET_KEY,
+                    KeyType.AES,
+                    wrapped,
+                    mechanism=WRAP_MECHANISM,
+                    store=False,
+                    capabilities=MechanismFlag.ENCRYPT | MechanismFlag.DECRYPT,
+                    template={
+                        Attribute.PRIVATE: True,
+                        Attribute.SENSITIVE: True,
+                        Attribute.EXTRACTABLE: False,
+                    },
+                )
+            except p11e.PKCS11Error as exc:
+                error = type(exc).__name__
+        raise HsmError(f"cannot unwrap key material: {error}")
+
+    def _evict_kek(self, kek: str) -> None:
+        """Drop the KEK's cached handles and destroy every cached key unwrapped under it
+        (caller holds the login's ``kek_lock``)."""
+        if self._pid != os.getpid():
+            return
+        with self._login.lock, self._cache_lock:
+            self._keks.pop(kek, None)
+            doomed = [mid for mid, cached in self._unwrapped.items() if cached.kek == kek]
+            for material_id in doomed:
+                with suppress(p11e.PKCS11Error):
+                    self._unwrapped.pop(material_id).key.destroy()
 
     # -- KeyStore ---------------------------------------------------------------------
 
-    def generate_symmetric_key(self) -> MaterialRef:
-        """Generate an AES-256 key in the HSM and return it wrapped under the domain key.
+    def generate_symmetric_key(self, kek: str | None = None) -> MaterialRef:
+        """Generate an AES-256 key in the HSM and return it wrapped under the KEK
+        labelled ``kek``, or under the domain key when ``kek`` is None.
 
-        The key exists in plaintext only inside the HSM, as a transient session object
-        destroyed right after wrapping. Raises HsmError when the HSM fails.
+        A missing KEK is created first (a token object: about 10 ms, once per KMS key),
+        also after ``destroy_kek`` (see the module notes). The key exists in plaintext
+        only inside the HSM, as a transient session object destroyed right after
+        wrapping. Raises HsmError when the label is invalid or the HSM fails.
         """
+        wrapping = self._domain_handle if kek is None else self._kek_handles(kek, create=True)[0]
         try:
             with self._session() as session:
                 key = session.generate_key(
@@ -500,7 +702,7 @@ class Pkcs11KeyStore:
                     },
                 )
                 try:
-                    wrapped: bytes = _KeyView(session, self._domain_handle).wrap_key(
+                    wrapped: bytes = _KeyView(session, wrapping).wrap_key(
                         key, mechanism=WRAP_MECHANISM
                     )
                 finally:
@@ -508,7 +710,41 @@ class Pkcs11KeyStore:
                         key.destroy()  # a session object: dies with the session at the latest
         except p11e.PKCS11Error as exc:
             raise HsmError(f"key generation failed: {type(exc).__name__}") from None
-        return MaterialRef(material_id=hashlib.sha256(wrapped).hexdigest(), wrapped=wrapped)
+        return MaterialRef(
+            material_id=hashlib.sha256(wrapped).hexdigest(), wrapped=wrapped, kek=kek
+        )
+
+    def destroy_kek(self, kek: str) -> None:
+        """Destroy every token object labelled ``kek`` (a KEK), then, in every store of
+        this process on the token, drop its cached handles and destroy every cached key
+        unwrapped under it. Afterwards material wrapped under it cannot be used: it
+        raises HsmError("key material was destroyed"), in any store or process.
+
+        Idempotent: a missing KEK is fine. Raises HsmError when the label is invalid,
+        the store is closed, or the HSM fails (then nothing is evicted; retry).
+        """
+        check_kek_label(kek)
+        self._check_open()
+        login = self._login
+        with login.kek_lock:
+            try:
+                session = self._rw_session()
+                try:
+                    for key in list(
+                        session.get_objects(
+                            {Attribute.CLASS: ObjectClass.SECRET_KEY, Attribute.LABEL: kek}
+                        )
+                    ):
+                        key.destroy()
+                finally:
+                    with suppress(p11e.PKCS11Error):
+                        session.close()
+            except p11e.PKCS11Error as exc:
+                raise HsmError(
+                    f"cannot destroy the key-encryption key: {type(exc).__name__}"
+                ) from None
+            for store in list(login.stores):
+                store._evict_kek(kek)
 
     def encrypt(self, material: MaterialRef, plaintext: bytes, aad: bytes) -> tuple[bytes, bytes]:
         """AES-256-GCM in the HSM with a random 96-bit IV; returns ``(iv, ct || tag)``.
@@ -559,10 +795,10 @@ class Pkcs11KeyStore:
         if self._closed or self._pid != os.getpid():
             return
         with self._login.lock, self._cache_lock:
-            key = self._unwrapped.pop(material_id, None)
-            if key is not None:
+            cached = self._unwrapped.pop(material_id, None)
+            if cached is not None:
                 with suppress(p11e.PKCS11Error):
-                    key.destroy()
+                    cached.key.destroy()
 
     def close(self) -> None:
         """Close pooled sessions, destroy cached unwrapped keys and release the login.
@@ -578,11 +814,14 @@ class Pkcs11KeyStore:
             for session in list(self._idle):
                 self._discard(session)
             self._idle.clear()
+        with self._login.kek_lock:
+            self._login.stores.discard(self)
         with self._login.lock, self._cache_lock:
-            for key in self._unwrapped.values():
+            for cached in self._unwrapped.values():
                 with suppress(p11e.PKCS11Error):
-                    key.destroy()
+                    cached.key.destroy()
             self._unwrapped.clear()
+            self._keks.clear()
         _release_login(self._module, self._token_label, self._login)
 
 
@@ -611,4 +850,10 @@ def open_keystore(settings: Settings) -> Pkcs11KeyStore:
     )
 
 
-__all__ = ["DOMAIN_KEY_LABEL", "Pkcs11KeyStore", "open_keystore"]
+__all__ = [
+    "DOMAIN_KEY_LABEL",
+    "KEK_LABEL_PREFIX",
+    "Pkcs11KeyStore",
+    "check_kek_label",
+    "open_keystore",
+]

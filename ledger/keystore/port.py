@@ -1,7 +1,12 @@
 """The keystore port: the narrow interface the service needs from an HSM.
 
 Security: implementations keep key material inside the HSM. Only blobs wrapped under
-the HSM-resident domain key cross this interface; plaintext key material never does.
+an HSM-resident wrapping key cross this interface; plaintext key material never does.
+Each KMS key's material is wrapped under its own key-encryption key (KEK), a
+non-extractable HSM token object; destroying the KEK when the key is deleted makes
+every wrapped blob of that key, which the immutable log keeps, unrecoverable
+(crypto-shredding). Material from before per-key KEKs has ``kek`` None: wrapped under
+the domain key.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ class MaterialRef:
 
     material_id: str
     wrapped: bytes = field(repr=False)
+    kek: str | None = None
 
 
 class KeyStore(Protocol):
@@ -28,9 +34,19 @@ class KeyStore(Protocol):
     All methods are safe to call from many threads at once.
     """
 
-    def generate_symmetric_key(self) -> MaterialRef:
-        """Generate an AES-256 key inside the HSM and return it wrapped.
+    def generate_symmetric_key(self, kek: str | None = None) -> MaterialRef:
+        """Generate an AES-256 key inside the HSM and return it wrapped under the KEK
+        labelled ``kek`` (created in the HSM on first use), or under the domain key
+        when ``kek`` is None.
 
+        Raises HsmError when the HSM fails or the KEK was destroyed.
+        """
+        ...
+
+    def destroy_kek(self, kek: str) -> None:
+        """Destroy the KEK labelled ``kek`` and every cached unwrapped key under it.
+
+        Afterwards no material wrapped under it can be used again. Idempotent.
         Raises HsmError when the HSM fails.
         """
         ...

@@ -5,12 +5,16 @@ import os
 import stat
 import threading
 import time
+import uuid
 from pathlib import Path
+from typing import Any
 
+import pkcs11.exceptions
 import pytest
+from pkcs11 import Attribute, KeyType, ObjectClass
 
 from ledger.errors import HsmError, InvalidCiphertextError
-from ledger.keystore.pkcs11_adapter import Pkcs11KeyStore, open_keystore
+from ledger.keystore.pkcs11_adapter import DOMAIN_KEY_LABEL, Pkcs11KeyStore, open_keystore
 from ledger.keystore.port import KeyStore, MaterialRef
 from ledger.keystore.softhsm import ensure_embedded_token
 from ledger.settings import DEFAULT_SOFTHSM_MODULE, Settings
@@ -231,3 +235,217 @@ def test_a_forked_child_opens_its_own_store_and_refuses_the_inherited_one(
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
     assert softhsm_keystore.decrypt(material, iv, ct, b"") == b"before fork"
+
+
+# ---------------------------------------------------------------- per-key KEKs
+
+
+def _kek() -> str:
+    return f"keyledger-kek-{uuid.uuid4()}"
+
+
+def _objects_labelled(store: Pkcs11KeyStore, label: str) -> list[Any]:
+    """Token objects with ``label``, seen through a fresh session (not the store's cache)."""
+    session = store._login.token.open()
+    try:
+        return list(session.get_objects({Attribute.LABEL: label}))
+    finally:
+        session.close()
+
+
+def _round_trips(store: Pkcs11KeyStore, m: MaterialRef) -> bool:
+    iv, ct = store.encrypt(m, b"still usable", b"ctx")
+    return store.decrypt(m, iv, ct, b"ctx") == b"still usable"
+
+
+def test_material_under_a_kek_round_trips_and_names_its_kek(
+    softhsm_keystore: Pkcs11KeyStore, softhsm_settings: Settings
+) -> None:
+    kek = _kek()
+    a = softhsm_keystore.generate_symmetric_key(kek=kek)
+    b = softhsm_keystore.generate_symmetric_key(kek=kek)
+    assert a.kek == kek and b.kek == kek
+    assert a.material_id == hashlib.sha256(a.wrapped).hexdigest()
+    assert len(a.wrapped) == 40
+    assert len(_objects_labelled(softhsm_keystore, kek)) == 1  # created once, then cached
+    assert _round_trips(softhsm_keystore, a) and _round_trips(softhsm_keystore, b)
+    iv, ct = softhsm_keystore.encrypt(a, b"across stores", b"")
+    other = open_keystore(softhsm_settings)
+    try:
+        assert other.decrypt(a, iv, ct, b"") == b"across stores"
+    finally:
+        other.close()
+
+
+def test_material_claiming_another_kek_does_not_unwrap(
+    softhsm_keystore: Pkcs11KeyStore, softhsm_settings: Settings
+) -> None:
+    kek_a, kek_b = _kek(), _kek()
+    a = softhsm_keystore.generate_symmetric_key(kek=kek_a)
+    softhsm_keystore.generate_symmetric_key(kek=kek_b)
+    fresh = open_keystore(softhsm_settings)  # nothing cached: the HSM itself refuses
+    try:
+        for claim in (kek_b, None):
+            with pytest.raises(HsmError, match="cannot unwrap"):
+                fresh.encrypt(MaterialRef(a.material_id, a.wrapped, kek=claim), b"x", b"")
+        assert _round_trips(fresh, a)
+        # Once unwrapped and cached, a false claim is still refused.
+        with pytest.raises(HsmError, match="cannot unwrap"):
+            fresh.encrypt(MaterialRef(a.material_id, a.wrapped, kek=kek_b), b"x", b"")
+    finally:
+        fresh.close()
+
+
+def test_destroy_kek_shreds_its_material_in_every_store_and_only_its_material(
+    softhsm_keystore: Pkcs11KeyStore, softhsm_settings: Settings
+) -> None:
+    doomed_kek, kept_kek = _kek(), _kek()
+    used = softhsm_keystore.generate_symmetric_key(kek=doomed_kek)
+    unused = softhsm_keystore.generate_symmetric_key(kek=doomed_kek)
+    kept = softhsm_keystore.generate_symmetric_key(kek=kept_kek)
+    legacy = softhsm_keystore.generate_symmetric_key()
+    iv, ct = softhsm_keystore.encrypt(used, b"p", b"")  # cached unwrapped before
+    bystander = open_keystore(softhsm_settings)  # another store in this process
+    try:
+        assert _round_trips(bystander, used)  # cached there too
+        softhsm_keystore.destroy_kek(doomed_kek)
+        softhsm_keystore.destroy_kek(doomed_kek)  # idempotent
+        assert _objects_labelled(softhsm_keystore, doomed_kek) == []
+        for store in (softhsm_keystore, bystander):
+            for m in (used, unused):
+                with pytest.raises(HsmError, match=r"^key material was destroyed$"):
+                    store.encrypt(m, b"x", b"")
+            with pytest.raises(HsmError, match=r"^key material was destroyed$"):
+                store.decrypt(used, iv, ct, b"")
+            assert _round_trips(store, kept) and _round_trips(store, legacy)
+    finally:
+        bystander.close()
+    # A new store on the same token: the token object is gone, not just the cache.
+    fresh = open_keystore(softhsm_settings)
+    try:
+        for m in (used, unused):
+            with pytest.raises(HsmError, match=r"^key material was destroyed$"):
+                fresh.encrypt(m, b"x", b"")
+        assert _round_trips(fresh, kept) and _round_trips(fresh, legacy)
+        # A later keygen under the label makes a new, different KEK: still no way back.
+        fresh.generate_symmetric_key(kek=doomed_kek)
+        with pytest.raises(HsmError, match="cannot unwrap"):
+            fresh.encrypt(used, b"x", b"")
+    finally:
+        fresh.close()
+
+
+def test_forget_drops_kek_material_from_the_cache_only(
+    softhsm_keystore: Pkcs11KeyStore,
+) -> None:
+    m = softhsm_keystore.generate_symmetric_key(kek=_kek())
+    iv, ct = softhsm_keystore.encrypt(m, b"x", b"")
+    softhsm_keystore.forget(m.material_id)
+    assert m.material_id not in softhsm_keystore._unwrapped
+    assert softhsm_keystore.decrypt(m, iv, ct, b"") == b"x"  # unwraps again
+
+
+def test_kek_is_a_sensitive_non_extractable_private_token_wrapping_key(
+    softhsm_keystore: Pkcs11KeyStore,
+) -> None:
+    kek = _kek()
+    softhsm_keystore.generate_symmetric_key(kek=kek)
+    session = softhsm_keystore._login.token.open()
+    try:
+        (obj,) = session.get_objects({Attribute.LABEL: kek})
+        attrs = obj.get_attributes(
+            [
+                Attribute.CLASS,
+                Attribute.KEY_TYPE,
+                Attribute.VALUE_LEN,
+                Attribute.TOKEN,
+                Attribute.PRIVATE,
+                Attribute.SENSITIVE,
+                Attribute.EXTRACTABLE,
+                Attribute.ALWAYS_SENSITIVE,
+                Attribute.NEVER_EXTRACTABLE,
+                Attribute.WRAP,
+                Attribute.UNWRAP,
+                Attribute.ENCRYPT,
+                Attribute.DECRYPT,
+            ]
+        )
+        assert attrs == {
+            Attribute.CLASS: ObjectClass.SECRET_KEY,
+            Attribute.KEY_TYPE: KeyType.AES,
+            Attribute.VALUE_LEN: 32,
+            Attribute.TOKEN: True,
+            Attribute.PRIVATE: True,
+            Attribute.SENSITIVE: True,
+            Attribute.EXTRACTABLE: False,
+            Attribute.ALWAYS_SENSITIVE: True,
+            Attribute.NEVER_EXTRACTABLE: True,
+            Attribute.WRAP: True,
+            Attribute.UNWRAP: True,
+            Attribute.ENCRYPT: False,
+            Attribute.DECRYPT: False,
+        }
+        with pytest.raises(pkcs11.exceptions.AttributeSensitive):
+            obj[Attribute.VALUE]
+    finally:
+        session.close()
+
+
+@pytest.mark.parametrize(
+    "label",
+    [
+        "keyledger-domain-wrap",
+        "keyledger-kek-",
+        "kek-1",
+        "keyledger-kek-a\nb",
+        "keyledger-kek-é",
+        "keyledger-kek-" + "x" * 115,
+    ],
+)
+def test_invalid_kek_labels_are_refused(softhsm_keystore: Pkcs11KeyStore, label: str) -> None:
+    legacy = softhsm_keystore.generate_symmetric_key()
+    with pytest.raises(HsmError, match="invalid KEK label"):
+        softhsm_keystore.generate_symmetric_key(kek=label)
+    with pytest.raises(HsmError, match="invalid KEK label"):
+        softhsm_keystore.destroy_kek(label)
+    with pytest.raises(HsmError, match="invalid KEK label"):
+        softhsm_keystore.encrypt(
+            MaterialRef(hashlib.sha256(b"\0" * 40).hexdigest(), b"\0" * 40, kek=label), b"x", b""
+        )
+    assert _round_trips(softhsm_keystore, legacy)  # the domain key survived "destroy"
+    assert len(_objects_labelled(softhsm_keystore, DOMAIN_KEY_LABEL)) == 1
+
+
+def test_eight_threads_on_two_stores_create_one_kek_per_label(
+    softhsm_keystore: Pkcs11KeyStore, softhsm_settings: Settings
+) -> None:
+    labels = [_kek() for _ in range(4)]
+    second = open_keystore(softhsm_settings)
+    stores = [softhsm_keystore, second]
+    barrier = threading.Barrier(8)
+    made: list[MaterialRef] = []
+    errors: list[BaseException] = []
+
+    def work(n: int) -> None:
+        try:
+            store = stores[n % 2]
+            barrier.wait()
+            for i in range(8):
+                m = store.generate_symmetric_key(kek=labels[(n + i) % 4])
+                assert _round_trips(store, m)
+                made.append(m)
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(n,)) for n in range(8)]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        second.close()
+    assert errors == []
+    assert len(made) == 64
+    for label in labels:
+        assert len(_objects_labelled(softhsm_keystore, label)) == 1

@@ -78,3 +78,64 @@ def test_another_fake_cannot_decrypt(store: FakeKeyStore) -> None:
     m = store.generate_symmetric_key()
     with pytest.raises(HsmError):
         FakeKeyStore().encrypt(m, b"x", b"")
+
+
+# ---------------------------------------------------------------- per-key KEKs
+
+
+def test_material_under_a_kek_round_trips_and_names_its_kek(store: FakeKeyStore) -> None:
+    m = store.generate_symmetric_key(kek="keyledger-kek-a")
+    assert m.kek == "keyledger-kek-a"
+    assert m.material_id == hashlib.sha256(m.wrapped).hexdigest()
+    iv, ct = store.encrypt(m, b"secret", b"ctx")
+    assert store.decrypt(m, iv, ct, b"ctx") == b"secret"
+    assert store.generate_symmetric_key().kek is None
+    assert store.keks == {"keyledger-kek-a"}
+
+
+def test_material_claiming_another_kek_is_refused(store: FakeKeyStore) -> None:
+    a = store.generate_symmetric_key(kek="keyledger-kek-a")
+    store.generate_symmetric_key(kek="keyledger-kek-b")
+    for claim in ("keyledger-kek-b", None):
+        with pytest.raises(HsmError):
+            store.encrypt(MaterialRef(a.material_id, a.wrapped, kek=claim), b"x", b"")
+    store.encrypt(a, b"x", b"")  # now cached: the false claim is still refused
+    with pytest.raises(HsmError):
+        store.encrypt(MaterialRef(a.material_id, a.wrapped, kek="keyledger-kek-b"), b"x", b"")
+
+
+def test_destroy_kek_shreds_its_material_only(store: FakeKeyStore) -> None:
+    doomed = [store.generate_symmetric_key(kek="keyledger-kek-a") for _ in range(2)]
+    other = store.generate_symmetric_key(kek="keyledger-kek-b")
+    legacy = store.generate_symmetric_key()
+    iv, ct = store.encrypt(doomed[0], b"p", b"")  # cached before destruction
+    store.destroy_kek("keyledger-kek-a")
+    store.destroy_kek("keyledger-kek-a")  # idempotent
+    for m in doomed:
+        with pytest.raises(HsmError, match="destroyed"):
+            store.encrypt(m, b"x", b"")
+    with pytest.raises(HsmError, match="destroyed"):
+        store.decrypt(doomed[0], iv, ct, b"")
+    for m in (other, legacy):
+        iv2, ct2 = store.encrypt(m, b"ok", b"")
+        assert store.decrypt(m, iv2, ct2, b"") == b"ok"
+    assert store.keks == {"keyledger-kek-b"}
+
+
+@pytest.mark.parametrize(
+    "label",
+    [
+        "keyledger-domain-wrap",
+        "keyledger-kek-",
+        "kek-1",
+        "keyledger-kek-\n",
+        "keyledger-kek-é",
+        "keyledger-kek-" + "x" * 115,
+    ],
+)
+def test_invalid_kek_labels_are_refused(store: FakeKeyStore, label: str) -> None:
+    with pytest.raises(HsmError):
+        store.generate_symmetric_key(kek=label)
+    with pytest.raises(HsmError):
+        store.destroy_kek(label)
+    store.generate_symmetric_key(kek="keyledger-kek-" + "x" * 114)  # 128: the limit
