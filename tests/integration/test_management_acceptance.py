@@ -827,3 +827,35 @@ def test_as_of_time_skips_future_dated_records_instead_of_stopping_at_them(
     later = state_at(ledger.db, time=T0 + days(365 * 5))
     md = describe_key_at(later, arn_uuid, key["Arn"])["KeyMetadata"]
     assert (md["KeyState"], md["Description"]) == ("Disabled", "future")
+
+
+def test_deleting_a_key_destroys_its_material_in_the_hsm(
+    make_env: Callable[..., Env], softhsm_keystore: Pkcs11KeyStore
+) -> None:
+    from ledger.domain.model import material_from_json
+    from ledger.errors import HsmError
+
+    env = make_env()
+    ledger = env.ledger
+    key = ledger.create_key(caller=ADMIN)["KeyMetadata"]
+    ledger.rotate_key_on_demand(caller=ADMIN, key_id=key["KeyId"])
+    blob = ledger.encrypt(caller=ADMIN, key_id=key["KeyId"], plaintext=b"shred me")[
+        "CiphertextBlob"
+    ]
+    ledger.schedule_key_deletion(caller=ADMIN, key_id=key["KeyId"], pending_window_in_days=7)
+    env.clock.advance(days(7))
+    assert run_maintenance(ledger, env.catalog) == [("DeleteKey", key["Arn"])]
+    # The log still holds both wrapped versions; the HSM can no longer unwrap either.
+    stored = [
+        e["material"]
+        for e in (r.event() for r in ledger.db.read_records(0, 1000))
+        if e["topic"].endswith(("Key.Created", "Key.Rotated"))
+    ]
+    assert len(stored) == 2
+    for material_json in stored:
+        material = material_from_json(material_json)
+        assert material.kek == f"keyledger-kek-{key['KeyId']}"
+        with pytest.raises(HsmError, match="destroyed"):
+            softhsm_keystore.encrypt(material, b"x", b"")
+    with pytest.raises(KeyLedgerError):
+        ledger.decrypt(caller=ADMIN, ciphertext_blob=blob)
