@@ -15,6 +15,7 @@ from cli.common import (
     emit,
     emit_list,
     point_in_time,
+    recorded_failure,
 )
 
 aliases_app = typer.Typer(help="Create, retarget, delete and list aliases.", no_args_is_help=True)
@@ -66,12 +67,14 @@ def aliases_list(
     from projections.catalog import list_aliases_at
 
     cli = ctx_of(ctx)
-    state = point_in_time(cli, as_of, at_seq)
-    key_uuid = cli.ledger_without_hsm.resolve_key_id(key) if key is not None else None
-    if state is None:
-        resp = cli.catalog.list_aliases(key_uuid=key_uuid, limit=limit, marker=marker)
-    else:
-        rows = list_aliases_at(state, key_uuid)["Aliases"]
-        page, fields = paginate(rows, limit=limit, marker=marker)
-        resp = {"Aliases": page, **fields}
+    request = {"keyId": key, "limit": limit, "marker": marker}
+    with recorded_failure(cli, "ListAliases", request):
+        state = point_in_time(cli, as_of, at_seq)
+        key_uuid = cli.ledger_without_hsm.resolve_key_id(key) if key is not None else None
+        if state is None:
+            resp = cli.catalog.list_aliases(key_uuid=key_uuid, limit=limit, marker=marker)
+        else:
+            rows = list_aliases_at(state, key_uuid)["Aliases"]
+            page, fields = paginate(rows, limit=limit, marker=marker)
+            resp = {"Aliases": page, **fields}
     emit_list(cli, resp, "Aliases", lambda a: f"{a['AliasName']}  {a['TargetKeyId']}")

@@ -6,7 +6,8 @@ Parsers raise ``ValidationError``; ``cli.main.main`` turns it into the one error
 from __future__ import annotations
 
 import base64
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -14,7 +15,7 @@ import orjson
 import typer
 
 from cli.context import CliContext
-from ledger.errors import ValidationError
+from ledger.errors import KeyLedgerError, ValidationError
 
 if TYPE_CHECKING:
     from projections.state import LedgerState
@@ -136,3 +137,17 @@ def read_text_file(path: str) -> str:
         return Path(path).read_text(encoding="utf-8")
     except UnicodeDecodeError:
         raise ValidationError(f"{path} is not UTF-8 text.") from None
+
+
+@contextmanager
+def recorded_failure(cli: CliContext, operation: str, request: JSON) -> Iterator[None]:
+    """Record a failure of a read answered by the catalog in the ledger (every failed
+    attempt is recorded, as for the service's own operations), then re-raise it."""
+    try:
+        yield
+    except KeyLedgerError as err:
+        given = {k: v for k, v in request.items() if v is not None}
+        cli.ledger_without_hsm.record_rejected(
+            operation=operation, caller=cli.caller, request=given, error=err
+        )
+        raise

@@ -17,6 +17,7 @@ from cli.common import (
     emit_list,
     parse_pairs,
     point_in_time,
+    recorded_failure,
 )
 from ledger.errors import ValidationError
 
@@ -124,9 +125,11 @@ def grants_list_retirable(
 ) -> None:
     """ListRetirableGrants across all keys, from the catalog."""
     cli = ctx_of(ctx)
-    resp = cli.catalog.list_retirable_grants(
-        retiring_principal=retiring, limit=limit, marker=marker
-    )
+    request = {"retiringPrincipal": retiring, "limit": limit, "marker": marker}
+    with recorded_failure(cli, "ListRetirableGrants", request):
+        resp = cli.catalog.list_retirable_grants(
+            retiring_principal=retiring, limit=limit, marker=marker
+        )
     emit_list(cli, resp, "Grants", lambda g: f"{g['KeyId']}  {_grant_line(g)}")
 
 

@@ -18,6 +18,7 @@ from cli.common import (
     fmt_time,
     point_in_time,
     read_text_file,
+    recorded_failure,
 )
 from ledger.errors import NotFoundError, ValidationError
 
@@ -122,7 +123,8 @@ def keys_create(
 def keys_list(ctx: typer.Context, limit: LimitOpt = None, marker: MarkerOpt = None) -> None:
     """ListKeys, from the key catalog projection."""
     cli = ctx_of(ctx)
-    resp = cli.catalog.list_keys(limit=limit, marker=marker)
+    with recorded_failure(cli, "ListKeys", {"limit": limit, "marker": marker}):
+        resp = cli.catalog.list_keys(limit=limit, marker=marker)
     emit_list(cli, resp, "Keys", lambda k: k["KeyArn"])
 
 
@@ -137,13 +139,14 @@ def keys_describe(
     from projections.catalog import describe_key_at
 
     cli = ctx_of(ctx)
-    state = point_in_time(cli, as_of, at_seq)
-    key_uuid = resolve_key_at(cli, state, key)
-    arn = cli.settings.key_arn(str(key_uuid))
-    if state is None:
-        resp = cli.catalog.describe_key(key_uuid, arn)
-    else:
-        resp = describe_key_at(state, key_uuid, arn)
+    with recorded_failure(cli, "DescribeKey", {"keyId": key}):
+        state = point_in_time(cli, as_of, at_seq)
+        key_uuid = resolve_key_at(cli, state, key)
+        arn = cli.settings.key_arn(str(key_uuid))
+        if state is None:
+            resp = cli.catalog.describe_key(key_uuid, arn)
+        else:
+            resp = describe_key_at(state, key_uuid, arn)
     md = resp["KeyMetadata"]
     emit(
         cli,

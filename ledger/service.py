@@ -303,7 +303,8 @@ class KeyLedger(Application[UUID]):
                 request=request,
                 error_code=error.aws_name,
                 error_message=error.message,
-                read_only=operation in ("Encrypt", "Decrypt"),
+                read_only=operation in ("Encrypt", "Decrypt")
+                or operation.startswith(("List", "Describe", "Get")),
             )
         )
 
