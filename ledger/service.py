@@ -545,21 +545,33 @@ class KeyLedger(Application[UUID]):
         def body(call: CallContext, attempt: _Attempt) -> JSON:
             if prepare is not None:
                 prepare()
-            for _ in range(5):  # another writer may have moved the key on: reload, retry
+
+            def step() -> tuple[Any, JSON]:
                 key = self._key_for(key_id, attempt)
-                response = change(key, call, self.clock.now())
-                try:
-                    self.save(key)
-                except IntegrityError:
-                    continue
-                except Exception as exc:
-                    raise LedgerUnavailableError(
-                        "The ledger could not record the request."
-                    ) from exc
-                return response
-            raise LedgerUnavailableError("The key kept changing; the request was not recorded.")
+                return key, change(key, call, self.clock.now())
+
+            return self._save_retrying(step)
 
         return self._run(operation, caller, request, body, read_only=False)
+
+    def _save_retrying(self, step: Callable[[], tuple[Any, JSON]]) -> JSON:
+        """Run ``step`` (load an aggregate, trigger one event, return it and the
+        response) and save; when another writer moved the aggregate on, load and retry.
+
+        Raises LedgerUnavailableError when the ledger cannot commit.
+        """
+        for _ in range(5):
+            aggregate, response = step()
+            try:
+                self.save(aggregate)
+            except IntegrityError:
+                continue
+            except Exception as exc:
+                raise LedgerUnavailableError("The ledger could not record the request.") from exc
+            return response
+        raise LedgerUnavailableError(
+            "Concurrent changes kept winning; the request was not recorded."
+        )
 
     def enable_key(self, *, caller: Caller, key_id: str) -> JSON:
         """EnableKey. Raises NotFoundError, KMSInvalidStateError."""
@@ -1068,18 +1080,7 @@ class KeyLedger(Application[UUID]):
         change: Callable[[CallContext, _Attempt, datetime], Alias],
     ) -> JSON:
         def body(call: CallContext, attempt: _Attempt) -> JSON:
-            for _ in range(5):
-                alias = change(call, attempt, self.clock.now())
-                try:
-                    self.save(alias)
-                except IntegrityError:
-                    continue
-                except Exception as exc:
-                    raise LedgerUnavailableError(
-                        "The ledger could not record the request."
-                    ) from exc
-                return {}
-            raise LedgerUnavailableError("The alias kept changing; the request was not recorded.")
+            return self._save_retrying(lambda: (change(call, attempt, self.clock.now()), {}))
 
         return self._run(operation, caller, request, body, read_only=False)
 
@@ -1303,19 +1304,11 @@ class KeyLedger(Application[UUID]):
                 key.end_grant(call=call, timestamp=now, request=request, grant_id=gid, revoke=False)
                 return {}
 
-            for _ in range(5):
+            def step() -> tuple[Any, JSON]:
                 key = self._key_for(str(target["key"]), attempt)
-                response = change(key, call, self.clock.now())
-                try:
-                    self.save(key)
-                except IntegrityError:
-                    continue
-                except Exception as exc:
-                    raise LedgerUnavailableError(
-                        "The ledger could not record the request."
-                    ) from exc
-                return response
-            raise LedgerUnavailableError("The key kept changing; the request was not recorded.")
+                return key, change(key, call, self.clock.now())
+
+            return self._save_retrying(step)
 
         return self._run("RetireGrant", caller, request, body, read_only=False)
 
