@@ -355,11 +355,15 @@ class KeyLedger(Application[UUID]):
             return alias
         return f"arn:aws:kms:{self.settings.region}:{self.settings.account_id}:{alias}"
 
-    def load_alias(self, alias_arn: str) -> Alias:
-        """The alias (existing now); raises NotFoundError otherwise."""
+    def load_alias(self, alias_arn: str, *, for_update: bool = False) -> Alias:
+        """The alias (existing now); raises NotFoundError otherwise.
+
+        Without ``for_update`` the shared cached object is returned: read it, never
+        trigger events on it.
+        """
         agg: object
         try:
-            agg = self.repository.get(Alias.stream_id(alias_arn))
+            agg = self.repository.get(Alias.stream_id(alias_arn), deepcopy_from_cache=for_update)
         except AggregateNotFoundError:
             agg = None
         if not isinstance(agg, Alias) or not agg.exists or self._key_deleted(agg.target_key_id):
@@ -372,25 +376,33 @@ class KeyLedger(Application[UUID]):
             return False
         agg: object
         try:
-            agg = self.repository.get(UUID(key_id))
+            agg = self.repository.get(UUID(key_id), deepcopy_from_cache=False)
         except AggregateNotFoundError:
             return False
         return isinstance(agg, Key) and agg.deleted
 
-    def load_key(self, key_uuid: UUID) -> Key:
+    def load_key(self, key_uuid: UUID, *, for_update: bool = False) -> Key:
         """The current state of a key; raises NotFoundError when it does not exist
-        (never created, or deleted at the end of its waiting period)."""
+        (never created, or deleted at the end of its waiting period).
+
+        Without ``for_update`` the shared cached object is returned (no copy on the hot
+        path): read it, never trigger events on it.
+        """
         agg: object
         try:
-            agg = self.repository.get(key_uuid)
+            agg = self.repository.get(key_uuid, deepcopy_from_cache=for_update)
         except AggregateNotFoundError:
             agg = None
         if not isinstance(agg, Key) or agg.deleted:
             raise NotFoundError(f"Key '{self.settings.key_arn(str(key_uuid))}' does not exist")
         return agg
 
-    def _key_for(self, key_id: str, attempt: _Attempt, *, allow_alias: bool = False) -> Key:
-        key = self.load_key(self.resolve_key_id(key_id, allow_alias=allow_alias))
+    def _key_for(
+        self, key_id: str, attempt: _Attempt, *, allow_alias: bool = False, for_update: bool = False
+    ) -> Key:
+        key = self.load_key(
+            self.resolve_key_id(key_id, allow_alias=allow_alias), for_update=for_update
+        )
         attempt.key_arn = key.arn
         return key
 
@@ -547,7 +559,7 @@ class KeyLedger(Application[UUID]):
                 prepare()
 
             def step() -> tuple[Any, JSON]:
-                key = self._key_for(key_id, attempt)
+                key = self._key_for(key_id, attempt, for_update=True)
                 return key, change(key, call, self.clock.now())
 
             return self._save_retrying(step)
@@ -1035,7 +1047,7 @@ class KeyLedger(Application[UUID]):
         done: list[str] = []
         for _ in range(5):
             try:
-                key = self.load_key(key_uuid)
+                key = self.load_key(key_uuid, for_update=True)
             except NotFoundError:
                 return done
             now = self.clock.now()
@@ -1125,7 +1137,7 @@ class KeyLedger(Application[UUID]):
 
         def change(call: CallContext, attempt: _Attempt, now: datetime) -> Alias:
             check_alias_name(alias_name)
-            alias = self.load_alias(self.alias_arn_of(alias_name))
+            alias = self.load_alias(self.alias_arn_of(alias_name), for_update=True)
             key = self._alias_target(target_key_id, "UpdateAlias", attempt)
             assert alias.target_key_id is not None
             current = self.load_key(UUID(alias.target_key_id))
@@ -1148,7 +1160,7 @@ class KeyLedger(Application[UUID]):
         def change(call: CallContext, attempt: _Attempt, now: datetime) -> Alias:
             if not alias_name.startswith(("alias/", "arn:")):
                 check_alias_name(alias_name)
-            alias = self.load_alias(self.alias_arn_of(alias_name))
+            alias = self.load_alias(self.alias_arn_of(alias_name), for_update=True)
             assert alias.target_key_id is not None
             key_arn = self.settings.key_arn(alias.target_key_id)
             attempt.key_arn = key_arn
@@ -1305,7 +1317,7 @@ class KeyLedger(Application[UUID]):
                 return {}
 
             def step() -> tuple[Any, JSON]:
-                key = self._key_for(str(target["key"]), attempt)
+                key = self._key_for(str(target["key"]), attempt, for_update=True)
                 return key, change(key, call, self.clock.now())
 
             return self._save_retrying(step)
