@@ -197,7 +197,7 @@ def trail_line(seq: int, event: dict[str, Any]) -> str:
     ctx = event.get("request", {}).get("encryptionContext")
     ctx_text = f" context={orjson.dumps(ctx).decode()}" if ctx else ""
     return (
-        f"{seq:>6}  {event.get('timestamp', '')[:23]}  {call.get('operation', '?'):<12} "
+        f"{seq:>6}  {event.get('timestamp', '')[:23]}  {call.get('operation', '?'):<20} "
         f"{outcome:<28} {call.get('principal', '?')}  {key}{ctx_text}"
     )
 
