@@ -81,6 +81,9 @@ class _NoKeyStore:
     def destroy_kek(self, kek: str) -> None:
         self._refuse()
 
+    def generate_random(self, number_of_bytes: int) -> bytes:
+        self._refuse()
+
     def encrypt(self, material: MaterialRef, plaintext: bytes, aad: bytes) -> tuple[bytes, bytes]:
         self._refuse()
 

@@ -35,6 +35,7 @@ from ledger.errors import (
     IncorrectKeyError,
     InvalidCiphertextError,
     InvalidGrantTokenError,
+    InvalidKeyUsageError,
     KeyLedgerError,
     LedgerUnavailableError,
     LimitExceededError,
@@ -95,6 +96,10 @@ def enum_error(field: str, value: str, allowed: tuple[str, ...]) -> ValidationEr
     return validation_error(field, constraint, value)
 
 
+INCORRECT_KEY_MESSAGE = (
+    "The key ID in the request does not identify a CMK that can perform this operation."
+)
+DATA_KEY_SPECS = {"AES_128": 16, "AES_256": 32}
 ALIAS_NAME_RE = re.compile(r"^[a-zA-Z0-9:/_-]+$")
 MAX_POLICY_BYTES = 32768
 
@@ -641,31 +646,18 @@ class KeyLedger(Application[UUID]):
             key = self._key_for(key_id, attempt, allow_alias=True)
             key.check("Encrypt")
             if algorithm != SYMMETRIC_DEFAULT:
-                raise IncorrectKeyError(
-                    "The key ID in the request does not identify a CMK that can perform "
-                    "this operation."
-                )
-            material = key.current_material
-            version = key.version_number
-            key_uuid = UUID(key.key_id)
-            iv, ct = self.keystore.encrypt(
-                material, bytes(plaintext), envelope.aad(key_uuid, version, context)
-            )
-            blob = envelope.Envelope(key_id=key_uuid, version=version, iv=iv, ciphertext=ct)
+                raise IncorrectKeyError(INCORRECT_KEY_MESSAGE)
+            blob, material_id = self._seal(key, bytes(plaintext), context)
             self._commit_call(
                 ApiCall.succeeded(
                     call=call,
                     timestamp=self.clock.now(),
                     key_arn=key.arn,
                     request=request,
-                    additional={"keyMaterialId": material.material_id},
+                    additional={"keyMaterialId": material_id},
                 )
             )
-            return {
-                "CiphertextBlob": blob.to_bytes(),
-                "KeyId": key.arn,
-                "EncryptionAlgorithm": algorithm,
-            }
+            return {"CiphertextBlob": blob, "KeyId": key.arn, "EncryptionAlgorithm": algorithm}
 
         return self._run("Encrypt", caller, request, body, read_only=True)
 
@@ -693,44 +685,10 @@ class KeyLedger(Application[UUID]):
             request["encryptionContext"] = dict(encryption_context)
 
         def body(call: CallContext, attempt: _Attempt) -> JSON:
-            context = self._check_context(encryption_context)
-            algorithm = self._check_algorithm(encryption_algorithm)
-            if not isinstance(ciphertext_blob, bytes | bytearray) or len(ciphertext_blob) < 1:
-                raise validation_error(
-                    "ciphertextBlob", "Member must have length greater than or equal to 1"
-                )
-            if len(ciphertext_blob) > MAX_CIPHERTEXT:
-                raise validation_error(
-                    "ciphertextBlob", "Member must have length less than or equal to 6144"
-                )
-            named = self._key_for(key_id, attempt, allow_alias=True) if key_id is not None else None
-            env = envelope.parse(bytes(ciphertext_blob))
-            if named is not None and UUID(named.key_id) != env.key_id:
-                raise IncorrectKeyError(
-                    "The key ID in the request does not identify a CMK that can perform "
-                    "this operation."
-                )
-            if named is not None:
-                key = named
-            else:
-                try:
-                    key = self.load_key(env.key_id)
-                except NotFoundError:
-                    raise InvalidCiphertextError("") from None
-                attempt.key_arn = key.arn
-            key.check("Decrypt")
-            if algorithm != SYMMETRIC_DEFAULT:
-                raise IncorrectKeyError(
-                    "The key ID in the request does not identify a CMK that can perform "
-                    "this operation."
-                )
-            try:
-                material = key.material_version(env.version)
-            except KeyError:
-                raise InvalidCiphertextError("") from None
-            plaintext = self.keystore.decrypt(
-                material, env.iv, env.ciphertext, envelope.aad(env.key_id, env.version, context)
-            )
+            key, material, plaintext, algorithm = self._open_blob(
+                "Decrypt", ciphertext_blob, key_id, encryption_context, encryption_algorithm,
+                attempt,
+            )  # fmt: skip
             self._commit_call(
                 ApiCall.succeeded(
                     call=call,
@@ -1336,3 +1294,250 @@ class KeyLedger(Application[UUID]):
             grants.check_grant_id(grant_id)
 
         return self._key_command("RevokeGrant", caller, key_id, request, change, prepare=prepare)
+
+    # ------------------------------------------------------------ data keys, random
+
+    def _open_blob(
+        self,
+        operation: str,
+        ciphertext_blob: bytes,
+        key_id: str | None,
+        encryption_context: Mapping[str, str] | None,
+        encryption_algorithm: str | None,
+        attempt: _Attempt,
+    ) -> tuple[Key, MaterialRef, bytes, str]:
+        """Validate, resolve and decrypt a ciphertext blob inside the HSM (no record).
+
+        Raises InvalidCiphertextError (any blob that does not authenticate, one error,
+        no detail), IncorrectKeyError, NotFoundError, DisabledError, ValidationError.
+        """
+        context = self._check_context(encryption_context)
+        algorithm = self._check_algorithm(encryption_algorithm)
+        if not isinstance(ciphertext_blob, bytes | bytearray) or len(ciphertext_blob) < 1:
+            raise validation_error(
+                "ciphertextBlob", "Member must have length greater than or equal to 1"
+            )
+        if len(ciphertext_blob) > MAX_CIPHERTEXT:
+            raise validation_error(
+                "ciphertextBlob", "Member must have length less than or equal to 6144"
+            )
+        named = self._key_for(key_id, attempt, allow_alias=True) if key_id is not None else None
+        env = envelope.parse(bytes(ciphertext_blob))
+        if named is not None and UUID(named.key_id) != env.key_id:
+            raise IncorrectKeyError(INCORRECT_KEY_MESSAGE)
+        if named is not None:
+            key = named
+        else:
+            try:
+                key = self.load_key(env.key_id)
+            except NotFoundError:
+                raise InvalidCiphertextError("") from None
+            attempt.key_arn = key.arn
+        key.check(operation)
+        if algorithm != SYMMETRIC_DEFAULT:
+            raise IncorrectKeyError(INCORRECT_KEY_MESSAGE)
+        try:
+            material = key.material_version(env.version)
+        except KeyError:
+            raise InvalidCiphertextError("") from None
+        plaintext = self.keystore.decrypt(
+            material, env.iv, env.ciphertext, envelope.aad(env.key_id, env.version, context)
+        )
+        return key, material, plaintext, algorithm
+
+    def _seal(self, key: Key, plaintext: bytes, context: Mapping[str, str]) -> tuple[bytes, str]:
+        """Encrypt under the key's newest backing version inside the HSM; the blob and
+        the material id (no record)."""
+        if key.key_spec != SYMMETRIC_DEFAULT or key.key_usage != "ENCRYPT_DECRYPT":
+            raise InvalidKeyUsageError(
+                f"{key.arn} key usage is {key.key_usage} which is not valid for this operation."
+            )
+        material = key.current_material
+        version = key.version_number
+        key_uuid = UUID(key.key_id)
+        iv, ct = self.keystore.encrypt(
+            material, plaintext, envelope.aad(key_uuid, version, context)
+        )
+        blob = envelope.Envelope(key_id=key_uuid, version=version, iv=iv, ciphertext=ct)
+        return blob.to_bytes(), material.material_id
+
+    @staticmethod
+    def _data_key_size(key_spec: str | None, number_of_bytes: int | None) -> int:
+        if key_spec is not None and number_of_bytes is not None:
+            raise ValidationError("Please specify either number of bytes or key spec.")
+        if key_spec is None and number_of_bytes is None:
+            raise ValidationError("Please specify either number of bytes or key spec.")
+        if key_spec is not None:
+            if key_spec not in DATA_KEY_SPECS:
+                raise enum_error("keySpec", key_spec, tuple(DATA_KEY_SPECS))
+            return DATA_KEY_SPECS[key_spec]
+        assert number_of_bytes is not None
+        check_range("numberOfBytes", number_of_bytes, 1, 1024)
+        return number_of_bytes
+
+    def _generate_data_key(
+        self,
+        operation: str,
+        caller: Caller,
+        key_id: str,
+        key_spec: str | None,
+        number_of_bytes: int | None,
+        encryption_context: Mapping[str, str] | None,
+        *,
+        with_plaintext: bool,
+    ) -> JSON:
+        request: JSON = {"keyId": key_id}
+        if key_spec is not None:
+            request["keySpec"] = key_spec
+        if number_of_bytes is not None:
+            request["numberOfBytes"] = number_of_bytes
+        if isinstance(encryption_context, Mapping):
+            request["encryptionContext"] = dict(encryption_context)
+
+        def body(call: CallContext, attempt: _Attempt) -> JSON:
+            context = self._check_context(encryption_context)
+            size = self._data_key_size(key_spec, number_of_bytes)
+            key = self._key_for(key_id, attempt, allow_alias=True)
+            key.check(operation)
+            plaintext = self.keystore.generate_random(size)
+            blob, material_id = self._seal(key, plaintext, context)
+            self._commit_call(
+                ApiCall.succeeded(
+                    call=call,
+                    timestamp=self.clock.now(),
+                    key_arn=key.arn,
+                    request=request,
+                    additional={"keyMaterialId": material_id},
+                )
+            )
+            out: JSON = {"CiphertextBlob": blob, "KeyId": key.arn, "KeyMaterialId": material_id}
+            if with_plaintext:
+                out["Plaintext"] = plaintext
+            return out
+
+        return self._run(operation, caller, request, body, read_only=True)
+
+    def generate_data_key(
+        self,
+        *,
+        caller: Caller,
+        key_id: str,
+        key_spec: str | None = None,
+        number_of_bytes: int | None = None,
+        encryption_context: Mapping[str, str] | None = None,
+    ) -> JSON:
+        """GenerateDataKey: exactly 16 (AES_128), 32 (AES_256) or NumberOfBytes (1-1024)
+        bytes from the HSM's RNG, returned in plaintext and encrypted under the key.
+
+        Security: the plaintext data key is returned to the caller only; it never
+        reaches the record. Raises ValidationError, NotFoundError, DisabledError,
+        KMSInvalidStateError, InvalidKeyUsageError, LedgerUnavailableError.
+        """
+        return self._generate_data_key(
+            "GenerateDataKey", caller, key_id, key_spec, number_of_bytes, encryption_context,
+            with_plaintext=True,
+        )  # fmt: skip
+
+    def generate_data_key_without_plaintext(
+        self,
+        *,
+        caller: Caller,
+        key_id: str,
+        key_spec: str | None = None,
+        number_of_bytes: int | None = None,
+        encryption_context: Mapping[str, str] | None = None,
+    ) -> JSON:
+        """GenerateDataKeyWithoutPlaintext: only the encrypted data key is returned."""
+        return self._generate_data_key(
+            "GenerateDataKeyWithoutPlaintext", caller, key_id, key_spec, number_of_bytes,
+            encryption_context, with_plaintext=False,
+        )  # fmt: skip
+
+    def re_encrypt(
+        self,
+        *,
+        caller: Caller,
+        ciphertext_blob: bytes,
+        destination_key_id: str,
+        source_key_id: str | None = None,
+        source_encryption_context: Mapping[str, str] | None = None,
+        destination_encryption_context: Mapping[str, str] | None = None,
+        source_encryption_algorithm: str | None = None,
+        destination_encryption_algorithm: str | None = None,
+    ) -> JSON:
+        """ReEncrypt: decrypt under the source key and context, encrypt under the
+        destination key and context, all inside the HSM; the plaintext never leaves
+        the service. One record, on the destination key, names the source key.
+
+        Raises what Decrypt and Encrypt raise.
+        """
+        request: JSON = {
+            "destinationKeyId": destination_key_id,
+            "sourceEncryptionAlgorithm": source_encryption_algorithm or SYMMETRIC_DEFAULT,
+            "destinationEncryptionAlgorithm": destination_encryption_algorithm or SYMMETRIC_DEFAULT,
+        }
+        if source_key_id is not None:
+            request["sourceKeyId"] = source_key_id
+        if isinstance(source_encryption_context, Mapping):
+            request["sourceEncryptionContext"] = dict(source_encryption_context)
+        if isinstance(destination_encryption_context, Mapping):
+            request["destinationEncryptionContext"] = dict(destination_encryption_context)
+
+        def body(call: CallContext, attempt: _Attempt) -> JSON:
+            dest_context = self._check_context(destination_encryption_context)
+            dest_algorithm = self._check_algorithm(destination_encryption_algorithm)
+            source, source_material, plaintext, source_algorithm = self._open_blob(
+                "ReEncrypt", ciphertext_blob, source_key_id, source_encryption_context,
+                source_encryption_algorithm, attempt,
+            )  # fmt: skip
+            dest = self._key_for(destination_key_id, attempt, allow_alias=True)
+            dest.check("ReEncrypt")
+            if dest_algorithm != SYMMETRIC_DEFAULT:
+                raise IncorrectKeyError(INCORRECT_KEY_MESSAGE)
+            blob, material_id = self._seal(dest, plaintext, dest_context)
+            self._commit_call(
+                ApiCall.succeeded(
+                    call=call,
+                    timestamp=self.clock.now(),
+                    key_arn=dest.arn,
+                    request=request,
+                    additional={
+                        "sourceKeyArn": source.arn,
+                        "sourceKeyMaterialId": source_material.material_id,
+                        "keyMaterialId": material_id,
+                    },
+                )
+            )
+            return {
+                "CiphertextBlob": blob,
+                "SourceKeyId": source.arn,
+                "KeyId": dest.arn,
+                "SourceEncryptionAlgorithm": source_algorithm,
+                "DestinationEncryptionAlgorithm": dest_algorithm,
+                "SourceKeyMaterialId": source_material.material_id,
+                "DestinationKeyMaterialId": material_id,
+            }
+
+        return self._run("ReEncrypt", caller, request, body, read_only=True)
+
+    def generate_random(self, *, caller: Caller, number_of_bytes: int | None = None) -> JSON:
+        """GenerateRandom: 1-1024 bytes from the HSM's RNG.
+
+        Security: the bytes are returned only; the record holds the count.
+        Raises ValidationError ("NumberOfBytes is required." when missing).
+        """
+        request: JSON = {} if number_of_bytes is None else {"numberOfBytes": number_of_bytes}
+
+        def body(call: CallContext, attempt: _Attempt) -> JSON:
+            if number_of_bytes is None:
+                raise ValidationError("NumberOfBytes is required.")
+            check_range("numberOfBytes", number_of_bytes, 1, 1024)
+            data = self.keystore.generate_random(number_of_bytes)
+            self._commit_call(
+                ApiCall.succeeded(
+                    call=call, timestamp=self.clock.now(), key_arn=None, request=request
+                )
+            )
+            return {"Plaintext": data}
+
+        return self._run("GenerateRandom", caller, request, body, read_only=True)

@@ -137,6 +137,10 @@ class FakeKeyStore:
         except InvalidTag:
             raise InvalidCiphertextError("") from None
 
+    def generate_random(self, number_of_bytes: int) -> bytes:
+        self._maybe_fail()
+        return os.urandom(number_of_bytes)
+
     def forget(self, material_id: str) -> None:
         with self._lock:
             self._cache.pop(material_id, None)

@@ -790,6 +790,19 @@ class Pkcs11KeyStore:
             raise InvalidCiphertextError("") from None
         return out
 
+    def generate_random(self, number_of_bytes: int) -> bytes:
+        """Random bytes from the HSM's RNG (C_GenerateRandom). Raises HsmError."""
+        if number_of_bytes < 1:
+            raise HsmError("number_of_bytes must be positive")
+        try:
+            with self._session() as session:
+                out: bytes = session.generate_random(number_of_bytes * 8)
+        except p11e.PKCS11Error as exc:
+            raise HsmError(f"random generation failed: {type(exc).__name__}") from None
+        if len(out) != number_of_bytes:
+            raise HsmError("the HSM returned the wrong number of random bytes")
+        return out
+
     def forget(self, material_id: str) -> None:
         """Destroy the cached unwrapped session object of this material, if any."""
         if self._closed or self._pid != os.getpid():

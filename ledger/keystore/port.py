@@ -66,6 +66,14 @@ class KeyStore(Protocol):
         """
         ...
 
+    def generate_random(self, number_of_bytes: int) -> bytes:
+        """``number_of_bytes`` random bytes from the HSM's RNG (C_GenerateRandom).
+
+        Security: the result is secret (data keys, GenerateRandom): never log or store it.
+        Raises HsmError when the HSM fails.
+        """
+        ...
+
     def forget(self, material_id: str) -> None:
         """Destroy any unwrapped copy of this material held by the HSM session (after
         key deletion). The wrapped blob stays in the ledger's history; see the README's
