@@ -84,6 +84,12 @@ class _NoKeyStore:
     def generate_random(self, number_of_bytes: int) -> bytes:
         self._refuse()
 
+    def generate_hmac_key(self, key_spec: str, kek: str) -> MaterialRef:
+        self._refuse()
+
+    def generate_mac(self, material: MaterialRef, mac_algorithm: str, message: bytes) -> bytes:
+        self._refuse()
+
     def encrypt(self, material: MaterialRef, plaintext: bytes, aad: bytes) -> tuple[bytes, bytes]:
         self._refuse()
 

@@ -22,6 +22,7 @@ from cli.common import emit as _emit
 from cli.common import jsonable as _jsonable
 from cli.common import parse_pairs
 from cli.context import CliContext
+from cli.crypto_cmds import data_key_app, envelope_app, random_bytes, reencrypt
 from cli.grants import grants_app
 from cli.keys import keys_app
 from cli.maintenance import maintenance_app
@@ -43,6 +44,10 @@ app.add_typer(grants_app, name="grants")
 app.add_typer(maintenance_app, name="maintenance")
 app.add_typer(audit_app, name="audit")
 app.add_typer(projections_app, name="projections")
+app.add_typer(data_key_app, name="data-key")
+app.add_typer(envelope_app, name="envelope")
+app.command("reencrypt")(reencrypt)
+app.command("random")(random_bytes)
 
 
 __all__ = ["_jsonable", "app", "main", "parse_context", "trail_line"]

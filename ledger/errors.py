@@ -99,6 +99,14 @@ class NotAuthorizedError(KeyLedgerError):
     aws_name = "NotAuthorizedException"
 
 
+class KMSInvalidMacError(KeyLedgerError):
+    aws_name = "KMSInvalidMacException"
+
+
+class KMSInvalidSignatureError(KeyLedgerError):
+    aws_name = "KMSInvalidSignatureException"
+
+
 class TamperError(Exception):
     """Chain verification found a bad position.
 
@@ -149,5 +157,8 @@ AWS_ERROR_NAMES: dict[type[KeyLedgerError], str] = {
         InvalidArnError,
         InvalidGrantTokenError,
         InvalidGrantIdError,
+        NotAuthorizedError,
+        KMSInvalidMacError,
+        KMSInvalidSignatureError,
     )
 }

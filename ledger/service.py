@@ -13,6 +13,7 @@ would show (key id as sent, encryption context, algorithm).
 from __future__ import annotations
 
 import contextlib
+import hmac
 import json
 import os
 import re
@@ -30,6 +31,12 @@ from eventsourcing.persistence import IntegrityError, Mapper
 from ledger import envelope
 from ledger.clock import Clock, SystemClock
 from ledger.domain import grants
+from ledger.domain.key_specs import (
+    HMAC_MAC_ALGORITHM,
+    MAC_ALGORITHMS,
+    SUPPORTED_USAGE,
+    key_algorithms,
+)
 from ledger.domain.model import Alias, ApiCall, CallContext, Key, kek_label
 from ledger.errors import (
     IncorrectKeyError,
@@ -37,6 +44,7 @@ from ledger.errors import (
     InvalidGrantTokenError,
     InvalidKeyUsageError,
     KeyLedgerError,
+    KMSInvalidMacError,
     LedgerUnavailableError,
     LimitExceededError,
     MalformedPolicyDocumentError,
@@ -445,7 +453,7 @@ class KeyLedger(Application[UUID]):
             "KeyManager": "CUSTOMER",
             "CustomerMasterKeySpec": key.key_spec,
             "KeySpec": key.key_spec,
-            "EncryptionAlgorithms": [SYMMETRIC_DEFAULT],
+            **key_algorithms(key.key_spec, key.key_usage),
             "MultiRegion": False,
         }
         if key.deletion_date is not None:
@@ -490,10 +498,13 @@ class KeyLedger(Application[UUID]):
         MalformedPolicyDocumentError, and UnsupportedOperationError for valid values
         this version cannot yet create.
         """
+        usage_default = (
+            "ENCRYPT_DECRYPT" if (key_spec or SYMMETRIC_DEFAULT) == SYMMETRIC_DEFAULT else None
+        )
         request: JSON = {
             "description": description,
             "keySpec": key_spec or SYMMETRIC_DEFAULT,
-            "keyUsage": key_usage or "ENCRYPT_DECRYPT",
+            "keyUsage": key_usage or usage_default,
             "origin": origin or "AWS_KMS",
             "bypassPolicyLockoutSafetyCheck": bypass_policy_lockout_safety_check,
         }
@@ -505,25 +516,37 @@ class KeyLedger(Application[UUID]):
             spec, usage, orig = request["keySpec"], request["keyUsage"], request["origin"]
             if spec not in KEY_SPECS:
                 raise enum_error("keySpec", spec, KEY_SPECS)
+            if usage is None:
+                raise ValidationError(
+                    "You must specify a KeyUsage value for all KMS keys except for symmetric "
+                    "encryption keys."
+                )
             if usage not in KEY_USAGES:
                 raise enum_error("keyUsage", usage, KEY_USAGES)
             if orig not in ORIGINS:
                 raise enum_error("origin", orig, ORIGINS)
-            if spec == SYMMETRIC_DEFAULT and usage != "ENCRYPT_DECRYPT":
+            compatible = {
+                SYMMETRIC_DEFAULT: ("ENCRYPT_DECRYPT",),
+                **{h: ("GENERATE_VERIFY_MAC",) for h in HMAC_MAC_ALGORITHM},
+            }.get(spec)
+            if compatible is not None and usage not in compatible:
                 raise ValidationError(f"KeyUsage {usage} is not compatible with KeySpec {spec}")
             tag_map = check_tags(tags or [])
             if policy is not None:
                 check_policy(policy)
-            if spec != SYMMETRIC_DEFAULT or orig not in ("AWS_KMS", "EXTERNAL"):
+            if SUPPORTED_USAGE.get(spec) != usage or (
+                orig not in ("AWS_KMS", "EXTERNAL")
+                or (orig == "EXTERNAL" and spec != SYMMETRIC_DEFAULT)
+            ):
                 raise UnsupportedOperationError(
                     f"KeySpec {spec} with origin {orig} is not supported by this KeyLedger version."
                 )
             key_uuid = uuid.uuid4()
-            material = (
-                self.keystore.generate_symmetric_key(kek=kek_label(key_uuid))
-                if orig == "AWS_KMS"
-                else None
-            )
+            material: MaterialRef | None = None
+            if orig == "AWS_KMS" and spec in HMAC_MAC_ALGORITHM:
+                material = self.keystore.generate_hmac_key(spec, kek=kek_label(key_uuid))
+            elif orig == "AWS_KMS":
+                material = self.keystore.generate_symmetric_key(kek=kek_label(key_uuid))
             arn = self.settings.key_arn(str(key_uuid))
             attempt.key_arn = arn
             key = Key.create(
@@ -1334,6 +1357,7 @@ class KeyLedger(Application[UUID]):
                 raise InvalidCiphertextError("") from None
             attempt.key_arn = key.arn
         key.check(operation)
+        self._check_usage(key, "ENCRYPT_DECRYPT", operation)
         if algorithm != SYMMETRIC_DEFAULT:
             raise IncorrectKeyError(INCORRECT_KEY_MESSAGE)
         try:
@@ -1345,13 +1369,20 @@ class KeyLedger(Application[UUID]):
         )
         return key, material, plaintext, algorithm
 
-    def _seal(self, key: Key, plaintext: bytes, context: Mapping[str, str]) -> tuple[bytes, str]:
-        """Encrypt under the key's newest backing version inside the HSM; the blob and
-        the material id (no record)."""
-        if key.key_spec != SYMMETRIC_DEFAULT or key.key_usage != "ENCRYPT_DECRYPT":
+    @staticmethod
+    def _check_usage(key: Key, usage: str, operation: str) -> None:
+        """InvalidKeyUsageError, as AWS words it, unless the key has ``usage``."""
+        if key.key_usage != usage:
             raise InvalidKeyUsageError(
-                f"{key.arn} key usage is {key.key_usage} which is not valid for this operation."
+                f"{key.arn} key usage is {key.key_usage} which is not valid for {operation}."
             )
+
+    def _seal(
+        self, key: Key, plaintext: bytes, context: Mapping[str, str], operation: str = "Encrypt"
+    ) -> tuple[bytes, str]:
+        """Encrypt under the key's newest backing version inside the HSM; the blob and
+        the material id (no record). Raises InvalidKeyUsageError for non-encryption keys."""
+        self._check_usage(key, "ENCRYPT_DECRYPT", operation)
         material = key.current_material
         version = key.version_number
         key_uuid = UUID(key.key_id)
@@ -1400,7 +1431,7 @@ class KeyLedger(Application[UUID]):
             key = self._key_for(key_id, attempt, allow_alias=True)
             key.check(operation)
             plaintext = self.keystore.generate_random(size)
-            blob, material_id = self._seal(key, plaintext, context)
+            blob, material_id = self._seal(key, plaintext, context, operation)
             self._commit_call(
                 ApiCall.succeeded(
                     call=call,
@@ -1494,7 +1525,7 @@ class KeyLedger(Application[UUID]):
             dest.check("ReEncrypt")
             if dest_algorithm != SYMMETRIC_DEFAULT:
                 raise IncorrectKeyError(INCORRECT_KEY_MESSAGE)
-            blob, material_id = self._seal(dest, plaintext, dest_context)
+            blob, material_id = self._seal(dest, plaintext, dest_context, "ReEncrypt")
             self._commit_call(
                 ApiCall.succeeded(
                     call=call,
@@ -1541,3 +1572,79 @@ class KeyLedger(Application[UUID]):
             return {"Plaintext": data}
 
         return self._run("GenerateRandom", caller, request, body, read_only=True)
+
+    # ------------------------------------------------------------ HMAC
+
+    def _mac(
+        self,
+        operation: str,
+        key_id: str,
+        message: bytes,
+        mac_algorithm: str,
+        attempt: _Attempt,
+    ) -> tuple[Key, MaterialRef, bytes]:
+        if mac_algorithm not in MAC_ALGORITHMS:
+            raise enum_error("macAlgorithm", mac_algorithm, MAC_ALGORITHMS)
+        if not isinstance(message, bytes | bytearray) or len(message) < 1:
+            raise validation_error("message", "Member must have length greater than or equal to 1")
+        if len(message) > MAX_PLAINTEXT:
+            raise validation_error("message", "Member must have length less than or equal to 4096")
+        key = self._key_for(key_id, attempt, allow_alias=True)
+        key.check(operation)
+        self._check_usage(key, "GENERATE_VERIFY_MAC", operation)
+        if HMAC_MAC_ALGORITHM.get(key.key_spec) != mac_algorithm:
+            raise InvalidKeyUsageError(
+                f"Algorithm {mac_algorithm} is incompatible with key spec {key.key_spec}."
+            )
+        material = key.current_material
+        return key, material, self.keystore.generate_mac(material, mac_algorithm, bytes(message))
+
+    def generate_mac(
+        self, *, caller: Caller, key_id: str, message: bytes, mac_algorithm: str
+    ) -> JSON:
+        """GenerateMac: HMAC of up to 4096 bytes inside the HSM with an HMAC key.
+
+        Security: neither message nor MAC reaches the record. Raises ValidationError,
+        InvalidKeyUsageError, NotFoundError, DisabledError, KMSInvalidStateError.
+        """
+        request: JSON = {"keyId": key_id, "macAlgorithm": mac_algorithm}
+
+        def body(call: CallContext, attempt: _Attempt) -> JSON:
+            key, material, mac = self._mac("GenerateMac", key_id, message, mac_algorithm, attempt)
+            self._commit_call(
+                ApiCall.succeeded(
+                    call=call, timestamp=self.clock.now(), key_arn=key.arn, request=request,
+                    additional={"keyMaterialId": material.material_id},
+                )
+            )  # fmt: skip
+            return {"Mac": mac, "MacAlgorithm": mac_algorithm, "KeyId": key.arn}
+
+        return self._run("GenerateMac", caller, request, body, read_only=True)
+
+    def verify_mac(
+        self, *, caller: Caller, key_id: str, message: bytes, mac_algorithm: str, mac: bytes
+    ) -> JSON:
+        """VerifyMac: recompute the HMAC inside the HSM and compare in constant time.
+
+        Raises KMSInvalidMacError when the MAC does not match (recorded as a failure),
+        and what GenerateMac raises.
+        """
+        request: JSON = {"keyId": key_id, "macAlgorithm": mac_algorithm}
+
+        def body(call: CallContext, attempt: _Attempt) -> JSON:
+            if not isinstance(mac, bytes | bytearray) or not 1 <= len(mac) <= 6144:
+                raise validation_error("mac", "Member must have length between 1 and 6144")
+            key, material, expected = self._mac(
+                "VerifyMac", key_id, message, mac_algorithm, attempt
+            )
+            if not hmac.compare_digest(expected, bytes(mac)):
+                raise KMSInvalidMacError("")
+            self._commit_call(
+                ApiCall.succeeded(
+                    call=call, timestamp=self.clock.now(), key_arn=key.arn, request=request,
+                    additional={"keyMaterialId": material.material_id},
+                )
+            )  # fmt: skip
+            return {"KeyId": key.arn, "MacValid": True, "MacAlgorithm": mac_algorithm}
+
+        return self._run("VerifyMac", caller, request, body, read_only=True)

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+from ledger.domain.key_specs import key_algorithms
+
 JSON = dict[str, Any]
 TOPIC_PREFIX = "ledger.domain.model:"
 
@@ -165,7 +167,7 @@ def key_metadata(doc: JSON) -> JSON:
         "KeyManager": "CUSTOMER",
         "CustomerMasterKeySpec": doc["key_spec"],
         "KeySpec": doc["key_spec"],
-        "EncryptionAlgorithms": ["SYMMETRIC_DEFAULT"],
+        **key_algorithms(doc["key_spec"], doc["key_usage"]),
         "MultiRegion": False,
     }
     if doc["deletion_date"] is not None:

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import hashlib
+import hmac
 import os
 import threading
+from collections.abc import Callable
+from typing import Any, ClassVar
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -39,7 +42,7 @@ def check_kek_label(kek: object) -> str:
 
 class FakeKeyStore:
     """KeyStore with ``cryptography``: a random in-memory domain key and one random
-    in-memory KEK per label, RFC 5649 wrapping.
+    in-memory KEK per label, RFC 5649 wrapping; HMAC keys and MACs with ``hmac``.
 
     Same contract and errors as ``Pkcs11KeyStore``: ``generate_symmetric_key(kek)``
     creates a missing KEK (also after ``destroy_kek``); using material whose KEK was
@@ -49,12 +52,28 @@ class FakeKeyStore:
     labels of the KEKs that exist.
     """
 
+    HMAC_KEY_BYTES: ClassVar[dict[str, int]] = {
+        "HMAC_224": 28,
+        "HMAC_256": 32,
+        "HMAC_384": 48,
+        "HMAC_512": 64,
+    }
+    # MAC algorithm -> (hash, the key spec it belongs to)
+    HMAC_ALGORITHMS: ClassVar[dict[str, tuple[Callable[[], Any], str]]] = {
+        "HMAC_SHA_224": (hashlib.sha224, "HMAC_224"),
+        "HMAC_SHA_256": (hashlib.sha256, "HMAC_256"),
+        "HMAC_SHA_384": (hashlib.sha384, "HMAC_384"),
+        "HMAC_SHA_512": (hashlib.sha512, "HMAC_512"),
+    }
+
     def __init__(self) -> None:
         self._domain_key = AESGCM.generate_key(bit_length=256)
         self._lock = threading.Lock()
         self._keks: dict[str, bytes] = {}
         # material_id -> (unwrapped key, the KEK label it was wrapped under)
         self._cache: dict[str, tuple[AESGCM, str | None]] = {}
+        # material_id -> (unwrapped HMAC key, its KEK label, its key spec)
+        self._mac_cache: dict[str, tuple[bytes, str | None, str]] = {}
         self._closed = False
         self.fail_next = False
         self.generated = 0
@@ -71,25 +90,33 @@ class FakeKeyStore:
             self.fail_next = False
             raise HsmError("injected HSM failure")
 
+    def _unwrap_raw(self, material: MaterialRef) -> bytes:
+        """The unwrapped key bytes of ``material`` (not cached); HsmError as the adapter."""
+        if hashlib.sha256(material.wrapped).hexdigest() != material.material_id:
+            raise HsmError("wrapped key material does not match its material id")
+        if material.kek is None:
+            wrapping = self._domain_key
+        else:
+            check_kek_label(material.kek)
+            with self._lock:
+                kek_key = self._keks.get(material.kek)
+            if kek_key is None:
+                raise HsmError("key material was destroyed")
+            wrapping = kek_key
+        try:
+            return aes_key_unwrap_with_padding(wrapping, material.wrapped)
+        except InvalidUnwrap:
+            raise HsmError("cannot unwrap key material: WrappedKeyInvalid") from None
+
     def _aead(self, material: MaterialRef) -> AESGCM:
+        if material.kind != "AES":
+            raise HsmError("key material is not an AES encryption key")
         with self._lock:
             cached = self._cache.get(material.material_id)
         if cached is None:
-            if hashlib.sha256(material.wrapped).hexdigest() != material.material_id:
-                raise HsmError("wrapped key material does not match its material id")
-            if material.kek is None:
-                wrapping = self._domain_key
-            else:
-                check_kek_label(material.kek)
-                with self._lock:
-                    kek_key = self._keks.get(material.kek)
-                if kek_key is None:
-                    raise HsmError("key material was destroyed")
-                wrapping = kek_key
-            try:
-                key = aes_key_unwrap_with_padding(wrapping, material.wrapped)
-            except InvalidUnwrap:
-                raise HsmError("cannot unwrap key material: WrappedKeyInvalid") from None
+            key = self._unwrap_raw(material)
+            if len(key) != 32:
+                raise HsmError("key material is not of the claimed kind")
             cached = (AESGCM(key), material.kek)
             with self._lock:
                 if material.kek is not None and material.kek not in self._keks:
@@ -114,6 +141,48 @@ class FakeKeyStore:
             material_id=hashlib.sha256(wrapped).hexdigest(), wrapped=wrapped, kek=kek
         )
 
+    def generate_hmac_key(self, key_spec: str, kek: str) -> MaterialRef:
+        size = self.HMAC_KEY_BYTES.get(key_spec) if isinstance(key_spec, str) else None
+        if size is None:
+            raise HsmError("unsupported HMAC key spec")
+        check_kek_label(kek)
+        self._maybe_fail()
+        with self._lock:
+            wrapping = self._keks.setdefault(kek, AESGCM.generate_key(bit_length=256))
+        wrapped = aes_key_wrap_with_padding(wrapping, os.urandom(size))
+        self.generated += 1
+        return MaterialRef(
+            material_id=hashlib.sha256(wrapped).hexdigest(), wrapped=wrapped, kek=kek, kind=key_spec
+        )
+
+    def generate_mac(self, material: MaterialRef, mac_algorithm: str, message: bytes) -> bytes:
+        if material.kind not in self.HMAC_KEY_BYTES:
+            raise HsmError("key material is not an HMAC key")
+        entry = self.HMAC_ALGORITHMS.get(mac_algorithm) if isinstance(mac_algorithm, str) else None
+        if entry is None:
+            raise HsmError("unsupported MAC algorithm")
+        digest, key_spec = entry
+        if key_spec != material.kind:
+            raise HsmError("the MAC algorithm does not match the HMAC key spec")
+        self._maybe_fail()
+        with self._lock:
+            cached = self._mac_cache.get(material.material_id)
+        if cached is None:
+            key = self._unwrap_raw(material)
+            if len(key) != self.HMAC_KEY_BYTES[material.kind]:
+                raise HsmError("key material is not of the claimed kind")
+            cached = (key, material.kek, material.kind)
+            with self._lock:
+                if material.kek is not None and material.kek not in self._keks:
+                    raise HsmError("key material was destroyed")  # destroyed meanwhile
+                self._mac_cache[material.material_id] = cached
+        key, kek, kind = cached
+        if kek != material.kek:
+            raise HsmError("cannot unwrap key material: WrappedKeyInvalid")
+        if kind != material.kind:
+            raise HsmError("key material is not of the claimed kind")
+        return hmac.new(key, message, digest).digest()
+
     def destroy_kek(self, kek: str) -> None:
         check_kek_label(kek)
         self._maybe_fail()
@@ -121,6 +190,8 @@ class FakeKeyStore:
             self._keks.pop(kek, None)
             for material_id in [m for m, (_, k) in self._cache.items() if k == kek]:
                 del self._cache[material_id]
+            for material_id in [m for m, (_, k, _) in self._mac_cache.items() if k == kek]:
+                del self._mac_cache[material_id]
 
     def encrypt(self, material: MaterialRef, plaintext: bytes, aad: bytes) -> tuple[bytes, bytes]:
         self._maybe_fail()
@@ -128,6 +199,8 @@ class FakeKeyStore:
         return iv, self._aead(material).encrypt(iv, plaintext, aad)
 
     def decrypt(self, material: MaterialRef, iv: bytes, ciphertext: bytes, aad: bytes) -> bytes:
+        if material.kind != "AES":
+            raise HsmError("key material is not an AES encryption key")
         if len(iv) != IV_LEN or len(ciphertext) < TAG_LEN:
             raise InvalidCiphertextError("")
         self._maybe_fail()
@@ -144,8 +217,10 @@ class FakeKeyStore:
     def forget(self, material_id: str) -> None:
         with self._lock:
             self._cache.pop(material_id, None)
+            self._mac_cache.pop(material_id, None)
 
     def close(self) -> None:
         with self._lock:
             self._closed = True
             self._cache.clear()
+            self._mac_cache.clear()

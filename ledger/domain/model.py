@@ -21,6 +21,7 @@ from uuid import UUID, uuid5
 
 from eventsourcing.domain import Aggregate
 
+from ledger.domain.key_specs import camel, key_algorithms
 from ledger.domain.key_states import (
     DISABLED,
     ENABLED,
@@ -68,6 +69,8 @@ def material_to_json(material: MaterialRef) -> JSON:
     }
     if material.kek is not None:
         out["kek"] = material.kek
+    if material.kind != "AES":
+        out["kind"] = material.kind
     return out
 
 
@@ -76,6 +79,7 @@ def material_from_json(data: JSON) -> MaterialRef:
         material_id=str(data["material_id"]),
         wrapped=base64.b64decode(data["wrapped"]),
         kek=data.get("kek"),
+        kind=str(data.get("kind", "AES")),
     )
 
 
@@ -356,7 +360,7 @@ class Key(Aggregate):
             "keyManager": "CUSTOMER",
             "customerMasterKeySpec": key_spec,
             "keySpec": key_spec,
-            "encryptionAlgorithms": ["SYMMETRIC_DEFAULT"],
+            **camel(key_algorithms(key_spec, key_usage)),
             "multiRegion": False,
         }
         return cls._create(

@@ -11,6 +11,7 @@ Wrapping keys are AES-256 token objects, sensitive, non-extractable, WRAP/UNWRAP
   material with ``kek`` None (from before per-key KEKs) is wrapped under it;
 * one *key-encryption key* (KEK) per KMS key, labelled by the caller (``keyledger-kek-``
   followed by the key's id), created by the first ``generate_symmetric_key(kek=...)``
+  or ``generate_hmac_key``
   (the CreateKey path: one token-object keygen, about 10 ms). ``destroy_kek`` destroys
   it when the KMS key is deleted, which makes every blob wrapped under it, kept forever
   by the immutable log, unrecoverable (crypto-shredding).
@@ -55,6 +56,24 @@ Process caveats:
   nothing new under the destroyed KEK.
 * The cache of unwrapped handles grows with the number of distinct backing keys used
   (each costs the HSM a few hundred bytes) until ``close()``.
+
+HMAC keys (``generate_hmac_key``, ``generate_mac``): CKK_GENERIC_SECRET keys of 28, 32,
+48 or 64 bytes (CKM_GENERIC_SECRET_KEY_GEN), SIGN/VERIFY only, wrapped under the
+per-key KEK like AES keys; MACs are CKM_SHA224/256/384/512_HMAC computed in the HSM.
+``MaterialRef.kind`` says how a blob is unwrapped (AES with ENCRYPT/DECRYPT, or generic
+secret with SIGN); the blob itself does not record it, so the ledger's ``kind`` is
+trusted. SoftHSM2 2.6 quirks, measured:
+
+* CKK_SHA256_HMAC etc. are not needed (and CKK_SHA256_HMAC refuses lengths other than
+  32 bytes); every CKM_SHAn_HMAC accepts a generic secret.
+* CKM_SHAn_HMAC refuses keys shorter than the hash output (KeySizeRange): 28/32/48/64
+  bytes minimum, which the AWS KMS key specs meet exactly.
+* CKM_AES_KEY_WRAP_PAD zero-pads a key whose length is not a multiple of 8 *before*
+  RFC 5649 wrapping, so a 28-byte HMAC_224 key comes back from unwrapping as 32 bytes,
+  the key followed by four zero bytes. The MAC is the same: HMAC zero-pads any key
+  shorter than the hash's block (64 bytes for SHA-224) anyway. The blob is not the
+  RFC 5649 wrapping of the 28-byte key, though: another HSM unwrapping it also gets
+  32 bytes (same MAC, by the same argument).
 """
 
 from __future__ import annotations
@@ -93,6 +112,22 @@ KEK_ID_LEN = 16  # random CKA_ID: a deterministic order among duplicate KEKs
 WRAP_MECHANISM = Mechanism.AES_KEY_WRAP_PAD  # 0x210A; 32-byte key -> 40-byte blob
 IV_LEN = 12
 TAG_LEN = 16
+
+AES_KIND = "AES"
+# AWS KMS HMAC key spec -> key length in bytes (generated in the HSM).
+HMAC_KEY_BYTES: dict[str, int] = {
+    "HMAC_224": 28,
+    "HMAC_256": 32,
+    "HMAC_384": 48,
+    "HMAC_512": 64,
+}
+# AWS KMS MAC algorithm -> (PKCS#11 mechanism, the key spec it belongs to, MAC length).
+HMAC_MECHANISMS: dict[str, tuple[Mechanism, str, int]] = {
+    "HMAC_SHA_224": (Mechanism.SHA224_HMAC, "HMAC_224", 28),
+    "HMAC_SHA_256": (Mechanism.SHA256_HMAC, "HMAC_256", 32),
+    "HMAC_SHA_384": (Mechanism.SHA384_HMAC, "HMAC_384", 48),
+    "HMAC_SHA_512": (Mechanism.SHA512_HMAC, "HMAC_512", 64),
+}
 
 _CKF_OS_LOCKING_OK = 0x00000002
 _CKR_OK = 0x0
@@ -357,10 +392,11 @@ def _find_keks(session: Any, label: str) -> list[tuple[bytes, int]]:
 
 @dataclass
 class _Unwrapped:
-    """A cached unwrapped session key and the KEK its blob was wrapped under."""
+    """A cached unwrapped session key, the KEK its blob was wrapped under and its kind."""
 
     key: Any
     kek: str | None
+    kind: str
 
 
 # --- key views: a key handle used through another session -----------------------------
@@ -393,6 +429,47 @@ class _KeyView(
     @property
     def handle(self) -> int:
         return self._handle
+
+
+class _MacKeyView(_p11.SignMixin):  # type: ignore[misc,name-defined]
+    """A generic-secret (HMAC) key handle bound to a pooled session; see :class:`_KeyView`."""
+
+    key_type = KeyType.GENERIC_SECRET
+
+    def __init__(self, session: Any, handle: int) -> None:
+        self._session = session
+        self._handle = handle
+
+    @property
+    def session(self) -> Any:
+        return self._session
+
+    @property
+    def handle(self) -> int:
+        return self._handle
+
+
+def hmac_mechanism(mac_algorithm: str) -> tuple[Mechanism, str, int]:
+    """``(mechanism, key spec, MAC length)`` of an AWS KMS MAC algorithm, else HsmError."""
+    entry = HMAC_MECHANISMS.get(mac_algorithm) if isinstance(mac_algorithm, str) else None
+    if entry is None:
+        raise HsmError("unsupported MAC algorithm")
+    return entry
+
+
+def hmac_sign(session: Any, handle: int, mac_algorithm: str, message: bytes) -> bytes:
+    """The HMAC of ``message`` under the key object ``handle``, computed in the HSM through
+    ``session`` with the mechanism of ``mac_algorithm`` (passed explicitly).
+
+    The one MAC path of this module; tests run it on imported known keys (RFC 4231).
+    Raises HsmError for an unknown algorithm or a MAC of the wrong length, and lets
+    PKCS11Error through (callers map it).
+    """
+    mechanism, _, mac_len = hmac_mechanism(mac_algorithm)
+    mac: bytes = _MacKeyView(session, handle).sign(bytes(message), mechanism=mechanism)
+    if len(mac) != mac_len:
+        raise HsmError("the HSM returned a MAC of the wrong length")
+    return mac
 
 
 # --- the store -------------------------------------------------------------------------
@@ -608,10 +685,12 @@ class Pkcs11KeyStore:
 
     def _key_handle(self, material: MaterialRef) -> int:
         """The cached unwrapped handle for ``material``; unwraps on first use, under
-        ``material.kek``'s KEK, or the domain key when it is None.
+        ``material.kek``'s KEK, or the domain key when it is None, as an AES key
+        (ENCRYPT/DECRYPT) or, for an ``HMAC_*`` kind, a generic secret (SIGN).
 
-        Raises HsmError when the blob does not match its id, its KEK was destroyed, or
-        it cannot be unwrapped (for instance under another key's KEK).
+        Raises HsmError when the blob does not match its id, its KEK was destroyed, it
+        cannot be unwrapped (for instance under another key's KEK), or it was unwrapped
+        before as another kind.
         """
         with self._cache_lock:
             cached = self._unwrapped.get(material.material_id)
@@ -629,30 +708,43 @@ class Pkcs11KeyStore:
                 with self._cache_lock:
                     cached = self._unwrapped.get(material.material_id)
                 if cached is None:
-                    cached = _Unwrapped(self._unwrap(material.wrapped, wrapping), material.kek)
+                    cached = _Unwrapped(
+                        self._unwrap(material.wrapped, wrapping, material.kind),
+                        material.kek,
+                        material.kind,
+                    )
                     with self._cache_lock:
                         self._unwrapped[material.material_id] = cached
         if cached.kek != material.kek:
             # The blob was wrapped under another key (its id is its hash): refuse, as
             # unwrapping it under the claimed KEK would.
             raise HsmError("cannot unwrap key material: WrappedKeyInvalid")
+        if cached.kind != material.kind:
+            raise HsmError("key material is not of the claimed kind")
         handle: int = cached.key.handle
         return handle
 
-    def _unwrap(self, wrapped: bytes, wrapping: tuple[int, ...]) -> Any:
+    def _unwrap(self, wrapped: bytes, wrapping: tuple[int, ...], kind: str) -> Any:
         """Unwrap into a session object of the login session (caller holds its lock),
-        trying each wrapping key in turn. Raises HsmError when none unwraps it."""
+        trying each wrapping key in turn. Raises HsmError when none unwraps it or
+        ``kind`` is unknown."""
+        if kind == AES_KIND:
+            key_type, capabilities = KeyType.AES, MechanismFlag.ENCRYPT | MechanismFlag.DECRYPT
+        elif kind in HMAC_KEY_BYTES:
+            key_type, capabilities = KeyType.GENERIC_SECRET, MechanismFlag.SIGN
+        else:
+            raise HsmError("unknown kind of key material")
         error = "WrappedKeyInvalid"
         for wrapping_handle in wrapping:
             try:
                 # Owned by the login session, so the key lives as long as the store.
                 return _KeyView(self._login.session, wrapping_handle).unwrap_key(
                     ObjectClass.SECRET_KEY,
-                    KeyType.AES,
+                    key_type,
                     wrapped,
                     mechanism=WRAP_MECHANISM,
                     store=False,
-                    capabilities=MechanismFlag.ENCRYPT | MechanismFlag.DECRYPT,
+                    capabilities=capabilities,
                     template={
                         Attribute.PRIVATE: True,
                         Attribute.SENSITIVE: True,
@@ -686,15 +778,53 @@ class Pkcs11KeyStore:
         only inside the HSM, as a transient session object destroyed right after
         wrapping. Raises HsmError when the label is invalid or the HSM fails.
         """
+        return self._generate_wrapped(
+            kek, KeyType.AES, 256, Mechanism.AES_KEY_GEN, MechanismFlag(0), AES_KIND
+        )
+
+    def generate_hmac_key(self, key_spec: str, kek: str) -> MaterialRef:
+        """Generate an HMAC key (``HMAC_224``/``256``/``384``/``512``: a generic secret of
+        28/32/48/64 bytes) in the HSM and return it wrapped under the KEK labelled
+        ``kek`` (created when missing, as by ``generate_symmetric_key``); ``kind`` is
+        ``key_spec``.
+
+        The key exists in plaintext only inside the HSM, as a sensitive SIGN/VERIFY
+        session object destroyed right after wrapping. Raises HsmError for an unknown
+        key spec, an invalid label, or when the HSM fails.
+        """
+        size = HMAC_KEY_BYTES.get(key_spec) if isinstance(key_spec, str) else None
+        if size is None:
+            raise HsmError("unsupported HMAC key spec")
+        check_kek_label(kek)
+        return self._generate_wrapped(
+            kek,
+            KeyType.GENERIC_SECRET,
+            size * 8,
+            Mechanism.GENERIC_SECRET_KEY_GEN,
+            MechanismFlag.SIGN | MechanismFlag.VERIFY,
+            key_spec,
+        )
+
+    def _generate_wrapped(
+        self,
+        kek: str | None,
+        key_type: KeyType,
+        bits: int,
+        mechanism: Mechanism,
+        capabilities: MechanismFlag,
+        kind: str,
+    ) -> MaterialRef:
+        """Generate a transient sensitive session key, wrap it under the KEK ``kek``
+        (created when missing) or the domain key, destroy it. Raises HsmError."""
         wrapping = self._domain_handle if kek is None else self._kek_handles(kek, create=True)[0]
         try:
             with self._session() as session:
                 key = session.generate_key(
-                    KeyType.AES,
-                    256,
+                    key_type,
+                    bits,
                     store=False,
-                    mechanism=Mechanism.AES_KEY_GEN,
-                    capabilities=MechanismFlag(0),
+                    mechanism=mechanism,
+                    capabilities=capabilities,
                     template={
                         Attribute.PRIVATE: True,
                         Attribute.SENSITIVE: True,
@@ -711,7 +841,7 @@ class Pkcs11KeyStore:
         except p11e.PKCS11Error as exc:
             raise HsmError(f"key generation failed: {type(exc).__name__}") from None
         return MaterialRef(
-            material_id=hashlib.sha256(wrapped).hexdigest(), wrapped=wrapped, kek=kek
+            material_id=hashlib.sha256(wrapped).hexdigest(), wrapped=wrapped, kek=kek, kind=kind
         )
 
     def destroy_kek(self, kek: str) -> None:
@@ -751,8 +881,10 @@ class Pkcs11KeyStore:
 
         Caveat: random IVs bound the safe number of encryptions per key to about 2^32
         (NIST SP 800-38D); rotate backing keys well before that.
-        Raises HsmError when the HSM fails or the material cannot be unwrapped.
+        Raises HsmError when the HSM fails, the material is not an AES key or cannot be
+        unwrapped.
         """
+        _require_aes(material)
         handle = self._key_handle(material)
         iv = os.urandom(IV_LEN)
         try:
@@ -772,8 +904,9 @@ class Pkcs11KeyStore:
         Raises InvalidCiphertextError (no detail) when the IV is not 12 bytes, the
         ciphertext is shorter than a tag, or authentication fails (wrong key, AAD, IV,
         or any changed byte). Raises HsmError when the HSM itself fails or the material
-        cannot be unwrapped.
+        is not an AES key or cannot be unwrapped.
         """
+        _require_aes(material)
         if len(iv) != IV_LEN or len(ciphertext) < TAG_LEN:
             raise InvalidCiphertextError("")
         handle = self._key_handle(material)
@@ -789,6 +922,26 @@ class Pkcs11KeyStore:
         except p11e.PKCS11Error:
             raise InvalidCiphertextError("") from None
         return out
+
+    def generate_mac(self, material: MaterialRef, mac_algorithm: str, message: bytes) -> bytes:
+        """HMAC (``HMAC_SHA_224``/``256``/``384``/``512``) of ``message`` in the HSM, with
+        the material unwrapped (once, then cached) as a SIGN-only generic secret.
+
+        Raises HsmError when the material is not an HMAC key, the algorithm is unknown
+        or does not belong to the material's key spec, the material cannot be unwrapped
+        (destroyed KEK), or the HSM fails.
+        """
+        if material.kind not in HMAC_KEY_BYTES:
+            raise HsmError("key material is not an HMAC key")
+        _, key_spec, _ = hmac_mechanism(mac_algorithm)
+        if key_spec != material.kind:
+            raise HsmError("the MAC algorithm does not match the HMAC key spec")
+        handle = self._key_handle(material)
+        try:
+            with self._session() as session:
+                return hmac_sign(session, handle, mac_algorithm, message)
+        except p11e.PKCS11Error as exc:
+            raise HsmError(f"MAC generation failed: {type(exc).__name__}") from None
 
     def generate_random(self, number_of_bytes: int) -> bytes:
         """Random bytes from the HSM's RNG (C_GenerateRandom). Raises HsmError."""
@@ -838,6 +991,11 @@ class Pkcs11KeyStore:
         _release_login(self._module, self._token_label, self._login)
 
 
+def _require_aes(material: MaterialRef) -> None:
+    if material.kind != AES_KIND:
+        raise HsmError("key material is not an AES encryption key")
+
+
 def open_keystore(settings: Settings) -> Pkcs11KeyStore:
     """Open the keystore the settings describe.
 
@@ -864,9 +1022,14 @@ def open_keystore(settings: Settings) -> Pkcs11KeyStore:
 
 
 __all__ = [
+    "AES_KIND",
     "DOMAIN_KEY_LABEL",
+    "HMAC_KEY_BYTES",
+    "HMAC_MECHANISMS",
     "KEK_LABEL_PREFIX",
     "Pkcs11KeyStore",
     "check_kek_label",
+    "hmac_mechanism",
+    "hmac_sign",
     "open_keystore",
 ]

@@ -26,6 +26,7 @@ class MaterialRef:
     material_id: str
     wrapped: bytes = field(repr=False)
     kek: str | None = None
+    kind: str = "AES"  # "AES" (symmetric encryption) or "HMAC_224/256/384/512"
 
 
 class KeyStore(Protocol):
@@ -63,6 +64,21 @@ class KeyStore(Protocol):
 
         Raises InvalidCiphertextError for any authentication failure (the HSM does not
         say why) and HsmError when the HSM itself fails.
+        """
+        ...
+
+    def generate_hmac_key(self, key_spec: str, kek: str) -> MaterialRef:
+        """Generate an HMAC key (``HMAC_224``/``256``/``384``/``512``: 28/32/48/64 bytes)
+        inside the HSM, wrapped under the KEK ``kek``; ``kind`` is the key spec.
+
+        Raises HsmError (also for an unknown key spec).
+        """
+        ...
+
+    def generate_mac(self, material: MaterialRef, mac_algorithm: str, message: bytes) -> bytes:
+        """HMAC (``HMAC_SHA_224``/``256``/``384``/``512``) of ``message`` inside the HSM.
+
+        Raises HsmError when the HSM fails or the material is not an HMAC key.
         """
         ...
 
