@@ -19,13 +19,13 @@ $(VENV)/.installed: pyproject.toml
 	@touch $@
 
 softhsm:
-	@if [ -f $(SOFTHSM_MODULE) ] && command -v softhsm2-util >/dev/null; then exit 0; fi; \
-	echo "softhsm2 is missing: installing it with apt-get"; \
+	@if [ -f $(SOFTHSM_MODULE) ] && command -v softhsm2-util >/dev/null && command -v openssl >/dev/null; then exit 0; fi; \
+	echo "softhsm2 (or openssl, for the interop tests) is missing: installing with apt-get"; \
 	if [ "$$(id -u)" = 0 ]; then SUDO=; elif command -v sudo >/dev/null; then SUDO=sudo; \
 	else echo "Cannot install softhsm2 (not root, no sudo): run 'apt-get install softhsm2' as root, then retry."; exit 1; fi; \
 	if ! command -v apt-get >/dev/null; then \
 	  echo "Cannot install softhsm2: no apt-get here. Install SoftHSM2 2.6 with your package manager, then retry."; exit 1; fi; \
-	{ $$SUDO apt-get update -qq && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq softhsm2 >/dev/null; } || \
+	{ $$SUDO apt-get update -qq && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq softhsm2 openssl >/dev/null; } || \
 	  { echo "apt-get could not install softhsm2: install the Debian/Ubuntu package softhsm2, then retry."; exit 1; }
 
 # PostgreSQL for the test suite (127.0.0.1:5432, trust auth); start it if it is down.

@@ -90,6 +90,12 @@ class _NoKeyStore:
     def generate_mac(self, material: MaterialRef, mac_algorithm: str, message: bytes) -> bytes:
         self._refuse()
 
+    def generate_key_pair(self, key_spec: str, kek: str) -> tuple[MaterialRef, bytes]:
+        self._refuse()
+
+    def sign(self, material: MaterialRef, signing_algorithm: str, digest: bytes) -> bytes:
+        self._refuse()
+
     def encrypt(self, material: MaterialRef, plaintext: bytes, aad: bytes) -> tuple[bytes, bytes]:
         self._refuse()
 

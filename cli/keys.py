@@ -92,7 +92,10 @@ def keys_create(
     ctx: typer.Context,
     description: Annotated[str, typer.Option(help="Key description.")] = "",
     key_spec: Annotated[str, typer.Option(help="AWS KeySpec.")] = "SYMMETRIC_DEFAULT",
-    key_usage: Annotated[str, typer.Option(help="AWS KeyUsage.")] = "ENCRYPT_DECRYPT",
+    key_usage: Annotated[
+        str | None,
+        typer.Option(help="AWS KeyUsage (required for all but SYMMETRIC_DEFAULT keys)."),
+    ] = None,
     origin: Annotated[
         str, typer.Option(help="AWS_KMS (material made in the HSM) or EXTERNAL.")
     ] = "AWS_KMS",

@@ -26,6 +26,7 @@ from cli.crypto_cmds import data_key_app, envelope_app, random_bytes, reencrypt
 from cli.grants import grants_app
 from cli.keys import keys_app
 from cli.maintenance import maintenance_app
+from cli.signing_cmds import mac_app, public_key, sign, verify
 from ledger.errors import KeyLedgerError, TamperError, ValidationError
 from ledger.settings import Settings
 
@@ -46,6 +47,10 @@ app.add_typer(audit_app, name="audit")
 app.add_typer(projections_app, name="projections")
 app.add_typer(data_key_app, name="data-key")
 app.add_typer(envelope_app, name="envelope")
+app.add_typer(mac_app, name="mac")
+app.command("sign")(sign)
+app.command("verify")(verify)
+keys_app.command("public-key")(public_key)
 app.command("reencrypt")(reencrypt)
 app.command("random")(random_bytes)
 

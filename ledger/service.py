@@ -13,6 +13,7 @@ would show (key id as sent, encryption context, algorithm).
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import hmac
 import json
 import os
@@ -28,13 +29,17 @@ from uuid import UUID
 from eventsourcing.application import AggregateNotFoundError, Application
 from eventsourcing.persistence import IntegrityError, Mapper
 
-from ledger import envelope
+from ledger import envelope, signatures
 from ledger.clock import Clock, SystemClock
 from ledger.domain import grants
 from ledger.domain.key_specs import (
+    COMPATIBLE_USAGES,
     HMAC_MAC_ALGORITHM,
     MAC_ALGORITHMS,
-    SUPPORTED_USAGE,
+    SIGNING_ALGORITHMS,
+    SIGNING_ALGORITHMS_BY_SPEC,
+    SUPPORTED_USAGES,
+    digest_length,
     key_algorithms,
 )
 from ledger.domain.model import Alias, ApiCall, CallContext, Key, kek_label
@@ -45,6 +50,7 @@ from ledger.errors import (
     InvalidKeyUsageError,
     KeyLedgerError,
     KMSInvalidMacError,
+    KMSInvalidSignatureError,
     LedgerUnavailableError,
     LimitExceededError,
     MalformedPolicyDocumentError,
@@ -525,25 +531,28 @@ class KeyLedger(Application[UUID]):
                 raise enum_error("keyUsage", usage, KEY_USAGES)
             if orig not in ORIGINS:
                 raise enum_error("origin", orig, ORIGINS)
-            compatible = {
-                SYMMETRIC_DEFAULT: ("ENCRYPT_DECRYPT",),
-                **{h: ("GENERATE_VERIFY_MAC",) for h in HMAC_MAC_ALGORITHM},
-            }.get(spec)
+            compatible = COMPATIBLE_USAGES.get(spec)
             if compatible is not None and usage not in compatible:
                 raise ValidationError(f"KeyUsage {usage} is not compatible with KeySpec {spec}")
             tag_map = check_tags(tags or [])
             if policy is not None:
                 check_policy(policy)
-            if SUPPORTED_USAGE.get(spec) != usage or (
+            if usage not in SUPPORTED_USAGES.get(spec, ()) or (
                 orig not in ("AWS_KMS", "EXTERNAL")
                 or (orig == "EXTERNAL" and spec != SYMMETRIC_DEFAULT)
             ):
                 raise UnsupportedOperationError(
-                    f"KeySpec {spec} with origin {orig} is not supported by this KeyLedger version."
+                    f"KeySpec {spec} with KeyUsage {usage} and origin {orig} is not supported "
+                    "by this KeyLedger version."
                 )
             key_uuid = uuid.uuid4()
             material: MaterialRef | None = None
-            if orig == "AWS_KMS" and spec in HMAC_MAC_ALGORITHM:
+            public_key: bytes | None = None
+            if orig == "AWS_KMS" and spec in SIGNING_ALGORITHMS_BY_SPEC:
+                material, public_key = self.keystore.generate_key_pair(
+                    spec, kek=kek_label(key_uuid)
+                )
+            elif orig == "AWS_KMS" and spec in HMAC_MAC_ALGORITHM:
                 material = self.keystore.generate_hmac_key(spec, kek=kek_label(key_uuid))
             elif orig == "AWS_KMS":
                 material = self.keystore.generate_symmetric_key(kek=kek_label(key_uuid))
@@ -562,6 +571,7 @@ class KeyLedger(Application[UUID]):
                 request=request,
                 policy=policy,
                 tags=tag_map,
+                public_key=public_key,
             )
             self._commit(key)
             return {"KeyMetadata": self.metadata(key)}
@@ -1648,3 +1658,143 @@ class KeyLedger(Application[UUID]):
             return {"KeyId": key.arn, "MacValid": True, "MacAlgorithm": mac_algorithm}
 
         return self._run("VerifyMac", caller, request, body, read_only=True)
+
+    # ------------------------------------------------------------ asymmetric signing
+
+    def _signing_key(
+        self, operation: str, key_id: str, signing_algorithm: str, attempt: _Attempt
+    ) -> Key:
+        if signing_algorithm not in SIGNING_ALGORITHMS:
+            raise enum_error("signingAlgorithm", signing_algorithm, SIGNING_ALGORITHMS)
+        key = self._key_for(key_id, attempt, allow_alias=True)
+        key.check(operation)
+        self._check_usage(key, "SIGN_VERIFY", operation)
+        if signing_algorithm not in SIGNING_ALGORITHMS_BY_SPEC.get(key.key_spec, []):
+            raise InvalidKeyUsageError(
+                f"Algorithm {signing_algorithm} is incompatible with key spec {key.key_spec}."
+            )
+        return key
+
+    @staticmethod
+    def _digest(message: bytes, message_type: str | None, signing_algorithm: str) -> bytes:
+        """The digest to sign or verify: RAW messages (<= 4096 bytes) are hashed here;
+        DIGEST messages must already have the algorithm's hash length."""
+        kind = message_type or "RAW"
+        if kind not in ("RAW", "DIGEST"):
+            raise enum_error("messageType", kind, ("RAW", "DIGEST"))
+        if not isinstance(message, bytes | bytearray) or len(message) < 1:
+            raise validation_error("message", "Member must have length greater than or equal to 1")
+        if len(message) > MAX_PLAINTEXT:
+            raise validation_error("message", "Member must have length less than or equal to 4096")
+        size = digest_length(signing_algorithm)
+        if kind == "DIGEST":
+            if len(message) != size:
+                raise ValidationError(
+                    f"Digest is invalid length for algorithm {signing_algorithm}."
+                )
+            return bytes(message)
+        return hashlib.new(f"sha{size * 8}", bytes(message)).digest()
+
+    def get_public_key(self, *, caller: Caller, key_id: str) -> JSON:
+        """GetPublicKey: the DER SubjectPublicKeyInfo of an asymmetric key.
+
+        Raises UnsupportedOperationError for symmetric and HMAC keys.
+        """
+
+        def answer(key: Key) -> JSON:
+            public = key.public_key
+            if public is None:
+                raise UnsupportedOperationError(
+                    f"{key.arn} key spec {key.key_spec} is not valid for GetPublicKey."
+                )
+            return {
+                "KeyId": key.arn,
+                "PublicKey": public,
+                "CustomerMasterKeySpec": key.key_spec,
+                "KeySpec": key.key_spec,
+                "KeyUsage": key.key_usage,
+                **key_algorithms(key.key_spec, key.key_usage),
+            }
+
+        return self._read(
+            "GetPublicKey", caller, {"keyId": key_id}, key_id, answer, allow_alias=True
+        )
+
+    def sign(
+        self,
+        *,
+        caller: Caller,
+        key_id: str,
+        message: bytes,
+        signing_algorithm: str,
+        message_type: str | None = None,
+    ) -> JSON:
+        """Sign: the private key signs inside the HSM; RAW messages are hashed on the
+        host first (only the digest enters the HSM). ECDSA signatures are DER, RSA
+        signatures raw, as AWS returns them.
+
+        Security: neither message nor signature reaches the record. Raises
+        ValidationError, InvalidKeyUsageError, NotFoundError, DisabledError,
+        KMSInvalidStateError.
+        """
+        request: JSON = {
+            "keyId": key_id,
+            "messageType": message_type or "RAW",
+            "signingAlgorithm": signing_algorithm,
+        }
+
+        def body(call: CallContext, attempt: _Attempt) -> JSON:
+            key = self._signing_key("Sign", key_id, signing_algorithm, attempt)
+            digest = self._digest(message, message_type, signing_algorithm)
+            material = key.current_material
+            signature = self.keystore.sign(material, signing_algorithm, digest)
+            self._commit_call(
+                ApiCall.succeeded(
+                    call=call, timestamp=self.clock.now(), key_arn=key.arn, request=request,
+                    additional={"keyMaterialId": material.material_id},
+                )
+            )  # fmt: skip
+            return {"KeyId": key.arn, "Signature": signature, "SigningAlgorithm": signing_algorithm}
+
+        return self._run("Sign", caller, request, body, read_only=True)
+
+    def verify(
+        self,
+        *,
+        caller: Caller,
+        key_id: str,
+        message: bytes,
+        signature: bytes,
+        signing_algorithm: str,
+        message_type: str | None = None,
+    ) -> JSON:
+        """Verify a signature with the key's public key (no secret is involved, so this
+        runs on the host with ``cryptography``).
+
+        Raises KMSInvalidSignatureError for a signature that does not verify (recorded),
+        and what Sign raises.
+        """
+        request: JSON = {
+            "keyId": key_id,
+            "messageType": message_type or "RAW",
+            "signingAlgorithm": signing_algorithm,
+        }
+
+        def body(call: CallContext, attempt: _Attempt) -> JSON:
+            key = self._signing_key("Verify", key_id, signing_algorithm, attempt)
+            digest = self._digest(message, message_type, signing_algorithm)
+            if not isinstance(signature, bytes | bytearray) or not 1 <= len(signature) <= 6144:
+                raise validation_error("signature", "Member must have length between 1 and 6144")
+            public = key.public_key
+            assert public is not None
+            if not signatures.verify_digest(public, signing_algorithm, digest, bytes(signature)):
+                raise KMSInvalidSignatureError("")
+            self._commit_call(
+                ApiCall.succeeded(
+                    call=call, timestamp=self.clock.now(), key_arn=key.arn, request=request,
+                    additional={"keyMaterialId": key.current_material.material_id},
+                )
+            )  # fmt: skip
+            return {"KeyId": key.arn, "SignatureValid": True, "SigningAlgorithm": signing_algorithm}
+
+        return self._run("Verify", caller, request, body, read_only=True)

@@ -10,6 +10,9 @@ from collections.abc import Callable
 from typing import Any, ClassVar
 
 from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
+from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.keywrap import (
     InvalidUnwrap,
@@ -42,7 +45,8 @@ def check_kek_label(kek: object) -> str:
 
 class FakeKeyStore:
     """KeyStore with ``cryptography``: a random in-memory domain key and one random
-    in-memory KEK per label, RFC 5649 wrapping; HMAC keys and MACs with ``hmac``.
+    in-memory KEK per label, RFC 5649 wrapping; HMAC keys and MACs with ``hmac``;
+    signing key pairs and signatures with ``cryptography`` (PKCS#8 DER wrapped).
 
     Same contract and errors as ``Pkcs11KeyStore``: ``generate_symmetric_key(kek)``
     creates a missing KEK (also after ``destroy_kek``); using material whose KEK was
@@ -51,6 +55,37 @@ class FakeKeyStore:
     HsmError, to test how the service handles an HSM failure. ``keks`` lists the
     labels of the KEKs that exist.
     """
+
+    RSA_KEY_BITS: ClassVar[dict[str, int]] = {"RSA_2048": 2048, "RSA_3072": 3072, "RSA_4096": 4096}
+    EC_CURVES: ClassVar[dict[str, Callable[[], ec.EllipticCurve]]] = {
+        "ECC_NIST_P256": ec.SECP256R1,
+        "ECC_NIST_P384": ec.SECP384R1,
+        "ECC_NIST_P521": ec.SECP521R1,
+        "ECC_SECG_P256K1": ec.SECP256K1,
+    }
+    # signing algorithm -> (scheme, hash, the key specs it may be used with)
+    SIGNING_ALGORITHMS: ClassVar[dict[str, tuple[str, hashes.HashAlgorithm, frozenset[str]]]] = {
+        **{
+            f"RSASSA_{scheme}_SHA_{bits}": (
+                scheme,
+                hash_,
+                frozenset({"RSA_2048", "RSA_3072", "RSA_4096"}),
+            )
+            for scheme in ("PSS", "PKCS1_V1_5")
+            for bits, hash_ in (
+                (256, hashes.SHA256()),
+                (384, hashes.SHA384()),
+                (512, hashes.SHA512()),
+            )
+        },
+        "ECDSA_SHA_256": (
+            "ECDSA",
+            hashes.SHA256(),
+            frozenset({"ECC_NIST_P256", "ECC_SECG_P256K1"}),
+        ),
+        "ECDSA_SHA_384": ("ECDSA", hashes.SHA384(), frozenset({"ECC_NIST_P384"})),
+        "ECDSA_SHA_512": ("ECDSA", hashes.SHA512(), frozenset({"ECC_NIST_P521"})),
+    }
 
     HMAC_KEY_BYTES: ClassVar[dict[str, int]] = {
         "HMAC_224": 28,
@@ -74,6 +109,8 @@ class FakeKeyStore:
         self._cache: dict[str, tuple[AESGCM, str | None]] = {}
         # material_id -> (unwrapped HMAC key, its KEK label, its key spec)
         self._mac_cache: dict[str, tuple[bytes, str | None, str]] = {}
+        # material_id -> (unwrapped private key, its KEK label, its key spec)
+        self._sign_cache: dict[str, tuple[Any, str | None, str]] = {}
         self._closed = False
         self.fail_next = False
         self.generated = 0
@@ -183,6 +220,85 @@ class FakeKeyStore:
             raise HsmError("key material is not of the claimed kind")
         return hmac.new(key, message, digest).digest()
 
+    def generate_key_pair(self, key_spec: str, kek: str) -> tuple[MaterialRef, bytes]:
+        """As the adapter: the private key's PKCS#8 DER wrapped (RFC 5649) under the KEK,
+        and the DER SubjectPublicKeyInfo."""
+        if not isinstance(key_spec, str) or (
+            key_spec not in self.RSA_KEY_BITS and key_spec not in self.EC_CURVES
+        ):
+            raise HsmError("unsupported key spec")
+        check_kek_label(kek)
+        self._maybe_fail()
+        private: Any
+        if key_spec in self.RSA_KEY_BITS:
+            private = rsa.generate_private_key(65537, self.RSA_KEY_BITS[key_spec])
+        else:
+            private = ec.generate_private_key(self.EC_CURVES[key_spec]())
+        pkcs8 = private.private_bytes(
+            serialization.Encoding.DER,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+        public_der = private.public_key().public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+        with self._lock:
+            wrapping = self._keks.setdefault(kek, AESGCM.generate_key(bit_length=256))
+        wrapped = aes_key_wrap_with_padding(wrapping, pkcs8)
+        self.generated += 1
+        material = MaterialRef(
+            material_id=hashlib.sha256(wrapped).hexdigest(), wrapped=wrapped, kek=kek, kind=key_spec
+        )
+        return material, public_der
+
+    def sign(self, material: MaterialRef, signing_algorithm: str, digest: bytes) -> bytes:
+        """As the adapter: PSS with MGF1(hash) and salt length = digest length,
+        PKCS#1 v1.5, or ECDSA (DER), on the caller's digest."""
+        kind = material.kind
+        if kind not in self.RSA_KEY_BITS and kind not in self.EC_CURVES:
+            raise HsmError("key material is not an asymmetric signing key")
+        entry = (
+            self.SIGNING_ALGORITHMS.get(signing_algorithm)
+            if isinstance(signing_algorithm, str)
+            else None
+        )
+        if entry is None:
+            raise HsmError("unsupported signing algorithm")
+        scheme, hash_, key_specs = entry
+        if kind not in key_specs:
+            raise HsmError("the signing algorithm does not match the key spec")
+        if not isinstance(digest, bytes) or len(digest) != hash_.digest_size:
+            raise HsmError("the digest length does not match the signing algorithm")
+        self._maybe_fail()
+        with self._lock:
+            cached = self._sign_cache.get(material.material_id)
+        if cached is None:
+            try:
+                loaded = serialization.load_der_private_key(self._unwrap_raw(material), None)
+            except ValueError:
+                raise HsmError("key material is not of the claimed kind") from None
+            cached = (loaded, material.kek, kind)
+            with self._lock:
+                if material.kek is not None and material.kek not in self._keks:
+                    raise HsmError("key material was destroyed")  # destroyed meanwhile
+                self._sign_cache[material.material_id] = cached
+        private, kek, cached_kind = cached
+        if kek != material.kek:
+            raise HsmError("cannot unwrap key material: WrappedKeyInvalid")
+        if cached_kind != kind:
+            raise HsmError("key material is not of the claimed kind")
+        prehashed = Prehashed(hash_)
+        if scheme == "ECDSA" and isinstance(private, ec.EllipticCurvePrivateKey):
+            return private.sign(digest, ec.ECDSA(prehashed))
+        if scheme != "ECDSA" and isinstance(private, rsa.RSAPrivateKey):
+            pad: padding.AsymmetricPadding = (
+                padding.PSS(mgf=padding.MGF1(hash_), salt_length=hash_.digest_size)
+                if scheme == "PSS"
+                else padding.PKCS1v15()
+            )
+            return private.sign(digest, pad, prehashed)
+        raise HsmError("key material is not of the claimed kind")
+
     def destroy_kek(self, kek: str) -> None:
         check_kek_label(kek)
         self._maybe_fail()
@@ -192,6 +308,8 @@ class FakeKeyStore:
                 del self._cache[material_id]
             for material_id in [m for m, (_, k, _) in self._mac_cache.items() if k == kek]:
                 del self._mac_cache[material_id]
+            for material_id in [m for m, (_, k, _) in self._sign_cache.items() if k == kek]:
+                del self._sign_cache[material_id]
 
     def encrypt(self, material: MaterialRef, plaintext: bytes, aad: bytes) -> tuple[bytes, bytes]:
         self._maybe_fail()
@@ -218,9 +336,11 @@ class FakeKeyStore:
         with self._lock:
             self._cache.pop(material_id, None)
             self._mac_cache.pop(material_id, None)
+            self._sign_cache.pop(material_id, None)
 
     def close(self) -> None:
         with self._lock:
             self._closed = True
             self._cache.clear()
             self._mac_cache.clear()
+            self._sign_cache.clear()

@@ -14,10 +14,44 @@ HMAC_MAC_ALGORITHM = {
     "HMAC_512": "HMAC_SHA_512",
 }
 MAC_ALGORITHMS = tuple(HMAC_MAC_ALGORITHM.values())
-# The key specs and usages this version can create (others: UnsupportedOperationError).
-SUPPORTED_USAGE = {SYMMETRIC_DEFAULT: "ENCRYPT_DECRYPT"} | {
-    spec: "GENERATE_VERIFY_MAC" for spec in HMAC_MAC_ALGORITHM
+_RSA_SIGNING = [
+    f"{scheme}_SHA_{bits}"
+    for scheme in ("RSASSA_PSS", "RSASSA_PKCS1_V1_5")
+    for bits in (256, 384, 512)
+]
+SIGNING_ALGORITHMS_BY_SPEC = {
+    "RSA_2048": _RSA_SIGNING,
+    "RSA_3072": _RSA_SIGNING,
+    "RSA_4096": _RSA_SIGNING,
+    "ECC_NIST_P256": ["ECDSA_SHA_256"],
+    "ECC_NIST_P384": ["ECDSA_SHA_384"],
+    "ECC_NIST_P521": ["ECDSA_SHA_512"],
+    "ECC_SECG_P256K1": ["ECDSA_SHA_256"],
 }
+SIGNING_ALGORITHMS = tuple(sorted({a for v in SIGNING_ALGORITHMS_BY_SPEC.values() for a in v}))
+DIGEST_LENGTH = {"256": 32, "384": 48, "512": 64}
+# Which usages AWS allows for each spec (CreateKey rejects others with ValidationException).
+COMPATIBLE_USAGES = {
+    SYMMETRIC_DEFAULT: ("ENCRYPT_DECRYPT",),
+    **{spec: ("GENERATE_VERIFY_MAC",) for spec in HMAC_MAC_ALGORITHM},
+    **{spec: ("ENCRYPT_DECRYPT", "SIGN_VERIFY") for spec in ("RSA_2048", "RSA_3072", "RSA_4096")},
+    **{
+        spec: ("SIGN_VERIFY", "KEY_AGREEMENT")
+        for spec in ("ECC_NIST_P256", "ECC_NIST_P384", "ECC_NIST_P521")
+    },
+    "ECC_SECG_P256K1": ("SIGN_VERIFY",),
+}
+# The key specs and usages this version can create (others: UnsupportedOperationError).
+SUPPORTED_USAGES = {
+    SYMMETRIC_DEFAULT: ("ENCRYPT_DECRYPT",),
+    **{spec: ("GENERATE_VERIFY_MAC",) for spec in HMAC_MAC_ALGORITHM},
+    **{spec: ("SIGN_VERIFY",) for spec in SIGNING_ALGORITHMS_BY_SPEC},
+}
+
+
+def digest_length(signing_algorithm: str) -> int:
+    """Bytes of the hash a signing algorithm uses (``..._SHA_384`` -> 48)."""
+    return DIGEST_LENGTH[signing_algorithm.rsplit("_", 1)[1]]
 
 
 def key_algorithms(key_spec: str, key_usage: str) -> dict[str, list[str]]:
@@ -26,6 +60,8 @@ def key_algorithms(key_spec: str, key_usage: str) -> dict[str, list[str]]:
         return {"EncryptionAlgorithms": [SYMMETRIC_DEFAULT]}
     if key_spec in HMAC_MAC_ALGORITHM and key_usage == "GENERATE_VERIFY_MAC":
         return {"MacAlgorithms": [HMAC_MAC_ALGORITHM[key_spec]]}
+    if key_spec in SIGNING_ALGORITHMS_BY_SPEC and key_usage == "SIGN_VERIFY":
+        return {"SigningAlgorithms": list(SIGNING_ALGORITHMS_BY_SPEC[key_spec])}
     return {}
 
 

@@ -62,7 +62,8 @@ class CallContext:
         return asdict(self)
 
 
-def material_to_json(material: MaterialRef) -> JSON:
+def material_to_json(material: MaterialRef, public_key: bytes | None = None) -> JSON:
+    """The stored form of a backing key; an asymmetric key's DER public key rides along."""
     out: JSON = {
         "material_id": material.material_id,
         "wrapped": base64.b64encode(material.wrapped).decode("ascii"),
@@ -71,6 +72,8 @@ def material_to_json(material: MaterialRef) -> JSON:
         out["kek"] = material.kek
     if material.kind != "AES":
         out["kind"] = material.kind
+    if public_key is not None:
+        out["public_key"] = base64.b64encode(public_key).decode("ascii")
     return out
 
 
@@ -345,6 +348,7 @@ class Key(Aggregate):
         request: JSON,
         policy: str | None = None,
         tags: dict[str, str] | None = None,
+        public_key: bytes | None = None,
     ) -> Key:
         state = ENABLED if material is not None else PENDING_IMPORT
         metadata = {
@@ -378,7 +382,7 @@ class Key(Aggregate):
             key_spec=key_spec,
             key_usage=key_usage,
             origin=origin,
-            material=None if material is None else material_to_json(material),
+            material=None if material is None else material_to_json(material, public_key),
             policy=policy if policy is not None else default_key_policy(call.account_id),
             tags=dict(tags or {}),
         )
@@ -408,6 +412,13 @@ class Key(Aggregate):
     @property
     def current_material_id(self) -> str | None:
         return str(self.materials[-1]["material_id"]) if self.materials else None
+
+    @property
+    def public_key(self) -> bytes | None:
+        """DER SubjectPublicKeyInfo of an asymmetric key (None for other keys)."""
+        if not self.materials or "public_key" not in self.materials[-1]:
+            return None
+        return base64.b64decode(self.materials[-1]["public_key"])
 
     def material_version(self, version: int) -> MaterialRef:
         """The backing key of a given version; raises KeyError when unknown."""

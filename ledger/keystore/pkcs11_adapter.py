@@ -74,6 +74,24 @@ trusted. SoftHSM2 2.6 quirks, measured:
   shorter than the hash's block (64 bytes for SHA-224) anyway. The blob is not the
   RFC 5649 wrapping of the 28-byte key, though: another HSM unwrapping it also gets
   32 bytes (same MAC, by the same argument).
+
+Asymmetric signing keys (``generate_key_pair``, ``sign``; AWS KMS SIGN_VERIFY keys
+RSA_2048/3072/4096, ECC_NIST_P256/P384/P521, ECC_SECG_P256K1): the pair is generated in
+the HSM as session objects (CKM_RSA_PKCS_KEY_PAIR_GEN with e = 65537, or
+CKM_EC_KEY_PAIR_GEN with the curve's named-curve OID as CKA_EC_PARAMS), the private key
+(sensitive, SIGN only) is wrapped with CKM_AES_KEY_WRAP_PAD under the per-key KEK like
+secret keys (SoftHSM2 wraps its PKCS#8 encoding), both objects are destroyed, and the
+public key leaves as DER SubjectPublicKeyInfo. To sign, the blob is unwrapped into a
+sensitive, non-extractable SIGN-only private-key session object (cached like the other
+kinds) and the HSM runs the raw mechanism on the caller's digest: CKM_RSA_PKCS_PSS
+(hash, MGF1 with the same hash, salt length = digest length), CKM_RSA_PKCS on a
+DigestInfo, or CKM_ECDSA. SoftHSM2 2.6 quirks, measured:
+
+* python-pkcs11's ``unwrap_key`` adds every capability attribute (ENCRYPT, WRAP,
+  VERIFY = False) to the template, which SoftHSM2 refuses for a private key
+  (AttributeTypeInvalid); the adapter drops them with ``pkcs11.constants.DEFAULT``.
+* An unwrapped private key gets CKA_SIGN_RECOVER True unless the template says False.
+* secp256k1 works (generation, wrapping, CKM_ECDSA) with the OpenSSL backend.
 """
 
 from __future__ import annotations
@@ -89,7 +107,14 @@ from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from typing import Any
 
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.serialization import (
+    Encoding,
+    PublicFormat,
+    load_der_public_key,
+)
 from pkcs11 import (
+    MGF,
     Attribute,
     GCMParams,
     KeyType,
@@ -99,6 +124,12 @@ from pkcs11 import (
 )
 from pkcs11 import _pkcs11 as _p11
 from pkcs11 import exceptions as p11e
+from pkcs11.constants import DEFAULT
+from pkcs11.util.ec import (
+    encode_ec_public_key,
+    encode_ecdsa_signature,
+    encode_named_curve_parameters,
+)
 
 from ledger.errors import HsmError, InvalidCiphertextError
 from ledger.keystore import softhsm
@@ -128,6 +159,73 @@ HMAC_MECHANISMS: dict[str, tuple[Mechanism, str, int]] = {
     "HMAC_SHA_384": (Mechanism.SHA384_HMAC, "HMAC_384", 48),
     "HMAC_SHA_512": (Mechanism.SHA512_HMAC, "HMAC_512", 64),
 }
+
+# AWS KMS asymmetric (SIGN_VERIFY) key specs.
+RSA_KEY_BITS: dict[str, int] = {"RSA_2048": 2048, "RSA_3072": 3072, "RSA_4096": 4096}
+# key spec -> (curve name for the named-curve OID, coordinate length in bytes)
+EC_CURVES: dict[str, tuple[str, int]] = {
+    "ECC_NIST_P256": ("secp256r1", 32),
+    "ECC_NIST_P384": ("secp384r1", 48),
+    "ECC_NIST_P521": ("secp521r1", 66),
+    "ECC_SECG_P256K1": ("secp256k1", 32),
+}
+ASYMMETRIC_KEY_SPECS: frozenset[str] = frozenset(RSA_KEY_BITS) | frozenset(EC_CURVES)
+RSA_PUBLIC_EXPONENT = 65537
+
+
+@dataclass(frozen=True)
+class SigningAlgorithm:
+    """How an AWS KMS signing algorithm runs in the HSM.
+
+    ``scheme`` is ``"PSS"``, ``"PKCS1"`` or ``"ECDSA"``; ``key_specs`` the key specs it
+    may be used with; ``digest_info`` the DER DigestInfo prefix (PKCS1 only).
+    """
+
+    scheme: str
+    digest_len: int
+    hash_mechanism: Mechanism
+    mgf: MGF
+    key_specs: frozenset[str]
+    digest_info: bytes = b""
+
+
+# RFC 8017 section 9.2, note 1: DER of DigestInfo up to (excluding) the digest value.
+DIGEST_INFO_PREFIXES: dict[int, bytes] = {
+    32: bytes.fromhex("3031300d060960864801650304020105000420"),  # SHA-256
+    48: bytes.fromhex("3041300d060960864801650304020205000430"),  # SHA-384
+    64: bytes.fromhex("3051300d060960864801650304020305000440"),  # SHA-512
+}
+_HASHES: dict[int, tuple[str, Mechanism, MGF]] = {
+    32: ("256", Mechanism.SHA256, MGF.SHA256),
+    48: ("384", Mechanism.SHA384, MGF.SHA384),
+    64: ("512", Mechanism.SHA512, MGF.SHA512),
+}
+_RSA_SPECS = frozenset(RSA_KEY_BITS)
+# AWS KMS: each ECC key spec has exactly one ECDSA algorithm.
+_ECDSA_SPECS: dict[int, frozenset[str]] = {
+    32: frozenset({"ECC_NIST_P256", "ECC_SECG_P256K1"}),
+    48: frozenset({"ECC_NIST_P384"}),
+    64: frozenset({"ECC_NIST_P521"}),
+}
+
+
+def _signing_algorithms() -> dict[str, SigningAlgorithm]:
+    table: dict[str, SigningAlgorithm] = {}
+    for size, (bits, hash_mechanism, mgf) in _HASHES.items():
+        table[f"RSASSA_PSS_SHA_{bits}"] = SigningAlgorithm(
+            "PSS", size, hash_mechanism, mgf, _RSA_SPECS
+        )
+        table[f"RSASSA_PKCS1_V1_5_SHA_{bits}"] = SigningAlgorithm(
+            "PKCS1", size, hash_mechanism, mgf, _RSA_SPECS, DIGEST_INFO_PREFIXES[size]
+        )
+        table[f"ECDSA_SHA_{bits}"] = SigningAlgorithm(
+            "ECDSA", size, hash_mechanism, mgf, _ECDSA_SPECS[size]
+        )
+    return table
+
+
+# AWS KMS signing algorithm -> how it runs (digest length, mechanism parameters).
+SIGNING_ALGORITHMS: dict[str, SigningAlgorithm] = _signing_algorithms()
 
 _CKF_OS_LOCKING_OK = 0x00000002
 _CKR_OK = 0x0
@@ -472,6 +570,109 @@ def hmac_sign(session: Any, handle: int, mac_algorithm: str, message: bytes) -> 
     return mac
 
 
+class _PrivateKeyView(_p11.SignMixin):  # type: ignore[misc,name-defined]
+    """An RSA or EC private key handle bound to a pooled session; see :class:`_KeyView`."""
+
+    def __init__(self, session: Any, handle: int, key_type: KeyType) -> None:
+        self._session = session
+        self._handle = handle
+        self.key_type = key_type
+
+    @property
+    def session(self) -> Any:
+        return self._session
+
+    @property
+    def handle(self) -> int:
+        return self._handle
+
+
+def check_signing_algorithm(key_spec: str, algorithm: str, digest: bytes) -> SigningAlgorithm:
+    """The entry of ``algorithm`` after checking it is allowed for ``key_spec`` (RSA
+    algorithms for RSA keys; ECDSA_SHA_256 for P-256 and secp256k1, _384 for P-384,
+    _512 for P-521) and that ``digest`` has its hash's length. Else HsmError."""
+    if key_spec not in ASYMMETRIC_KEY_SPECS:
+        raise HsmError("key material is not an asymmetric signing key")
+    entry = SIGNING_ALGORITHMS.get(algorithm) if isinstance(algorithm, str) else None
+    if entry is None:
+        raise HsmError("unsupported signing algorithm")
+    if key_spec not in entry.key_specs:
+        raise HsmError("the signing algorithm does not match the key spec")
+    if not isinstance(digest, bytes | bytearray | memoryview) or len(digest) != entry.digest_len:
+        raise HsmError("the digest length does not match the signing algorithm")
+    return entry
+
+
+def private_key_sign(
+    session: Any, handle: int, key_spec: str, algorithm: str, digest: bytes
+) -> bytes:
+    """Sign ``digest`` with the private key object ``handle`` in the HSM through
+    ``session``; the caller hashed the message.
+
+    On the host: the checks of :func:`check_signing_algorithm`, the DigestInfo prefix for
+    RSASSA-PKCS1-v1_5, and the DER encoding of ECDSA's r||s. In the HSM: the private-key
+    operation (CKM_RSA_PKCS_PSS with hash, MGF1(hash) and salt length = digest length;
+    CKM_RSA_PKCS on DigestInfo || digest; CKM_ECDSA on the digest). Returns the
+    signature as AWS KMS does (RSA: modulus-length bytes; ECDSA: DER Ecdsa-Sig-Value).
+
+    Raises HsmError for a bad algorithm, key spec or digest, or an output of the wrong
+    length; lets PKCS11Error through (callers map it).
+    """
+    entry = check_signing_algorithm(key_spec, algorithm, digest)
+    data = bytes(digest)
+    if entry.scheme == "ECDSA":
+        view = _PrivateKeyView(session, handle, KeyType.EC)
+        raw: bytes = view.sign(data, mechanism=Mechanism.ECDSA)
+        if len(raw) != 2 * EC_CURVES[key_spec][1]:
+            raise HsmError("the HSM returned a signature of the wrong length")
+        return bytes(encode_ecdsa_signature(raw))
+    view = _PrivateKeyView(session, handle, KeyType.RSA)
+    if entry.scheme == "PSS":
+        out: bytes = view.sign(
+            data,
+            mechanism=Mechanism.RSA_PKCS_PSS,
+            mechanism_param=(entry.hash_mechanism, entry.mgf, entry.digest_len),
+        )
+    else:
+        out = view.sign(entry.digest_info + data, mechanism=Mechanism.RSA_PKCS)
+    if len(out) != RSA_KEY_BITS[key_spec] // 8:
+        raise HsmError("the HSM returned a signature of the wrong length")
+    return out
+
+
+def _public_key_der(key_spec: str, public_key: Any) -> bytes:
+    """DER SubjectPublicKeyInfo of the HSM public key object, checked by loading it
+    with ``cryptography`` (type and size must match ``key_spec``). Raises HsmError."""
+    try:
+        if key_spec in RSA_KEY_BITS:
+            attrs = public_key.get_attributes([Attribute.MODULUS, Attribute.PUBLIC_EXPONENT])
+            numbers = rsa.RSAPublicNumbers(
+                int.from_bytes(attrs[Attribute.PUBLIC_EXPONENT], "big"),
+                int.from_bytes(attrs[Attribute.MODULUS], "big"),
+            )
+            der: bytes = numbers.public_key().public_bytes(
+                Encoding.DER, PublicFormat.SubjectPublicKeyInfo
+            )
+        else:
+            der = bytes(encode_ec_public_key(public_key))
+        loaded = load_der_public_key(der)
+    except (ValueError, KeyError, TypeError):
+        raise HsmError("the HSM returned an invalid public key") from None
+    if key_spec in RSA_KEY_BITS:
+        ok = (
+            isinstance(loaded, rsa.RSAPublicKey)
+            and loaded.key_size == RSA_KEY_BITS[key_spec]
+            and loaded.public_numbers().e == RSA_PUBLIC_EXPONENT
+        )
+    else:
+        ok = isinstance(loaded, ec.EllipticCurvePublicKey) and (
+            loaded.curve.name == EC_CURVES[key_spec][0]
+        )
+    if not ok:
+        raise HsmError("the HSM returned a public key that does not match the key spec")
+    return der
+
+
 # --- the store -------------------------------------------------------------------------
 
 
@@ -686,7 +887,8 @@ class Pkcs11KeyStore:
     def _key_handle(self, material: MaterialRef) -> int:
         """The cached unwrapped handle for ``material``; unwraps on first use, under
         ``material.kek``'s KEK, or the domain key when it is None, as an AES key
-        (ENCRYPT/DECRYPT) or, for an ``HMAC_*`` kind, a generic secret (SIGN).
+        (ENCRYPT/DECRYPT), for an ``HMAC_*`` kind a generic secret (SIGN), or for an
+        asymmetric key spec an RSA or EC private key (SIGN).
 
         Raises HsmError when the blob does not match its id, its KEK was destroyed, it
         cannot be unwrapped (for instance under another key's KEK), or it was unwrapped
@@ -728,10 +930,30 @@ class Pkcs11KeyStore:
         """Unwrap into a session object of the login session (caller holds its lock),
         trying each wrapping key in turn. Raises HsmError when none unwraps it or
         ``kind`` is unknown."""
+        object_class = ObjectClass.SECRET_KEY
+        template: dict[Attribute, Any] = {
+            Attribute.PRIVATE: True,
+            Attribute.SENSITIVE: True,
+            Attribute.EXTRACTABLE: False,
+        }
         if kind == AES_KIND:
             key_type, capabilities = KeyType.AES, MechanismFlag.ENCRYPT | MechanismFlag.DECRYPT
         elif kind in HMAC_KEY_BYTES:
             key_type, capabilities = KeyType.GENERIC_SECRET, MechanismFlag.SIGN
+        elif kind in ASYMMETRIC_KEY_SPECS:
+            object_class = ObjectClass.PRIVATE_KEY
+            key_type = KeyType.RSA if kind in RSA_KEY_BITS else KeyType.EC
+            capabilities = MechanismFlag.SIGN
+            # python-pkcs11 sets every capability attribute; SoftHSM2 refuses the
+            # public-key ones on a private key. SIGN_RECOVER defaults to True there.
+            template.update(
+                {
+                    Attribute.ENCRYPT: DEFAULT,
+                    Attribute.WRAP: DEFAULT,
+                    Attribute.VERIFY: DEFAULT,
+                    Attribute.SIGN_RECOVER: False,
+                }
+            )
         else:
             raise HsmError("unknown kind of key material")
         error = "WrappedKeyInvalid"
@@ -739,17 +961,13 @@ class Pkcs11KeyStore:
             try:
                 # Owned by the login session, so the key lives as long as the store.
                 return _KeyView(self._login.session, wrapping_handle).unwrap_key(
-                    ObjectClass.SECRET_KEY,
+                    object_class,
                     key_type,
                     wrapped,
                     mechanism=WRAP_MECHANISM,
                     store=False,
                     capabilities=capabilities,
-                    template={
-                        Attribute.PRIVATE: True,
-                        Attribute.SENSITIVE: True,
-                        Attribute.EXTRACTABLE: False,
-                    },
+                    template=template,
                 )
             except p11e.PKCS11Error as exc:
                 error = type(exc).__name__
@@ -843,6 +1061,103 @@ class Pkcs11KeyStore:
         return MaterialRef(
             material_id=hashlib.sha256(wrapped).hexdigest(), wrapped=wrapped, kek=kek, kind=kind
         )
+
+    def generate_key_pair(self, key_spec: str, kek: str) -> tuple[MaterialRef, bytes]:
+        """Generate a signing key pair (``RSA_2048``/``3072``/``4096``, ``ECC_NIST_P256``/
+        ``P384``/``P521``, ``ECC_SECG_P256K1``) in the HSM; return the private key wrapped
+        under the KEK labelled ``kek`` (created when missing, as by
+        ``generate_symmetric_key``) with ``kind`` = ``key_spec``, and the public key as
+        DER SubjectPublicKeyInfo.
+
+        Both keys exist only as session objects, destroyed right after wrapping; the
+        private key is sensitive, SIGN only, and extractable only so that it can be
+        wrapped. RSA keys have e = 65537. Raises HsmError for an unknown key spec, an
+        invalid label, or when the HSM fails.
+        """
+        if not isinstance(key_spec, str) or key_spec not in ASYMMETRIC_KEY_SPECS:
+            raise HsmError("unsupported key spec")
+        check_kek_label(kek)
+        wrapping = self._kek_handles(kek, create=True)[0]
+        private_template: dict[Attribute, Any] = {
+            Attribute.PRIVATE: True,
+            Attribute.SENSITIVE: True,
+            Attribute.EXTRACTABLE: True,  # by wrapping only: it is sensitive
+            Attribute.SIGN_RECOVER: False,
+        }
+        capabilities = MechanismFlag.SIGN | MechanismFlag.VERIFY
+        try:
+            with self._session() as session:
+                if key_spec in RSA_KEY_BITS:
+                    public, private = session.generate_keypair(
+                        KeyType.RSA,
+                        RSA_KEY_BITS[key_spec],
+                        store=False,
+                        mechanism=Mechanism.RSA_PKCS_KEY_PAIR_GEN,
+                        capabilities=capabilities,
+                        public_template={
+                            Attribute.PUBLIC_EXPONENT: RSA_PUBLIC_EXPONENT.to_bytes(3, "big"),
+                            Attribute.VERIFY_RECOVER: False,
+                        },
+                        private_template=private_template,
+                    )
+                else:
+                    params = session.create_domain_parameters(
+                        KeyType.EC,
+                        {
+                            Attribute.EC_PARAMS: encode_named_curve_parameters(
+                                EC_CURVES[key_spec][0]
+                            )
+                        },
+                        local=True,
+                    )
+                    public, private = params.generate_keypair(
+                        store=False,
+                        mechanism=Mechanism.EC_KEY_PAIR_GEN,
+                        capabilities=capabilities,
+                        private_template=private_template,
+                    )
+                try:
+                    public_der = _public_key_der(key_spec, public)
+                    wrapped: bytes = _KeyView(session, wrapping).wrap_key(
+                        private, mechanism=WRAP_MECHANISM
+                    )
+                finally:
+                    for key in (private, public):
+                        with suppress(p11e.PKCS11Error):
+                            key.destroy()  # session objects: die with the session at the latest
+        except p11e.PKCS11Error as exc:
+            raise HsmError(f"key pair generation failed: {type(exc).__name__}") from None
+        material = MaterialRef(
+            material_id=hashlib.sha256(wrapped).hexdigest(),
+            wrapped=wrapped,
+            kek=kek,
+            kind=key_spec,
+        )
+        return material, public_der
+
+    def sign(self, material: MaterialRef, signing_algorithm: str, digest: bytes) -> bytes:
+        """Sign ``digest`` (the caller hashed the message) with the material's private key
+        in the HSM, unwrapped (once, then cached) as a sensitive, non-extractable
+        SIGN-only session object. The private key never leaves the HSM.
+
+        Algorithms: ``RSASSA_PSS_SHA_256``/``384``/``512`` (CKM_RSA_PKCS_PSS, MGF1 with
+        the same hash, salt length = digest length), ``RSASSA_PKCS1_V1_5_SHA_*``
+        (CKM_RSA_PKCS on DigestInfo || digest), ``ECDSA_SHA_256``/``384``/``512``
+        (CKM_ECDSA; only with P-256 or secp256k1, P-384, P-521 respectively). Done on the
+        host: hashing (by the caller), the DigestInfo prefix, the DER encoding of the
+        ECDSA r||s. Returns RSA signatures of modulus length, ECDSA signatures as DER.
+
+        Raises HsmError when the material is not a signing key, the algorithm is unknown
+        or not allowed for its key spec, the digest has the wrong length, the material
+        cannot be unwrapped (destroyed KEK), or the HSM fails.
+        """
+        check_signing_algorithm(material.kind, signing_algorithm, digest)
+        handle = self._key_handle(material)
+        try:
+            with self._session() as session:
+                return private_key_sign(session, handle, material.kind, signing_algorithm, digest)
+        except p11e.PKCS11Error as exc:
+            raise HsmError(f"signing failed: {type(exc).__name__}") from None
 
     def destroy_kek(self, kek: str) -> None:
         """Destroy every token object labelled ``kek`` (a KEK), then, in every store of
@@ -1023,13 +1338,21 @@ def open_keystore(settings: Settings) -> Pkcs11KeyStore:
 
 __all__ = [
     "AES_KIND",
+    "ASYMMETRIC_KEY_SPECS",
+    "DIGEST_INFO_PREFIXES",
     "DOMAIN_KEY_LABEL",
+    "EC_CURVES",
     "HMAC_KEY_BYTES",
     "HMAC_MECHANISMS",
     "KEK_LABEL_PREFIX",
+    "RSA_KEY_BITS",
+    "SIGNING_ALGORITHMS",
     "Pkcs11KeyStore",
+    "SigningAlgorithm",
     "check_kek_label",
+    "check_signing_algorithm",
     "hmac_mechanism",
     "hmac_sign",
     "open_keystore",
+    "private_key_sign",
 ]

@@ -82,6 +82,27 @@ class KeyStore(Protocol):
         """
         ...
 
+    def generate_key_pair(self, key_spec: str, kek: str) -> tuple[MaterialRef, bytes]:
+        """Generate a signing key pair inside the HSM (``RSA_2048``/``3072``/``4096``,
+        ``ECC_NIST_P256``/``P384``/``P521``, ``ECC_SECG_P256K1``); return the private key
+        wrapped under the KEK ``kek`` (created when missing; ``kind`` is the key spec)
+        and the public key as DER SubjectPublicKeyInfo.
+
+        Raises HsmError (also for an unknown key spec).
+        """
+        ...
+
+    def sign(self, material: MaterialRef, signing_algorithm: str, digest: bytes) -> bytes:
+        """Sign ``digest`` (the message already hashed by the caller) with the material's
+        private key inside the HSM: ``RSASSA_PSS_SHA_*`` (MGF1 with the same hash, salt
+        length = digest length), ``RSASSA_PKCS1_V1_5_SHA_*``, ``ECDSA_SHA_*`` (DER
+        signature; 256 for P-256/secp256k1, 384 for P-384, 512 for P-521).
+
+        Raises HsmError when the material is not a signing key, the algorithm does not
+        fit its key spec, the digest length does not match the hash, or the HSM fails.
+        """
+        ...
+
     def generate_random(self, number_of_bytes: int) -> bytes:
         """``number_of_bytes`` random bytes from the HSM's RNG (C_GenerateRandom).
 
