@@ -90,7 +90,17 @@ class _NoKeyStore:
     def generate_mac(self, material: MaterialRef, mac_algorithm: str, message: bytes) -> bytes:
         self._refuse()
 
-    def generate_key_pair(self, key_spec: str, kek: str) -> tuple[MaterialRef, bytes]:
+    def generate_key_pair(
+        self, key_spec: str, kek: str, key_usage: str = "SIGN_VERIFY"
+    ) -> tuple[MaterialRef, bytes]:
+        self._refuse()
+
+    def decrypt_rsa(
+        self, material: MaterialRef, encryption_algorithm: str, ciphertext: bytes
+    ) -> bytes:
+        self._refuse()
+
+    def derive_shared_secret(self, material: MaterialRef, peer_public_key_der: bytes) -> bytes:
         self._refuse()
 
     def sign(self, material: MaterialRef, signing_algorithm: str, digest: bytes) -> bytes:

@@ -35,12 +35,16 @@ from ledger.domain import grants
 from ledger.domain.key_specs import (
     COMPATIBLE_USAGES,
     HMAC_MAC_ALGORITHM,
+    KEY_PAIR_SPECS,
     MAC_ALGORITHMS,
+    RSA_ENCRYPTION_ALGORITHMS,
+    RSA_MODULUS_BYTES,
     SIGNING_ALGORITHMS,
     SIGNING_ALGORITHMS_BY_SPEC,
     SUPPORTED_USAGES,
     digest_length,
     key_algorithms,
+    rsa_max_plaintext,
 )
 from ledger.domain.model import Alias, ApiCall, CallContext, Key, kek_label
 from ledger.errors import (
@@ -550,7 +554,7 @@ class KeyLedger(Application[UUID]):
             public_key: bytes | None = None
             if orig == "AWS_KMS" and spec in SIGNING_ALGORITHMS_BY_SPEC:
                 material, public_key = self.keystore.generate_key_pair(
-                    spec, kek=kek_label(key_uuid)
+                    spec, kek=kek_label(key_uuid), key_usage=usage
                 )
             elif orig == "AWS_KMS" and spec in HMAC_MAC_ALGORITHM:
                 material = self.keystore.generate_hmac_key(spec, kek=kek_label(key_uuid))
@@ -678,9 +682,12 @@ class KeyLedger(Application[UUID]):
                 )
             key = self._key_for(key_id, attempt, allow_alias=True)
             key.check("Encrypt")
-            if algorithm != SYMMETRIC_DEFAULT:
+            if key.key_spec in RSA_MODULUS_BYTES:
+                blob, material_id = self._rsa_encrypt(key, bytes(plaintext), algorithm, context)
+            elif algorithm != SYMMETRIC_DEFAULT:
                 raise IncorrectKeyError(INCORRECT_KEY_MESSAGE)
-            blob, material_id = self._seal(key, bytes(plaintext), context)
+            else:
+                blob, material_id = self._seal(key, bytes(plaintext), context)
             self._commit_call(
                 ApiCall.succeeded(
                     call=call,
@@ -1355,6 +1362,8 @@ class KeyLedger(Application[UUID]):
                 "ciphertextBlob", "Member must have length less than or equal to 6144"
             )
         named = self._key_for(key_id, attempt, allow_alias=True) if key_id is not None else None
+        if named is not None and named.key_spec in RSA_MODULUS_BYTES:
+            return self._rsa_decrypt(named, operation, bytes(ciphertext_blob), algorithm, context)
         env = envelope.parse(bytes(ciphertext_blob))
         if named is not None and UUID(named.key_id) != env.key_id:
             raise IncorrectKeyError(INCORRECT_KEY_MESSAGE)
@@ -1798,3 +1807,171 @@ class KeyLedger(Application[UUID]):
             return {"KeyId": key.arn, "SignatureValid": True, "SigningAlgorithm": signing_algorithm}
 
         return self._run("Verify", caller, request, body, read_only=True)
+
+    # ------------------------------------------------------------ RSA encryption
+
+    def _rsa_checks(
+        self, key: Key, operation: str, algorithm: str, context: Mapping[str, str]
+    ) -> None:
+        self._check_usage(key, "ENCRYPT_DECRYPT", operation)
+        if algorithm not in RSA_ENCRYPTION_ALGORITHMS:
+            raise InvalidKeyUsageError(
+                f"Algorithm {algorithm} is incompatible with key spec {key.key_spec}."
+            )
+        if context:
+            raise ValidationError("EncryptionContext is not supported with asymmetric KMS keys.")
+
+    def _rsa_encrypt(
+        self, key: Key, plaintext: bytes, algorithm: str, context: Mapping[str, str]
+    ) -> tuple[bytes, str]:
+        """RSAES-OAEP with the public key, on the host (no secret involved), within
+        AWS's plaintext limit for the key spec and algorithm."""
+        self._rsa_checks(key, "Encrypt", algorithm, context)
+        limit = rsa_max_plaintext(key.key_spec, algorithm)
+        if len(plaintext) > limit:
+            raise ValidationError(
+                f"Algorithm {algorithm} and key spec {key.key_spec} cannot encrypt data "
+                f"larger than {limit} bytes."
+            )
+        public = key.public_key
+        assert public is not None
+        material_id = key.current_material_id
+        assert material_id is not None
+        return signatures.rsa_encrypt(public, algorithm, plaintext), material_id
+
+    def _rsa_decrypt(
+        self,
+        key: Key,
+        operation: str,
+        ciphertext: bytes,
+        algorithm: str,
+        context: Mapping[str, str],
+    ) -> tuple[Key, MaterialRef, bytes, str]:
+        """RSAES-OAEP decryption with the private key inside the HSM."""
+        key.check(operation)
+        self._rsa_checks(key, operation, algorithm, context)
+        material = key.current_material
+        return key, material, self.keystore.decrypt_rsa(material, algorithm, ciphertext), algorithm
+
+    # ------------------------------------------------------------ key agreement
+
+    def derive_shared_secret(
+        self,
+        *,
+        caller: Caller,
+        key_id: str,
+        key_agreement_algorithm: str,
+        public_key: bytes,
+    ) -> JSON:
+        """DeriveSharedSecret: ECDH inside the HSM between the key's private key and the
+        peer's DER public key.
+
+        Security: the shared secret is returned only, never recorded. Raises
+        ValidationError, InvalidKeyUsageError, NotFoundError, DisabledError,
+        KMSInvalidStateError.
+        """
+        request: JSON = {"keyId": key_id, "keyAgreementAlgorithm": key_agreement_algorithm}
+
+        def body(call: CallContext, attempt: _Attempt) -> JSON:
+            if key_agreement_algorithm != "ECDH":
+                raise enum_error("keyAgreementAlgorithm", key_agreement_algorithm, ("ECDH",))
+            if not isinstance(public_key, bytes | bytearray) or not 1 <= len(public_key) <= 8192:
+                raise validation_error("publicKey", "Member must have length between 1 and 8192")
+            key = self._key_for(key_id, attempt, allow_alias=True)
+            key.check("DeriveSharedSecret")
+            self._check_usage(key, "KEY_AGREEMENT", "DeriveSharedSecret")
+            material = key.current_material
+            secret = self.keystore.derive_shared_secret(material, bytes(public_key))
+            self._commit_call(
+                ApiCall.succeeded(
+                    call=call, timestamp=self.clock.now(), key_arn=key.arn, request=request,
+                    additional={"keyMaterialId": material.material_id},
+                )
+            )  # fmt: skip
+            return {
+                "KeyId": key.arn,
+                "SharedSecret": secret,
+                "KeyAgreementAlgorithm": "ECDH",
+                "KeyOrigin": key.origin,
+            }
+
+        return self._run("DeriveSharedSecret", caller, request, body, read_only=True)
+
+    # ------------------------------------------------------------ data key pairs
+
+    def _generate_data_key_pair(
+        self,
+        operation: str,
+        caller: Caller,
+        key_id: str,
+        key_pair_spec: str,
+        encryption_context: Mapping[str, str] | None,
+        *,
+        with_plaintext: bool,
+    ) -> JSON:
+        request: JSON = {"keyId": key_id, "keyPairSpec": key_pair_spec}
+        if isinstance(encryption_context, Mapping):
+            request["encryptionContext"] = dict(encryption_context)
+
+        def body(call: CallContext, attempt: _Attempt) -> JSON:
+            context = self._check_context(encryption_context)
+            if key_pair_spec not in KEY_PAIR_SPECS:
+                raise enum_error("keyPairSpec", key_pair_spec, KEY_PAIR_SPECS)
+            key = self._key_for(key_id, attempt, allow_alias=True)
+            key.check(operation)
+            private_der, public_der = signatures.new_key_pair(key_pair_spec)
+            blob, material_id = self._seal(key, private_der, context, operation)
+            self._commit_call(
+                ApiCall.succeeded(
+                    call=call, timestamp=self.clock.now(), key_arn=key.arn, request=request,
+                    additional={"keyMaterialId": material_id},
+                )
+            )  # fmt: skip
+            out: JSON = {
+                "PrivateKeyCiphertextBlob": blob,
+                "PublicKey": public_der,
+                "KeyId": key.arn,
+                "KeyPairSpec": key_pair_spec,
+                "KeyMaterialId": material_id,
+            }
+            if with_plaintext:
+                out["PrivateKeyPlaintext"] = private_der
+            return out
+
+        return self._run(operation, caller, request, body, read_only=True)
+
+    def generate_data_key_pair(
+        self,
+        *,
+        caller: Caller,
+        key_id: str,
+        key_pair_spec: str,
+        encryption_context: Mapping[str, str] | None = None,
+    ) -> JSON:
+        """GenerateDataKeyPair: a new RSA or ECC key pair for use outside KMS; the
+        private key (PKCS#8 DER) comes back in plaintext and encrypted under the
+        symmetric KMS key, the public key as DER SubjectPublicKeyInfo.
+
+        Security caveat: the pair is generated on the host with ``cryptography`` (the
+        caller receives the private key in plaintext anyway); only its encryption
+        happens inside the HSM. Nothing of the pair is recorded.
+        """
+        return self._generate_data_key_pair(
+            "GenerateDataKeyPair", caller, key_id, key_pair_spec, encryption_context,
+            with_plaintext=True,
+        )  # fmt: skip
+
+    def generate_data_key_pair_without_plaintext(
+        self,
+        *,
+        caller: Caller,
+        key_id: str,
+        key_pair_spec: str,
+        encryption_context: Mapping[str, str] | None = None,
+    ) -> JSON:
+        """GenerateDataKeyPairWithoutPlaintext: only the encrypted private key and the
+        public key are returned."""
+        return self._generate_data_key_pair(
+            "GenerateDataKeyPairWithoutPlaintext", caller, key_id, key_pair_spec,
+            encryption_context, with_plaintext=False,
+        )  # fmt: skip

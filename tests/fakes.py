@@ -9,7 +9,7 @@ import threading
 from collections.abc import Callable
 from typing import Any, ClassVar
 
-from cryptography.exceptions import InvalidTag
+from cryptography.exceptions import InvalidTag, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
@@ -20,7 +20,7 @@ from cryptography.hazmat.primitives.keywrap import (
     aes_key_wrap_with_padding,
 )
 
-from ledger.errors import HsmError, InvalidCiphertextError
+from ledger.errors import HsmError, InvalidCiphertextError, ValidationError
 from ledger.keystore.port import MaterialRef
 
 IV_LEN = 12
@@ -85,6 +85,20 @@ class FakeKeyStore:
         ),
         "ECDSA_SHA_384": ("ECDSA", hashes.SHA384(), frozenset({"ECC_NIST_P384"})),
         "ECDSA_SHA_512": ("ECDSA", hashes.SHA512(), frozenset({"ECC_NIST_P521"})),
+    }
+
+    # key usage -> the key specs it may be used with (as the adapter's KEY_USAGE_SPECS)
+    KEY_USAGE_SPECS: ClassVar[dict[str, frozenset[str]]] = {
+        "SIGN_VERIFY": frozenset(
+            {"RSA_2048", "RSA_3072", "RSA_4096"}
+            | {"ECC_NIST_P256", "ECC_NIST_P384", "ECC_NIST_P521", "ECC_SECG_P256K1"}
+        ),
+        "ENCRYPT_DECRYPT": frozenset({"RSA_2048", "RSA_3072", "RSA_4096"}),
+        "KEY_AGREEMENT": frozenset({"ECC_NIST_P256", "ECC_NIST_P384", "ECC_NIST_P521"}),
+    }
+    RSA_ENCRYPTION_ALGORITHMS: ClassVar[dict[str, hashes.HashAlgorithm]] = {
+        "RSAES_OAEP_SHA_1": hashes.SHA1(),
+        "RSAES_OAEP_SHA_256": hashes.SHA256(),
     }
 
     HMAC_KEY_BYTES: ClassVar[dict[str, int]] = {
@@ -220,13 +234,22 @@ class FakeKeyStore:
             raise HsmError("key material is not of the claimed kind")
         return hmac.new(key, message, digest).digest()
 
-    def generate_key_pair(self, key_spec: str, kek: str) -> tuple[MaterialRef, bytes]:
+    def _asymmetric_kind(self, key_spec: str, key_usage: str) -> str:
+        """As the adapter's ``asymmetric_kind``: the material kind, or HsmError."""
+        specs = self.KEY_USAGE_SPECS.get(key_usage) if isinstance(key_usage, str) else None
+        if specs is None:
+            raise HsmError("unsupported key usage")
+        if not isinstance(key_spec, str) or key_spec not in specs:
+            raise HsmError("unsupported key spec for this key usage")
+        return key_spec if key_usage == "SIGN_VERIFY" else f"{key_spec}:{key_usage}"
+
+    def generate_key_pair(
+        self, key_spec: str, kek: str, key_usage: str = "SIGN_VERIFY"
+    ) -> tuple[MaterialRef, bytes]:
         """As the adapter: the private key's PKCS#8 DER wrapped (RFC 5649) under the KEK,
-        and the DER SubjectPublicKeyInfo."""
-        if not isinstance(key_spec, str) or (
-            key_spec not in self.RSA_KEY_BITS and key_spec not in self.EC_CURVES
-        ):
-            raise HsmError("unsupported key spec")
+        and the DER SubjectPublicKeyInfo; ``kind`` is the key spec for SIGN_VERIFY,
+        ``"<spec>:<usage>"`` for ENCRYPT_DECRYPT (RSA) and KEY_AGREEMENT (ECC_NIST_*)."""
+        kind = self._asymmetric_kind(key_spec, key_usage)
         check_kek_label(kek)
         self._maybe_fail()
         private: Any
@@ -247,7 +270,7 @@ class FakeKeyStore:
         wrapped = aes_key_wrap_with_padding(wrapping, pkcs8)
         self.generated += 1
         material = MaterialRef(
-            material_id=hashlib.sha256(wrapped).hexdigest(), wrapped=wrapped, kek=kek, kind=key_spec
+            material_id=hashlib.sha256(wrapped).hexdigest(), wrapped=wrapped, kek=kek, kind=kind
         )
         return material, public_der
 
@@ -270,6 +293,22 @@ class FakeKeyStore:
         if not isinstance(digest, bytes) or len(digest) != hash_.digest_size:
             raise HsmError("the digest length does not match the signing algorithm")
         self._maybe_fail()
+        private = self._private_key(material)
+        prehashed = Prehashed(hash_)
+        if scheme == "ECDSA" and isinstance(private, ec.EllipticCurvePrivateKey):
+            return private.sign(digest, ec.ECDSA(prehashed))
+        if scheme != "ECDSA" and isinstance(private, rsa.RSAPrivateKey):
+            pad: padding.AsymmetricPadding = (
+                padding.PSS(mgf=padding.MGF1(hash_), salt_length=hash_.digest_size)
+                if scheme == "PSS"
+                else padding.PKCS1v15()
+            )
+            return private.sign(digest, pad, prehashed)
+        raise HsmError("key material is not of the claimed kind")
+
+    def _private_key(self, material: MaterialRef) -> Any:
+        """The material's unwrapped private key (cached like the adapter's handles)."""
+        kind = material.kind
         with self._lock:
             cached = self._sign_cache.get(material.material_id)
         if cached is None:
@@ -287,17 +326,60 @@ class FakeKeyStore:
             raise HsmError("cannot unwrap key material: WrappedKeyInvalid")
         if cached_kind != kind:
             raise HsmError("key material is not of the claimed kind")
-        prehashed = Prehashed(hash_)
-        if scheme == "ECDSA" and isinstance(private, ec.EllipticCurvePrivateKey):
-            return private.sign(digest, ec.ECDSA(prehashed))
-        if scheme != "ECDSA" and isinstance(private, rsa.RSAPrivateKey):
-            pad: padding.AsymmetricPadding = (
-                padding.PSS(mgf=padding.MGF1(hash_), salt_length=hash_.digest_size)
-                if scheme == "PSS"
-                else padding.PKCS1v15()
+        return private
+
+    def decrypt_rsa(
+        self, material: MaterialRef, encryption_algorithm: str, ciphertext: bytes
+    ) -> bytes:
+        """As the adapter: RSAES-OAEP with MGF1 of the same hash and an empty label;
+        InvalidCiphertextError (no detail) for any decryption failure."""
+        spec, _, usage = material.kind.partition(":")
+        if usage != "ENCRYPT_DECRYPT" or spec not in self.RSA_KEY_BITS:
+            raise HsmError("key material is not an RSA decryption key")
+        hash_ = (
+            self.RSA_ENCRYPTION_ALGORITHMS.get(encryption_algorithm)
+            if isinstance(encryption_algorithm, str)
+            else None
+        )
+        if (
+            hash_ is None
+            or not isinstance(ciphertext, bytes)
+            or len(ciphertext) != self.RSA_KEY_BITS[spec] // 8
+        ):
+            raise InvalidCiphertextError("")
+        self._maybe_fail()
+        private = self._private_key(material)
+        if not isinstance(private, rsa.RSAPrivateKey):
+            raise HsmError("key material is not of the claimed kind")
+        try:
+            return private.decrypt(
+                ciphertext, padding.OAEP(mgf=padding.MGF1(hash_), algorithm=hash_, label=None)
             )
-            return private.sign(digest, pad, prehashed)
-        raise HsmError("key material is not of the claimed kind")
+        except ValueError:
+            raise InvalidCiphertextError("") from None
+
+    def derive_shared_secret(self, material: MaterialRef, peer_public_key_der: bytes) -> bytes:
+        """As the adapter: ECDH, the raw x-coordinate; ValidationError for a peer key that
+        is not an EC key on the material's curve."""
+        spec, _, usage = material.kind.partition(":")
+        if usage != "KEY_AGREEMENT" or spec not in self.KEY_USAGE_SPECS["KEY_AGREEMENT"]:
+            raise HsmError("key material is not a key agreement key")
+        try:
+            peer = serialization.load_der_public_key(bytes(peer_public_key_der))
+        except (ValueError, TypeError, UnsupportedAlgorithm):
+            raise ValidationError(
+                "the public key must be a DER-encoded SubjectPublicKeyInfo"
+            ) from None
+        curve = self.EC_CURVES[spec]()
+        if not isinstance(peer, ec.EllipticCurvePublicKey) or peer.curve.name != curve.name:
+            raise ValidationError(
+                f"the public key must be an EC public key on the curve of the key spec {spec}"
+            )
+        self._maybe_fail()
+        private = self._private_key(material)
+        if not isinstance(private, ec.EllipticCurvePrivateKey):
+            raise HsmError("key material is not of the claimed kind")
+        return private.exchange(ec.ECDH(), peer)
 
     def destroy_kek(self, kek: str) -> None:
         check_kek_label(kek)

@@ -42,11 +42,24 @@ COMPATIBLE_USAGES = {
     "ECC_SECG_P256K1": ("SIGN_VERIFY",),
 }
 # The key specs and usages this version can create (others: UnsupportedOperationError).
-SUPPORTED_USAGES = {
-    SYMMETRIC_DEFAULT: ("ENCRYPT_DECRYPT",),
-    **{spec: ("GENERATE_VERIFY_MAC",) for spec in HMAC_MAC_ALGORITHM},
-    **{spec: ("SIGN_VERIFY",) for spec in SIGNING_ALGORITHMS_BY_SPEC},
-}
+SUPPORTED_USAGES = COMPATIBLE_USAGES
+RSA_ENCRYPTION_ALGORITHMS = ("RSAES_OAEP_SHA_1", "RSAES_OAEP_SHA_256")
+RSA_MODULUS_BYTES = {"RSA_2048": 256, "RSA_3072": 384, "RSA_4096": 512}
+KEY_PAIR_SPECS = (
+    "RSA_2048",
+    "RSA_3072",
+    "RSA_4096",
+    "ECC_NIST_P256",
+    "ECC_NIST_P384",
+    "ECC_NIST_P521",
+    "ECC_SECG_P256K1",
+)
+
+
+def rsa_max_plaintext(key_spec: str, algorithm: str) -> int:
+    """AWS's RSAES-OAEP plaintext limit: modulus bytes - 2 * hash bytes - 2."""
+    hash_len = 20 if algorithm.endswith("SHA_1") else 32
+    return RSA_MODULUS_BYTES[key_spec] - 2 * hash_len - 2
 
 
 def digest_length(signing_algorithm: str) -> int:
@@ -62,6 +75,10 @@ def key_algorithms(key_spec: str, key_usage: str) -> dict[str, list[str]]:
         return {"MacAlgorithms": [HMAC_MAC_ALGORITHM[key_spec]]}
     if key_spec in SIGNING_ALGORITHMS_BY_SPEC and key_usage == "SIGN_VERIFY":
         return {"SigningAlgorithms": list(SIGNING_ALGORITHMS_BY_SPEC[key_spec])}
+    if key_spec in RSA_MODULUS_BYTES and key_usage == "ENCRYPT_DECRYPT":
+        return {"EncryptionAlgorithms": list(RSA_ENCRYPTION_ALGORITHMS)}
+    if key_usage == "KEY_AGREEMENT":
+        return {"KeyAgreementAlgorithms": ["ECDH"]}
     return {}
 
 

@@ -92,6 +92,21 @@ DigestInfo, or CKM_ECDSA. SoftHSM2 2.6 quirks, measured:
   (AttributeTypeInvalid); the adapter drops them with ``pkcs11.constants.DEFAULT``.
 * An unwrapped private key gets CKA_SIGN_RECOVER True unless the template says False.
 * secp256k1 works (generation, wrapping, CKM_ECDSA) with the OpenSSL backend.
+
+RSA decryption keys (``generate_key_pair(..., key_usage="ENCRYPT_DECRYPT")``, kind
+``"<spec>:ENCRYPT_DECRYPT"``, private key DECRYPT only) and ECDH keys (``KEY_AGREEMENT``,
+kind ``"<spec>:KEY_AGREEMENT"``, private key DERIVE only) are generated, wrapped and
+cached like signing keys; SIGN_VERIFY materials keep ``kind`` = key spec. ``decrypt_rsa``
+and ``derive_shared_secret`` document their mechanisms. SoftHSM2 2.6, measured:
+
+* CKM_RSA_PKCS_OAEP accepts only SHA-1/MGF1-SHA-1 without a label; SHA-256 parameters
+  fail C_DecryptInit with CKR_ARGUMENTS_BAD. CKM_RSA_X_509 decryption works and returns
+  the modulus-length integer (leading zeros kept); a ciphertext >= n or of the wrong
+  length fails with CKR_GENERAL_ERROR.
+* CKM_ECDH1_DERIVE (KDF NULL) takes the peer point as raw uncompressed X9.62 bytes and
+  yields the x-coordinate; a point of another curve fails with CKR_GENERAL_ERROR.
+* An unwrapped private key with DECRYPT or DERIVE capability only works with the same
+  ``DEFAULT`` template trick as signing keys; SIGN is then False.
 """
 
 from __future__ import annotations
@@ -107,6 +122,7 @@ from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from typing import Any
 
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.serialization import (
     Encoding,
@@ -114,6 +130,7 @@ from cryptography.hazmat.primitives.serialization import (
     load_der_public_key,
 )
 from pkcs11 import (
+    KDF,
     MGF,
     Attribute,
     GCMParams,
@@ -131,7 +148,7 @@ from pkcs11.util.ec import (
     encode_named_curve_parameters,
 )
 
-from ledger.errors import HsmError, InvalidCiphertextError
+from ledger.errors import HsmError, InvalidCiphertextError, ValidationError
 from ledger.keystore import softhsm
 from ledger.keystore.port import MaterialRef
 from ledger.settings import DEFAULT_SOFTHSM_MODULE, Settings
@@ -171,6 +188,103 @@ EC_CURVES: dict[str, tuple[str, int]] = {
 }
 ASYMMETRIC_KEY_SPECS: frozenset[str] = frozenset(RSA_KEY_BITS) | frozenset(EC_CURVES)
 RSA_PUBLIC_EXPONENT = 65537
+
+# AWS KMS key usages of asymmetric keys. SIGN_VERIFY materials have ``kind`` = key spec
+# (as before usages existed); the others ``kind`` = f"{key_spec}:{key_usage}".
+SIGN_VERIFY = "SIGN_VERIFY"
+ENCRYPT_DECRYPT = "ENCRYPT_DECRYPT"
+KEY_AGREEMENT = "KEY_AGREEMENT"
+# key usage -> the key specs AWS KMS allows with it (SM2 is not supported here).
+KEY_USAGE_SPECS: dict[str, frozenset[str]] = {
+    SIGN_VERIFY: ASYMMETRIC_KEY_SPECS,
+    ENCRYPT_DECRYPT: frozenset(RSA_KEY_BITS),
+    KEY_AGREEMENT: frozenset({"ECC_NIST_P256", "ECC_NIST_P384", "ECC_NIST_P521"}),
+}
+# AWS KMS RSA encryption algorithm -> (hashlib name, hash length, hash mechanism, MGF).
+RSA_ENCRYPTION_ALGORITHMS: dict[str, tuple[str, int, Mechanism, MGF]] = {
+    "RSAES_OAEP_SHA_1": ("sha1", 20, Mechanism.SHA_1, MGF.SHA1),
+    "RSAES_OAEP_SHA_256": ("sha256", 32, Mechanism.SHA256, MGF.SHA256),
+}
+# C_DecryptInit errors meaning "this OAEP parameter set is not supported" (SoftHSM2 2.6
+# answers CKR_ARGUMENTS_BAD for any hash but SHA-1).
+_OAEP_REFUSED: tuple[type[Exception], ...] = (
+    p11e.ArgumentsBad,
+    p11e.MechanismInvalid,
+    p11e.MechanismParamInvalid,
+    p11e.FunctionNotSupported,
+)
+
+
+def asymmetric_kind(key_spec: str, key_usage: str) -> str:
+    """The ``MaterialRef.kind`` of an asymmetric key, after checking that AWS KMS allows
+    ``key_spec`` with ``key_usage``; else HsmError."""
+    specs = KEY_USAGE_SPECS.get(key_usage) if isinstance(key_usage, str) else None
+    if specs is None:
+        raise HsmError("unsupported key usage")
+    if not isinstance(key_spec, str) or key_spec not in specs:
+        raise HsmError("unsupported key spec for this key usage")
+    return key_spec if key_usage == SIGN_VERIFY else f"{key_spec}:{key_usage}"
+
+
+def split_asymmetric_kind(kind: str) -> tuple[str, str] | None:
+    """``(key_spec, key_usage)`` of an asymmetric material kind, None for other kinds."""
+    key_spec, _, key_usage = kind.partition(":")
+    key_usage = key_usage or SIGN_VERIFY
+    if key_usage == SIGN_VERIFY and kind != key_spec:
+        return None  # "X:SIGN_VERIFY" is never produced
+    specs = KEY_USAGE_SPECS.get(key_usage)
+    if specs is None or key_spec not in specs:
+        return None
+    return key_spec, key_usage
+
+
+def _mgf1(seed: bytes, length: int, hash_name: str) -> bytes:
+    """MGF1 (RFC 8017 appendix B.2.1)."""
+    out = bytearray()
+    counter = 0
+    while len(out) < length:
+        out += hashlib.new(hash_name, seed + counter.to_bytes(4, "big")).digest()
+        counter += 1
+    return bytes(out[:length])
+
+
+def _xor(a: bytes, b: bytes) -> bytes:
+    return (int.from_bytes(a, "big") ^ int.from_bytes(b, "big")).to_bytes(len(a), "big")
+
+
+def oaep_decode(encoded: bytes, k: int, hash_name: str) -> bytes | None:
+    """EME-OAEP decoding (RFC 8017 section 7.1.2, step 3) of the k-byte encoded message
+    with MGF1 of the same hash and an empty label; None when it is not valid.
+
+    Every check runs over the whole message without an early exit and the failure is a
+    single None, so neither the result nor (as far as CPython allows: there is no
+    constant-time integer arithmetic in Python) the timing says which check failed.
+    """
+    h_len = hashlib.new(hash_name).digest_size
+    if k < 2 * h_len + 2 or len(encoded) != k:
+        return None
+    l_hash = hashlib.new(hash_name, b"").digest()
+    y = encoded[0]
+    masked_seed = encoded[1 : 1 + h_len]
+    masked_db = encoded[1 + h_len :]
+    seed = _xor(masked_seed, _mgf1(masked_db, h_len, hash_name))
+    db = _xor(masked_db, _mgf1(seed, k - h_len - 1, hash_name))
+    bad = int(not hmac.compare_digest(db[:h_len], l_hash))
+    bad |= (((y - 1) >> 8) & 1) ^ 1  # 1 unless y == 0
+    found = 0
+    separator = 0
+    for i in range(h_len, len(db)):
+        b = db[i]
+        is_zero = ((b - 1) >> 8) & 1
+        is_one = (((b ^ 1) - 1) >> 8) & 1
+        looking = found ^ 1
+        separator |= (looking & is_one) * i
+        bad |= looking & (is_zero ^ 1) & (is_one ^ 1)  # PS holds a byte other than 0/1
+        found |= is_one
+    bad |= found ^ 1
+    if bad:
+        return None
+    return db[separator + 1 :]
 
 
 @dataclass(frozen=True)
@@ -570,8 +684,13 @@ def hmac_sign(session: Any, handle: int, mac_algorithm: str, message: bytes) -> 
     return mac
 
 
-class _PrivateKeyView(_p11.SignMixin):  # type: ignore[misc,name-defined]
-    """An RSA or EC private key handle bound to a pooled session; see :class:`_KeyView`."""
+class _PrivateKeyView(
+    _p11.SignMixin,  # type: ignore[misc,name-defined]
+    _p11.DecryptMixin,  # type: ignore[misc,name-defined]
+    _p11.DeriveMixin,  # type: ignore[misc,name-defined]
+):
+    """An RSA or EC private key handle bound to a pooled session; see :class:`_KeyView`.
+    What it may do is decided by the HSM object's attributes (SIGN, DECRYPT, DERIVE)."""
 
     def __init__(self, session: Any, handle: int, key_type: KeyType) -> None:
         self._session = session
@@ -708,6 +827,8 @@ class Pkcs11KeyStore:
         self._unwrapped: dict[str, _Unwrapped] = {}
         # KEK label -> handles of the KEK objects with that label (wrap under the first).
         self._keks: dict[str, tuple[int, ...]] = {}
+        # OAEP hashes the HSM refused in C_DecryptInit (then decoded on the host).
+        self._oaep_refused: dict[str, bool] = {}
         try:
             self._domain_handle = self._find_or_create_domain_key()
         except BaseException:
@@ -888,7 +1009,8 @@ class Pkcs11KeyStore:
         """The cached unwrapped handle for ``material``; unwraps on first use, under
         ``material.kek``'s KEK, or the domain key when it is None, as an AES key
         (ENCRYPT/DECRYPT), for an ``HMAC_*`` kind a generic secret (SIGN), or for an
-        asymmetric key spec an RSA or EC private key (SIGN).
+        asymmetric kind an RSA or EC private key with SIGN (SIGN_VERIFY), DECRYPT
+        (``:ENCRYPT_DECRYPT``) or DERIVE (``:KEY_AGREEMENT``) only.
 
         Raises HsmError when the blob does not match its id, its KEK was destroyed, it
         cannot be unwrapped (for instance under another key's KEK), or it was unwrapped
@@ -940,10 +1062,15 @@ class Pkcs11KeyStore:
             key_type, capabilities = KeyType.AES, MechanismFlag.ENCRYPT | MechanismFlag.DECRYPT
         elif kind in HMAC_KEY_BYTES:
             key_type, capabilities = KeyType.GENERIC_SECRET, MechanismFlag.SIGN
-        elif kind in ASYMMETRIC_KEY_SPECS:
+        elif (asymmetric := split_asymmetric_kind(kind)) is not None:
+            key_spec, key_usage = asymmetric
             object_class = ObjectClass.PRIVATE_KEY
-            key_type = KeyType.RSA if kind in RSA_KEY_BITS else KeyType.EC
-            capabilities = MechanismFlag.SIGN
+            key_type = KeyType.RSA if key_spec in RSA_KEY_BITS else KeyType.EC
+            capabilities = {
+                SIGN_VERIFY: MechanismFlag.SIGN,
+                ENCRYPT_DECRYPT: MechanismFlag.DECRYPT,
+                KEY_AGREEMENT: MechanismFlag.DERIVE,
+            }[key_usage]
             # python-pkcs11 sets every capability attribute; SoftHSM2 refuses the
             # public-key ones on a private key. SIGN_RECOVER defaults to True there.
             template.update(
@@ -1062,20 +1189,25 @@ class Pkcs11KeyStore:
             material_id=hashlib.sha256(wrapped).hexdigest(), wrapped=wrapped, kek=kek, kind=kind
         )
 
-    def generate_key_pair(self, key_spec: str, kek: str) -> tuple[MaterialRef, bytes]:
-        """Generate a signing key pair (``RSA_2048``/``3072``/``4096``, ``ECC_NIST_P256``/
-        ``P384``/``P521``, ``ECC_SECG_P256K1``) in the HSM; return the private key wrapped
-        under the KEK labelled ``kek`` (created when missing, as by
-        ``generate_symmetric_key``) with ``kind`` = ``key_spec``, and the public key as
-        DER SubjectPublicKeyInfo.
+    def generate_key_pair(
+        self, key_spec: str, kek: str, key_usage: str = SIGN_VERIFY
+    ) -> tuple[MaterialRef, bytes]:
+        """Generate a key pair in the HSM; return the private key wrapped under the KEK
+        labelled ``kek`` (created when missing, as by ``generate_symmetric_key``) and the
+        public key as DER SubjectPublicKeyInfo.
+
+        ``key_usage`` (AWS KMS KeyUsage): ``SIGN_VERIFY`` (``RSA_2048``/``3072``/``4096``,
+        ``ECC_NIST_P256``/``P384``/``P521``, ``ECC_SECG_P256K1``; private key SIGN only;
+        ``kind`` = ``key_spec``), ``ENCRYPT_DECRYPT`` (RSA only; DECRYPT only; ``kind`` =
+        ``"<spec>:ENCRYPT_DECRYPT"``), ``KEY_AGREEMENT`` (``ECC_NIST_*`` only; DERIVE
+        only; ``kind`` = ``"<spec>:KEY_AGREEMENT"``).
 
         Both keys exist only as session objects, destroyed right after wrapping; the
-        private key is sensitive, SIGN only, and extractable only so that it can be
-        wrapped. RSA keys have e = 65537. Raises HsmError for an unknown key spec, an
-        invalid label, or when the HSM fails.
+        private key is sensitive and extractable only so that it can be wrapped. RSA
+        keys have e = 65537. Raises HsmError for an unknown key spec or usage, a
+        combination AWS KMS does not allow, an invalid label, or when the HSM fails.
         """
-        if not isinstance(key_spec, str) or key_spec not in ASYMMETRIC_KEY_SPECS:
-            raise HsmError("unsupported key spec")
+        kind = asymmetric_kind(key_spec, key_usage)
         check_kek_label(kek)
         wrapping = self._kek_handles(kek, create=True)[0]
         private_template: dict[Attribute, Any] = {
@@ -1084,7 +1216,11 @@ class Pkcs11KeyStore:
             Attribute.EXTRACTABLE: True,  # by wrapping only: it is sensitive
             Attribute.SIGN_RECOVER: False,
         }
-        capabilities = MechanismFlag.SIGN | MechanismFlag.VERIFY
+        capabilities = {
+            SIGN_VERIFY: MechanismFlag.SIGN | MechanismFlag.VERIFY,
+            ENCRYPT_DECRYPT: MechanismFlag.ENCRYPT | MechanismFlag.DECRYPT,
+            KEY_AGREEMENT: MechanismFlag.DERIVE,
+        }[key_usage]
         try:
             with self._session() as session:
                 if key_spec in RSA_KEY_BITS:
@@ -1131,7 +1267,7 @@ class Pkcs11KeyStore:
             material_id=hashlib.sha256(wrapped).hexdigest(),
             wrapped=wrapped,
             kek=kek,
-            kind=key_spec,
+            kind=kind,
         )
         return material, public_der
 
@@ -1158,6 +1294,133 @@ class Pkcs11KeyStore:
                 return private_key_sign(session, handle, material.kind, signing_algorithm, digest)
         except p11e.PKCS11Error as exc:
             raise HsmError(f"signing failed: {type(exc).__name__}") from None
+
+    def decrypt_rsa(
+        self, material: MaterialRef, encryption_algorithm: str, ciphertext: bytes
+    ) -> bytes:
+        """RSAES-OAEP decryption as AWS KMS does it (``RSAES_OAEP_SHA_1``/``_SHA_256``:
+        MGF1 with the same hash, empty label) with an ``ENCRYPT_DECRYPT`` RSA material,
+        unwrapped (once, then cached) as a sensitive, non-extractable DECRYPT-only
+        session object. The private key never leaves the HSM.
+
+        SHA-1: CKM_RSA_PKCS_OAEP in the HSM. SHA-256: CKM_RSA_PKCS_OAEP with SHA-256
+        parameters in the HSM if it accepts them; SoftHSM2 2.6 refuses any hash but
+        SHA-1 (CKR_ARGUMENTS_BAD at C_DecryptInit; the refusal is remembered per store),
+        and then the HSM performs only the raw private-key operation (CKM_RSA_X_509:
+        c^d mod n) and the host does the EME-OAEP decoding (RFC 8017 section 7.1.2,
+        :func:`oaep_decode`, without early exits). In that case the padded message
+        exists briefly in host memory (as the plaintext always does), never the key.
+
+        Raises InvalidCiphertextError (no detail) when the algorithm is unknown, the
+        ciphertext does not have the modulus length, or decryption fails (wrong key, bad
+        padding, c >= n). Raises HsmError when the material is not an ENCRYPT_DECRYPT RSA
+        key or cannot be unwrapped, or the HSM itself fails.
+        """
+        asymmetric = split_asymmetric_kind(material.kind)
+        if asymmetric is None or asymmetric[1] != ENCRYPT_DECRYPT:
+            raise HsmError("key material is not an RSA decryption key")
+        entry = (
+            RSA_ENCRYPTION_ALGORITHMS.get(encryption_algorithm)
+            if isinstance(encryption_algorithm, str)
+            else None
+        )
+        k = RSA_KEY_BITS[asymmetric[0]] // 8
+        if (
+            entry is None
+            or not isinstance(ciphertext, bytes | bytearray | memoryview)
+            or len(ciphertext) != k
+        ):
+            raise InvalidCiphertextError("")
+        hash_name, _, hash_mechanism, mgf = entry
+        data = bytes(ciphertext)
+        handle = self._key_handle(material)
+        try:
+            with self._session() as session:
+                view = _PrivateKeyView(session, handle, KeyType.RSA)
+                if hash_name == "sha1" or not self._oaep_refused.get(hash_name, False):
+                    try:
+                        out: bytes = view.decrypt(
+                            data,
+                            mechanism=Mechanism.RSA_PKCS_OAEP,
+                            mechanism_param=(hash_mechanism, mgf, None),
+                        )
+                        return out
+                    except _OAEP_REFUSED:
+                        if hash_name == "sha1":
+                            raise
+                        self._oaep_refused[hash_name] = True
+                raw: bytes = view.decrypt(data, mechanism=Mechanism.RSA_X_509)
+        except _HSM_FAILURES as exc:
+            raise HsmError(f"decryption failed in the HSM: {type(exc).__name__}") from None
+        except p11e.PKCS11Error:
+            raise InvalidCiphertextError("") from None
+        if len(raw) < k:  # an HSM may strip leading zero bytes of the integer
+            raw = bytes(k - len(raw)) + raw
+        plaintext = oaep_decode(raw, k, hash_name)
+        if plaintext is None:
+            raise InvalidCiphertextError("")
+        return plaintext
+
+    def derive_shared_secret(self, material: MaterialRef, peer_public_key_der: bytes) -> bytes:
+        """ECDH as AWS KMS DeriveSharedSecret: CKM_ECDH1_DERIVE with KDF NULL in the HSM,
+        between the ``KEY_AGREEMENT`` material's private key (unwrapped once, then cached,
+        as a sensitive, non-extractable DERIVE-only session object) and the peer's
+        public key; returns the raw shared secret (the x-coordinate of the shared point,
+        32/48/66 bytes for P-256/384/521).
+
+        The secret is derived as a generic-secret session object, created non-sensitive
+        and extractable only so that its value can be read (returning it is the point
+        of the operation), with no capabilities; it is destroyed right after reading.
+
+        Security: the result is secret: never log or store it.
+        Raises ValidationError when ``peer_public_key_der`` is not a DER
+        SubjectPublicKeyInfo of an EC key on the material's curve; HsmError when the
+        material is not a KEY_AGREEMENT key or cannot be unwrapped, or the HSM fails.
+        """
+        asymmetric = split_asymmetric_kind(material.kind)
+        if asymmetric is None or asymmetric[1] != KEY_AGREEMENT:
+            raise HsmError("key material is not a key agreement key")
+        curve_name, coordinate_len = EC_CURVES[asymmetric[0]]
+        try:
+            peer = load_der_public_key(bytes(peer_public_key_der))
+        except (ValueError, TypeError, UnsupportedAlgorithm):
+            raise ValidationError(
+                "the public key must be a DER-encoded SubjectPublicKeyInfo"
+            ) from None
+        if not isinstance(peer, ec.EllipticCurvePublicKey) or peer.curve.name != curve_name:
+            raise ValidationError(
+                f"the public key must be an EC public key on the curve of the key spec "
+                f"{asymmetric[0]}"
+            )
+        # cryptography has checked the point is on the curve; the HSM gets it uncompressed.
+        point = peer.public_bytes(Encoding.X962, PublicFormat.UncompressedPoint)
+        handle = self._key_handle(material)
+        try:
+            with self._session() as session:
+                secret = _PrivateKeyView(session, handle, KeyType.EC).derive_key(
+                    KeyType.GENERIC_SECRET,
+                    coordinate_len * 8,
+                    store=False,
+                    capabilities=MechanismFlag(0),
+                    mechanism=Mechanism.ECDH1_DERIVE,
+                    mechanism_param=(KDF.NULL, None, point),
+                    template={
+                        Attribute.PRIVATE: True,
+                        # Readable only so that the value can be returned, then destroyed.
+                        Attribute.SENSITIVE: False,
+                        Attribute.EXTRACTABLE: True,
+                    },
+                )
+                try:
+                    value = bytes(secret[Attribute.VALUE])
+                finally:
+                    with suppress(p11e.PKCS11Error):
+                        secret.destroy()
+        except p11e.PKCS11Error as exc:
+            raise HsmError(f"key agreement failed: {type(exc).__name__}") from None
+        if len(value) != coordinate_len:
+            raise HsmError("the HSM returned a shared secret of the wrong length")
+        return value
 
     def destroy_kek(self, kek: str) -> None:
         """Destroy every token object labelled ``kek`` (a KEK), then, in every store of
@@ -1342,17 +1605,25 @@ __all__ = [
     "DIGEST_INFO_PREFIXES",
     "DOMAIN_KEY_LABEL",
     "EC_CURVES",
+    "ENCRYPT_DECRYPT",
     "HMAC_KEY_BYTES",
     "HMAC_MECHANISMS",
     "KEK_LABEL_PREFIX",
+    "KEY_AGREEMENT",
+    "KEY_USAGE_SPECS",
+    "RSA_ENCRYPTION_ALGORITHMS",
     "RSA_KEY_BITS",
     "SIGNING_ALGORITHMS",
+    "SIGN_VERIFY",
     "Pkcs11KeyStore",
     "SigningAlgorithm",
+    "asymmetric_kind",
     "check_kek_label",
     "check_signing_algorithm",
     "hmac_mechanism",
     "hmac_sign",
+    "oaep_decode",
     "open_keystore",
     "private_key_sign",
+    "split_asymmetric_kind",
 ]

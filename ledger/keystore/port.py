@@ -82,13 +82,45 @@ class KeyStore(Protocol):
         """
         ...
 
-    def generate_key_pair(self, key_spec: str, kek: str) -> tuple[MaterialRef, bytes]:
-        """Generate a signing key pair inside the HSM (``RSA_2048``/``3072``/``4096``,
-        ``ECC_NIST_P256``/``P384``/``P521``, ``ECC_SECG_P256K1``); return the private key
-        wrapped under the KEK ``kek`` (created when missing; ``kind`` is the key spec)
-        and the public key as DER SubjectPublicKeyInfo.
+    def generate_key_pair(
+        self, key_spec: str, kek: str, key_usage: str = "SIGN_VERIFY"
+    ) -> tuple[MaterialRef, bytes]:
+        """Generate a key pair inside the HSM; return the private key wrapped under the
+        KEK ``kek`` (created when missing) and the public key as DER
+        SubjectPublicKeyInfo.
 
-        Raises HsmError (also for an unknown key spec).
+        ``key_usage``: ``SIGN_VERIFY`` (``RSA_2048``/``3072``/``4096``,
+        ``ECC_NIST_P256``/``P384``/``P521``, ``ECC_SECG_P256K1``; ``kind`` is the key
+        spec), ``ENCRYPT_DECRYPT`` (RSA only) or ``KEY_AGREEMENT`` (``ECC_NIST_*`` only);
+        for the last two ``kind`` is ``f"{key_spec}:{key_usage}"``.
+
+        Raises HsmError (also for an unknown key spec or usage, or a combination AWS KMS
+        does not allow).
+        """
+        ...
+
+    def decrypt_rsa(
+        self, material: MaterialRef, encryption_algorithm: str, ciphertext: bytes
+    ) -> bytes:
+        """RSAES-OAEP decryption (``RSAES_OAEP_SHA_1``/``RSAES_OAEP_SHA_256``: MGF1 with the
+        same hash, empty label) with an ``ENCRYPT_DECRYPT`` RSA private key; the private
+        key never leaves the HSM.
+
+        Raises InvalidCiphertextError (no detail) for any decryption failure (wrong key,
+        bad padding, wrong length, unknown algorithm); HsmError when the material is not
+        an ENCRYPT_DECRYPT RSA key, cannot be unwrapped, or the HSM fails.
+        """
+        ...
+
+    def derive_shared_secret(self, material: MaterialRef, peer_public_key_der: bytes) -> bytes:
+        """ECDH (as AWS KMS DeriveSharedSecret: the raw x-coordinate of the shared point)
+        between the material's ``KEY_AGREEMENT`` private key, inside the HSM, and the
+        peer's DER SubjectPublicKeyInfo.
+
+        Security: the result is secret: never log or store it.
+        Raises ValidationError when the peer key is not an EC public key on the same
+        curve; HsmError when the material is not a KEY_AGREEMENT key, cannot be
+        unwrapped, or the HSM fails.
         """
         ...
 
