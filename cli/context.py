@@ -106,6 +106,19 @@ class _NoKeyStore:
     def sign(self, material: MaterialRef, signing_algorithm: str, digest: bytes) -> bytes:
         self._refuse()
 
+    def new_import_wrapping_key(self, wrapping_key_spec: str) -> tuple[MaterialRef, bytes]:
+        self._refuse()
+
+    def import_key_material(
+        self,
+        wrapping: MaterialRef,
+        wrapping_algorithm: str,
+        encrypted_key_material: bytes,
+        kind: str,
+        kek: str,
+    ) -> MaterialRef:
+        self._refuse()
+
     def encrypt(self, material: MaterialRef, plaintext: bytes, aad: bytes) -> tuple[bytes, bytes]:
         self._refuse()
 

@@ -99,6 +99,14 @@ class NotAuthorizedError(KeyLedgerError):
     aws_name = "NotAuthorizedException"
 
 
+class InvalidImportTokenError(KeyLedgerError):
+    aws_name = "InvalidImportTokenException"
+
+
+class ExpiredImportTokenError(KeyLedgerError):
+    aws_name = "ExpiredImportTokenException"
+
+
 class KMSInvalidMacError(KeyLedgerError):
     aws_name = "KMSInvalidMacException"
 
@@ -160,5 +168,7 @@ AWS_ERROR_NAMES: dict[type[KeyLedgerError], str] = {
         NotAuthorizedError,
         KMSInvalidMacError,
         KMSInvalidSignatureError,
+        InvalidImportTokenError,
+        ExpiredImportTokenError,
     )
 }

@@ -46,11 +46,20 @@ from ledger.domain.key_specs import (
     key_algorithms,
     rsa_max_plaintext,
 )
-from ledger.domain.model import Alias, ApiCall, CallContext, Key, kek_label
+from ledger.domain.model import (
+    Alias,
+    ApiCall,
+    CallContext,
+    Key,
+    kek_label,
+    material_from_json,
+)
 from ledger.errors import (
+    ExpiredImportTokenError,
     IncorrectKeyError,
     InvalidCiphertextError,
     InvalidGrantTokenError,
+    InvalidImportTokenError,
     InvalidKeyUsageError,
     KeyLedgerError,
     KMSInvalidMacError,
@@ -114,6 +123,14 @@ def enum_error(field: str, value: str, allowed: tuple[str, ...]) -> ValidationEr
     return validation_error(field, constraint, value)
 
 
+WRAPPING_ALGORITHMS = (
+    "RSAES_OAEP_SHA_1",
+    "RSAES_OAEP_SHA_256",
+    "RSA_AES_KEY_WRAP_SHA_1",
+    "RSA_AES_KEY_WRAP_SHA_256",
+)
+WRAPPING_KEY_SPECS = ("RSA_2048", "RSA_3072", "RSA_4096")
+EXPIRATION_MODELS = ("KEY_MATERIAL_EXPIRES", "KEY_MATERIAL_DOES_NOT_EXPIRE")
 INCORRECT_KEY_MESSAGE = (
     "The key ID in the request does not identify a CMK that can perform this operation."
 )
@@ -471,6 +488,10 @@ class KeyLedger(Application[UUID]):
             md["PendingDeletionWindowInDays"] = key.pending_window_days
         if key.current_material_id is not None:
             md["CurrentKeyMaterialId"] = key.current_material_id
+        if key.expiration_model:
+            md["ExpirationModel"] = key.expiration_model
+            if key.valid_to:
+                md["ValidTo"] = datetime.fromisoformat(key.valid_to).timestamp()
         return md
 
     @property
@@ -543,7 +564,11 @@ class KeyLedger(Application[UUID]):
                 check_policy(policy)
             if usage not in SUPPORTED_USAGES.get(spec, ()) or (
                 orig not in ("AWS_KMS", "EXTERNAL")
-                or (orig == "EXTERNAL" and spec != SYMMETRIC_DEFAULT)
+                or (
+                    orig == "EXTERNAL"
+                    and spec != SYMMETRIC_DEFAULT
+                    and spec not in HMAC_MAC_ALGORITHM
+                )
             ):
                 raise UnsupportedOperationError(
                     f"KeySpec {spec} with KeyUsage {usage} and origin {orig} is not supported "
@@ -1058,6 +1083,15 @@ class KeyLedger(Application[UUID]):
                     self.keystore.forget(str(m["material_id"]))
                 key.delete(call=self._service_call("DeleteKey"), timestamp=now)
                 name = "DeleteKey"
+            elif key.material_expiry_due(now):
+                for m in key.materials:
+                    self.keystore.forget(str(m["material_id"]))
+                key.delete_imported_material(
+                    call=self._service_call("DeleteExpiredKeyMaterial"),
+                    timestamp=now,
+                    request={"keyId": key.key_id},
+                )
+                name = "DeleteExpiredKeyMaterial"
             elif key.rotation_due(now):
                 material = self.keystore.generate_symmetric_key(kek=kek_label(key.key_id))
                 key.rotate(
@@ -1975,3 +2009,154 @@ class KeyLedger(Application[UUID]):
             "GenerateDataKeyPairWithoutPlaintext", caller, key_id, key_pair_spec,
             encryption_context, with_plaintext=False,
         )  # fmt: skip
+
+    # ------------------------------------------------------------ imported key material
+
+    def get_parameters_for_import(
+        self, *, caller: Caller, key_id: str, wrapping_algorithm: str, wrapping_key_spec: str
+    ) -> JSON:
+        """GetParametersForImport for an EXTERNAL-origin key: an RSA wrapping public key
+        made in the HSM and an import token valid for 24 hours.
+
+        Security: the token is returned once; the ledger keeps only a digest of its
+        secret. Raises ValidationError, UnsupportedOperationError, NotFoundError,
+        KMSInvalidStateError.
+        """
+        request: JSON = {
+            "keyId": key_id,
+            "wrappingAlgorithm": wrapping_algorithm,
+            "wrappingKeySpec": wrapping_key_spec,
+        }
+        issued: dict[str, Any] = {}
+
+        def prepare() -> None:
+            if wrapping_algorithm not in WRAPPING_ALGORITHMS:
+                raise enum_error("wrappingAlgorithm", wrapping_algorithm, WRAPPING_ALGORITHMS)
+            if wrapping_key_spec not in WRAPPING_KEY_SPECS:
+                raise enum_error("wrappingKeySpec", wrapping_key_spec, WRAPPING_KEY_SPECS)
+
+        def change(key: Key, call: CallContext, now: datetime) -> JSON:
+            key.check("GetParametersForImport")
+            key._check_external()
+            if not issued:
+                wrapping, public = self.keystore.new_import_wrapping_key(wrapping_key_spec)
+                issued.update(wrapping=wrapping, public=public)
+            parameters_id = grants.new_grant_id(os.urandom(32))
+            secret = os.urandom(grants.TOKEN_SECRET_BYTES)
+            key.issue_import_parameters(
+                call=call, timestamp=now, request=request, wrapping=issued["wrapping"],
+                wrapping_algorithm=wrapping_algorithm, wrapping_key_spec=wrapping_key_spec,
+                parameters_id=parameters_id, token_digest=grants.token_digest(secret),
+            )  # fmt: skip
+            assert key.import_params is not None
+            token = grants.make_grant_token(UUID(key.key_id), parameters_id, secret)
+            return {
+                "KeyId": key.arn,
+                "ImportToken": token.encode("ascii"),
+                "PublicKey": issued["public"],
+                "ParametersValidTo": datetime.fromisoformat(
+                    key.import_params["valid_to"]
+                ).timestamp(),
+            }
+
+        return self._key_command(
+            "GetParametersForImport", caller, key_id, request, change, prepare=prepare
+        )
+
+    def import_key_material(
+        self,
+        *,
+        caller: Caller,
+        key_id: str,
+        import_token: bytes,
+        encrypted_key_material: bytes,
+        expiration_model: str | None = None,
+        valid_to: datetime | None = None,
+    ) -> JSON:
+        """ImportKeyMaterial: unwrap the material inside the HSM with the wrapping key
+        of the latest GetParametersForImport; the key becomes Enabled.
+
+        Raises InvalidImportTokenError, ExpiredImportTokenError, InvalidCiphertextError
+        (material not wrapped with that key, or corrupted), ValidationError (length,
+        ExpirationModel/ValidTo), UnsupportedOperationError, KMSInvalidStateError.
+        """
+        model = expiration_model or (
+            "KEY_MATERIAL_EXPIRES" if valid_to is not None else "KEY_MATERIAL_DOES_NOT_EXPIRE"
+        )
+        request: JSON = {"keyId": key_id, "expirationModel": model}
+        if valid_to is not None:
+            request["validTo"] = valid_to.isoformat()
+
+        def prepare() -> None:
+            if model not in EXPIRATION_MODELS:
+                raise enum_error("expirationModel", model, EXPIRATION_MODELS)
+            if model == "KEY_MATERIAL_EXPIRES" and valid_to is None:
+                raise ValidationError(
+                    "A validTo date must be set if the ExpirationModel is KEY_MATERIAL_EXPIRES"
+                )
+            if model == "KEY_MATERIAL_DOES_NOT_EXPIRE" and valid_to is not None:
+                raise ValidationError(
+                    "A validTo date must not be set if the ExpirationModel is "
+                    "KEY_MATERIAL_DOES_NOT_EXPIRE"
+                )
+            if not isinstance(encrypted_key_material, bytes | bytearray) or not (
+                1 <= len(encrypted_key_material) <= 6144
+            ):
+                raise validation_error(
+                    "encryptedKeyMaterial", "Member must have length between 1 and 6144"
+                )
+
+        def change(key: Key, call: CallContext, now: datetime) -> JSON:
+            key.check("ImportKeyMaterial")
+            key._check_external()
+            params = key.import_params
+            try:
+                token_key, parameters_id, secret = grants.parse_grant_token(
+                    bytes(import_token).decode("ascii")
+                )
+            except (InvalidGrantTokenError, UnicodeError, TypeError):
+                raise InvalidImportTokenError("Invalid import token.") from None
+            if (
+                params is None
+                or token_key != UUID(key.key_id)
+                or parameters_id != params["parameters_id"]
+            ):
+                raise InvalidImportTokenError("Invalid import token.")
+            try:
+                grants.verify_token_secret(secret, [params["token_digest"]])
+            except InvalidGrantTokenError:
+                raise InvalidImportTokenError("Invalid import token.") from None
+            if datetime.fromisoformat(params["valid_to"]) < now:
+                raise ExpiredImportTokenError("The import token is expired.")
+            if valid_to is not None and valid_to <= now:
+                raise ValidationError("ValidTo must be in the future.")
+            kind = "AES" if key.key_spec == SYMMETRIC_DEFAULT else key.key_spec
+            material = self.keystore.import_key_material(
+                material_from_json(params["wrapping"]),
+                params["wrapping_algorithm"],
+                bytes(encrypted_key_material),
+                kind,
+                kek_label(key.key_id),
+            )
+            key.import_material(
+                call=call, timestamp=now, request=request, material=material,
+                expiration_model=model, valid_to=valid_to,
+            )  # fmt: skip
+            return {"KeyId": key.arn, "KeyMaterialId": material.material_id}
+
+        return self._key_command(
+            "ImportKeyMaterial", caller, key_id, request, change, prepare=prepare
+        )
+
+    def delete_imported_key_material(self, *, caller: Caller, key_id: str) -> JSON:
+        """DeleteImportedKeyMaterial: the key returns to PendingImport and refuses use
+        until the same material is imported again."""
+        request: JSON = {"keyId": key_id}
+
+        def change(key: Key, call: CallContext, now: datetime) -> JSON:
+            key.delete_imported_material(call=call, timestamp=now, request=request)
+            for m in key.materials:
+                self.keystore.forget(str(m["material_id"]))
+            return {"KeyId": key.arn}
+
+        return self._key_command("DeleteImportedKeyMaterial", caller, key_id, request, change)

@@ -189,16 +189,25 @@ class KeyCatalog:
         return {"Grants": page, **fields}
 
     def due_keys(self, now: datetime) -> list[UUID]:
-        """Keys whose deletion or automatic rotation is due at ``now``."""
+        """Keys whose deletion, material expiry or automatic rotation is due at ``now``."""
         due = []
         for d in self._docs(self.keys_table):
             if d["deleted"]:
                 continue
             deletion = d["state"] == "PendingDeletion" and d["deletion_date"] is not None
-            if (deletion and datetime.fromisoformat(d["deletion_date"]) <= now) or (
-                d["state"] == "Enabled"
-                and d["next_rotation"] is not None
-                and datetime.fromisoformat(d["next_rotation"]) <= now
+            expiry = (
+                d.get("expiration_model") == "KEY_MATERIAL_EXPIRES"
+                and d.get("valid_to") is not None
+                and d["state"] in ("Enabled", "Disabled")
+            )
+            if (
+                (deletion and datetime.fromisoformat(d["deletion_date"]) <= now)
+                or (expiry and datetime.fromisoformat(d["valid_to"]) <= now)
+                or (
+                    d["state"] == "Enabled"
+                    and d["next_rotation"] is not None
+                    and datetime.fromisoformat(d["next_rotation"]) <= now
+                )
             ):
                 due.append(UUID(d["key_id"]))
         return due

@@ -114,6 +114,21 @@ def apply_key_event(doc: JSON | None, event: JSON) -> JSON | None:
             d["grants"][gid] = {**event["grant"], "GrantId": gid, "created": event["timestamp"]}
     elif kind in ("GrantRetired", "GrantRevoked"):
         d["grants"].pop(event["grant_id"], None)
+    elif kind == "MaterialImported":
+        d["materials"].append(
+            {
+                "material_id": event["material"]["material_id"],
+                "date": event["timestamp"],
+                "type": None,
+            }
+        )
+        d["state"] = "Enabled"
+        d["expiration_model"] = event["expiration_model"]
+        d["valid_to"] = event["valid_to"]
+    elif kind == "ImportedMaterialDeleted":
+        d["state"] = "PendingImport"
+        d["expiration_model"] = None
+        d["valid_to"] = None
     return d
 
 
@@ -175,6 +190,10 @@ def key_metadata(doc: JSON) -> JSON:
         md["PendingDeletionWindowInDays"] = doc["pending_window"]
     if doc["materials"]:
         md["CurrentKeyMaterialId"] = doc["materials"][-1]["material_id"]
+    if doc.get("expiration_model"):
+        md["ExpirationModel"] = doc["expiration_model"]
+        if doc.get("valid_to"):
+            md["ValidTo"] = epoch(doc["valid_to"])
     return md
 
 

@@ -115,6 +115,22 @@ class FakeKeyStore:
         "HMAC_SHA_512": (hashlib.sha512, "HMAC_512"),
     }
 
+    # Imported material kind -> (minimum, maximum length in bytes, as AWS KMS imports).
+    IMPORT_KEY_LENGTHS: ClassVar[dict[str, tuple[int, int, None]]] = {
+        "AES": (32, 32, None),
+        "HMAC_224": (28, 64, None),
+        "HMAC_256": (32, 64, None),
+        "HMAC_384": (48, 128, None),
+        "HMAC_512": (64, 128, None),
+    }
+    # wrapping algorithm -> (OAEP hash, AES key wrap with padding follows)
+    IMPORT_WRAPPING_ALGORITHMS: ClassVar[dict[str, tuple[hashes.HashAlgorithm, bool]]] = {
+        "RSAES_OAEP_SHA_1": (hashes.SHA1(), False),
+        "RSAES_OAEP_SHA_256": (hashes.SHA256(), False),
+        "RSA_AES_KEY_WRAP_SHA_1": (hashes.SHA1(), True),
+        "RSA_AES_KEY_WRAP_SHA_256": (hashes.SHA256(), True),
+    }
+
     def __init__(self) -> None:
         self._domain_key = AESGCM.generate_key(bit_length=256)
         self._lock = threading.Lock()
@@ -220,7 +236,8 @@ class FakeKeyStore:
             cached = self._mac_cache.get(material.material_id)
         if cached is None:
             key = self._unwrap_raw(material)
-            if len(key) != self.HMAC_KEY_BYTES[material.kind]:
+            low, high, _ = self.IMPORT_KEY_LENGTHS[material.kind]
+            if not low <= len(key) <= high:  # generated: the spec's size; imported: range
                 raise HsmError("key material is not of the claimed kind")
             cached = (key, material.kek, material.kind)
             with self._lock:
@@ -357,6 +374,97 @@ class FakeKeyStore:
             )
         except ValueError:
             raise InvalidCiphertextError("") from None
+
+    def new_import_wrapping_key(self, wrapping_key_spec: str) -> tuple[MaterialRef, bytes]:
+        """As the adapter: an RSA key pair whose private key's PKCS#8 DER is wrapped
+        (RFC 5649) under the domain key, ``kek`` None, ``kind`` ``"IMPORT:<spec>"``."""
+        if not isinstance(wrapping_key_spec, str) or wrapping_key_spec not in self.RSA_KEY_BITS:
+            raise HsmError("unsupported wrapping key spec")
+        self._maybe_fail()
+        private = rsa.generate_private_key(65537, self.RSA_KEY_BITS[wrapping_key_spec])
+        pkcs8 = private.private_bytes(
+            serialization.Encoding.DER,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+        public_der = private.public_key().public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+        wrapped = aes_key_wrap_with_padding(self._domain_key, pkcs8)
+        material = MaterialRef(
+            material_id=hashlib.sha256(wrapped).hexdigest(),
+            wrapped=wrapped,
+            kek=None,
+            kind=f"IMPORT:{wrapping_key_spec}",
+        )
+        return material, public_der
+
+    def import_key_material(
+        self,
+        wrapping: MaterialRef,
+        wrapping_algorithm: str,
+        encrypted_key_material: bytes,
+        kind: str,
+        kek: str,
+    ) -> MaterialRef:
+        """As the adapter: RSA-OAEP (MGF1 of the same hash, no label) of the material, or
+        for RSA_AES_KEY_WRAP_* RSA-OAEP of an ephemeral AES-256 key followed by the
+        material wrapped under it (RFC 5649); the material is re-wrapped under the KEK
+        ``kek`` (created when missing). InvalidCiphertextError("") when it does not
+        unwrap, ValidationError for a wrong length, HsmError otherwise."""
+        spec = wrapping.kind.removeprefix("IMPORT:") if isinstance(wrapping.kind, str) else ""
+        if (
+            not isinstance(wrapping.kind, str)
+            or not wrapping.kind.startswith("IMPORT:")
+            or spec not in self.RSA_KEY_BITS
+            or wrapping.kek is not None
+        ):
+            raise HsmError("key material is not an import wrapping key")
+        entry = (
+            self.IMPORT_WRAPPING_ALGORITHMS.get(wrapping_algorithm)
+            if isinstance(wrapping_algorithm, str)
+            else None
+        )
+        if entry is None:
+            raise HsmError("unsupported wrapping algorithm")
+        lengths = self.IMPORT_KEY_LENGTHS.get(kind) if isinstance(kind, str) else None
+        if lengths is None:
+            raise HsmError("unsupported kind of imported key material")
+        check_kek_label(kek)
+        if not isinstance(encrypted_key_material, bytes | bytearray | memoryview):
+            raise InvalidCiphertextError("")
+        self._maybe_fail()
+        hash_, aes_wrapped = entry
+        low, high, _ = lengths
+        private = self._private_key(wrapping)
+        if not isinstance(private, rsa.RSAPrivateKey):
+            raise HsmError("key material is not of the claimed kind")
+        k = self.RSA_KEY_BITS[spec] // 8
+        data = bytes(encrypted_key_material)
+        rsa_part, rest = data[:k], data[k:]
+        if len(rsa_part) != k or (rest and not aes_wrapped):
+            raise InvalidCiphertextError("")
+        oaep = padding.OAEP(mgf=padding.MGF1(hash_), algorithm=hash_, label=None)
+        try:
+            secret = private.decrypt(rsa_part, oaep)
+            if aes_wrapped:
+                if len(secret) != 32:
+                    raise InvalidCiphertextError("")
+                secret = aes_key_unwrap_with_padding(secret, rest)
+        except (ValueError, InvalidUnwrap):
+            raise InvalidCiphertextError("") from None
+        if not low <= len(secret) <= high:
+            raise ValidationError(
+                f"imported key material for {kind} must be {low} bytes long"
+                if low == high
+                else f"imported key material for {kind} must be {low} to {high} bytes long"
+            )
+        with self._lock:
+            wrapping_key = self._keks.setdefault(kek, AESGCM.generate_key(bit_length=256))
+        wrapped = aes_key_wrap_with_padding(wrapping_key, secret)
+        return MaterialRef(
+            material_id=hashlib.sha256(wrapped).hexdigest(), wrapped=wrapped, kek=kek, kind=kind
+        )
 
     def derive_shared_secret(self, material: MaterialRef, peer_public_key_der: bytes) -> bytes:
         """As the adapter: ECDH, the raw x-coordinate; ValidationError for a peer key that

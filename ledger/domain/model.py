@@ -146,6 +146,9 @@ class Key(Aggregate):
         self.pending_window_days: int | None = None
         self.deleted = False
         self.grants: dict[str, JSON] = {}
+        self.import_params: JSON | None = None
+        self.expiration_model: str | None = None
+        self.valid_to: str | None = None
 
     class Event(Aggregate.Event):
         call: JSON
@@ -300,6 +303,57 @@ class Key(Aggregate):
             assert isinstance(aggregate, Key)
             aggregate.deleted = True
             aggregate.grants = {}
+
+    class ImportParametersIssued(Event):
+        wrapping: JSON
+        wrapping_algorithm: str
+        wrapping_key_spec: str
+        parameters_id: str
+        token_digest: str
+        parameters_valid_to: str
+
+        def __repr__(self) -> str:
+            oid = self.originator_id
+            return f"Key.ImportParametersIssued(originator_id={oid!r}, wrapped=<redacted>)"
+
+        def apply(self, aggregate: Aggregate) -> None:
+            assert isinstance(aggregate, Key)
+            aggregate.import_params = {
+                "wrapping": self.wrapping,
+                "wrapping_algorithm": self.wrapping_algorithm,
+                "wrapping_key_spec": self.wrapping_key_spec,
+                "parameters_id": self.parameters_id,
+                "token_digest": self.token_digest,
+                "valid_to": self.parameters_valid_to,
+            }
+
+    class MaterialImported(Event):
+        material: JSON
+        expiration_model: str
+        valid_to: str | None
+
+        def __repr__(self) -> str:
+            return (
+                f"Key.MaterialImported(originator_id={self.originator_id!r}, "
+                f"material_id={self.material.get('material_id')!r}, wrapped=<redacted>)"
+            )
+
+        def apply(self, aggregate: Aggregate) -> None:
+            assert isinstance(aggregate, Key)
+            aggregate.materials.append(
+                {**self.material, "rotation_date": iso(self.timestamp), "rotation_type": None}
+            )
+            aggregate.key_state = ENABLED
+            aggregate.expiration_model = self.expiration_model
+            aggregate.valid_to = self.valid_to
+            aggregate.import_params = None
+
+    class ImportedMaterialDeleted(Event):
+        def apply(self, aggregate: Aggregate) -> None:
+            assert isinstance(aggregate, Key)
+            aggregate.key_state = PENDING_IMPORT
+            aggregate.valid_to = None
+            aggregate.expiration_model = None
 
     class GrantCreated(Event):
         grant_id: str
@@ -655,6 +709,91 @@ class Key(Aggregate):
             timestamp=timestamp,
             request={"keyId": self.key_id},
             additional={"keyMaterialIds": [m["material_id"] for m in self.materials]},
+        )
+
+    # ---------------------------------------------------------------- imports
+
+    def issue_import_parameters(
+        self,
+        *,
+        call: CallContext,
+        timestamp: datetime,
+        request: JSON,
+        wrapping: MaterialRef,
+        wrapping_algorithm: str,
+        wrapping_key_spec: str,
+        parameters_id: str,
+        token_digest: str,
+    ) -> None:
+        """GetParametersForImport: a wrapping key and a token valid for 24 hours."""
+        self.check("GetParametersForImport")
+        self._check_external()
+        valid_to = timestamp + timedelta(hours=24)
+        self._emit(
+            self.ImportParametersIssued,
+            call=call,
+            timestamp=timestamp,
+            request=request,
+            response={"keyId": self.arn, "parametersValidTo": cloudtrail_date(valid_to)},
+            wrapping=material_to_json(wrapping),
+            wrapping_algorithm=wrapping_algorithm,
+            wrapping_key_spec=wrapping_key_spec,
+            parameters_id=parameters_id,
+            token_digest=token_digest,
+            parameters_valid_to=iso(valid_to),
+        )
+
+    def import_material(
+        self,
+        *,
+        call: CallContext,
+        timestamp: datetime,
+        request: JSON,
+        material: MaterialRef,
+        expiration_model: str,
+        valid_to: datetime | None,
+    ) -> None:
+        """ImportKeyMaterial: the key becomes Enabled with the imported material."""
+        self._emit(
+            self.MaterialImported,
+            call=call,
+            timestamp=timestamp,
+            request=request,
+            additional={"keyMaterialId": material.material_id},
+            material=material_to_json(material),
+            expiration_model=expiration_model,
+            valid_to=None if valid_to is None else iso(valid_to),
+        )
+
+    def delete_imported_material(
+        self, *, call: CallContext, timestamp: datetime, request: JSON
+    ) -> None:
+        """DeleteImportedKeyMaterial (or its expiry, a service event)."""
+        if not call.service_initiated:
+            self.check("DeleteImportedKeyMaterial")
+        self._check_external()
+        if not self.materials or self.key_state == PENDING_IMPORT:
+            raise KMSInvalidStateError(f"{self.arn} is pending import.")
+        self._emit(
+            self.ImportedMaterialDeleted,
+            call=call,
+            timestamp=timestamp,
+            request=request,
+            additional={"keyMaterialId": self.current_material_id},
+        )
+
+    def _check_external(self) -> None:
+        if self.origin != "EXTERNAL":
+            raise UnsupportedOperationError(
+                f"{self.arn} origin is {self.origin} which is not valid for this operation."
+            )
+
+    def material_expiry_due(self, now: datetime) -> bool:
+        return (
+            self.expiration_model == "KEY_MATERIAL_EXPIRES"
+            and self.valid_to is not None
+            and self.key_state in (ENABLED, DISABLED)
+            and datetime.fromisoformat(self.valid_to) <= now
         )
 
     def create_grant(

@@ -215,6 +215,36 @@ _OAEP_REFUSED: tuple[type[Exception], ...] = (
 )
 
 
+# Import wrapping keys (GetParametersForImport): ``kind`` = f"IMPORT:{key_spec}".
+IMPORT_KIND_PREFIX = "IMPORT:"
+# AWS KMS wrapping algorithm -> (OAEP algorithm of the RSA part, AES key wrap follows).
+IMPORT_WRAPPING_ALGORITHMS: dict[str, tuple[str, bool]] = {
+    "RSAES_OAEP_SHA_1": ("RSAES_OAEP_SHA_1", False),
+    "RSAES_OAEP_SHA_256": ("RSAES_OAEP_SHA_256", False),
+    "RSA_AES_KEY_WRAP_SHA_1": ("RSAES_OAEP_SHA_1", True),
+    "RSA_AES_KEY_WRAP_SHA_256": ("RSAES_OAEP_SHA_256", True),
+}
+# Imported material kind -> (minimum, maximum length in bytes, as AWS KMS allows for
+# import; the HMAC mechanism whose minimum key size is the minimum length).
+IMPORT_KEY_LENGTHS: dict[str, tuple[int, int, Mechanism]] = {
+    AES_KIND: (32, 32, Mechanism.SHA256_HMAC),
+    "HMAC_224": (28, 64, Mechanism.SHA224_HMAC),
+    "HMAC_256": (32, 64, Mechanism.SHA256_HMAC),
+    "HMAC_384": (48, 128, Mechanism.SHA384_HMAC),
+    "HMAC_512": (64, 128, Mechanism.SHA512_HMAC),
+}
+EPHEMERAL_KEY_BYTES = 32  # RSA_AES_KEY_WRAP_*: the ephemeral AES-256 key
+KWP_OVERHEAD = 8  # RFC 5649: the alternative IV block
+
+
+def import_wrapping_spec(kind: str) -> str | None:
+    """The RSA key spec of an import wrapping key's ``kind``, None for other kinds."""
+    if not kind.startswith(IMPORT_KIND_PREFIX):
+        return None
+    spec = kind[len(IMPORT_KIND_PREFIX) :]
+    return spec if spec in RSA_KEY_BITS else None
+
+
 def asymmetric_kind(key_spec: str, key_usage: str) -> str:
     """The ``MaterialRef.kind`` of an asymmetric key, after checking that AWS KMS allows
     ``key_spec`` with ``key_usage``; else HsmError."""
@@ -684,6 +714,27 @@ def hmac_sign(session: Any, handle: int, mac_algorithm: str, message: bytes) -> 
     return mac
 
 
+class _UnwrapKeyView(
+    _p11.DecryptMixin,  # type: ignore[misc,name-defined]
+    _p11.UnwrapMixin,  # type: ignore[misc,name-defined]
+):
+    """A key handle (RSA private key or AES key) bound to a pooled session, for
+    C_Decrypt and C_UnwrapKey; see :class:`_KeyView`."""
+
+    def __init__(self, session: Any, handle: int, key_type: KeyType) -> None:
+        self._session = session
+        self._handle = handle
+        self.key_type = key_type
+
+    @property
+    def session(self) -> Any:
+        return self._session
+
+    @property
+    def handle(self) -> int:
+        return self._handle
+
+
 class _PrivateKeyView(
     _p11.SignMixin,  # type: ignore[misc,name-defined]
     _p11.DecryptMixin,  # type: ignore[misc,name-defined]
@@ -1062,6 +1113,19 @@ class Pkcs11KeyStore:
             key_type, capabilities = KeyType.AES, MechanismFlag.ENCRYPT | MechanismFlag.DECRYPT
         elif kind in HMAC_KEY_BYTES:
             key_type, capabilities = KeyType.GENERIC_SECRET, MechanismFlag.SIGN
+        elif import_wrapping_spec(kind) is not None:
+            # An import wrapping key: RSA private key, DECRYPT (raw RSA for the host
+            # OAEP path) and UNWRAP only.
+            object_class, key_type = ObjectClass.PRIVATE_KEY, KeyType.RSA
+            capabilities = MechanismFlag.DECRYPT | MechanismFlag.UNWRAP
+            template.update(
+                {
+                    Attribute.ENCRYPT: DEFAULT,
+                    Attribute.WRAP: DEFAULT,
+                    Attribute.VERIFY: DEFAULT,
+                    Attribute.SIGN_RECOVER: False,
+                }
+            )
         elif (asymmetric := split_asymmetric_kind(kind)) is not None:
             key_spec, key_usage = asymmetric
             object_class = ObjectClass.PRIVATE_KEY
@@ -1361,6 +1425,294 @@ class Pkcs11KeyStore:
             raise InvalidCiphertextError("")
         return plaintext
 
+    # -- importing key material (GetParametersForImport / ImportKeyMaterial) -----------
+
+    def new_import_wrapping_key(self, wrapping_key_spec: str) -> tuple[MaterialRef, bytes]:
+        """An RSA key pair (``RSA_2048``/``3072``/``4096``, e = 65537) generated in the
+        HSM for GetParametersForImport. The private key (sensitive, DECRYPT and UNWRAP
+        only, extractable only so that it can be wrapped) is wrapped under the *domain
+        key* (``kek`` None: the import token outlives any one KMS key's KEK lookups and
+        must survive restarts; the ledger keeps the blob), ``kind`` is
+        ``"IMPORT:<spec>"``; the public key leaves as DER SubjectPublicKeyInfo. Both
+        session objects are destroyed right after wrapping.
+
+        Raises HsmError for an unknown key spec or when the HSM fails.
+        """
+        if not isinstance(wrapping_key_spec, str) or wrapping_key_spec not in RSA_KEY_BITS:
+            raise HsmError("unsupported wrapping key spec")
+        self._check_open()
+        try:
+            with self._session() as session:
+                public, private = session.generate_keypair(
+                    KeyType.RSA,
+                    RSA_KEY_BITS[wrapping_key_spec],
+                    store=False,
+                    mechanism=Mechanism.RSA_PKCS_KEY_PAIR_GEN,
+                    capabilities=MechanismFlag.ENCRYPT
+                    | MechanismFlag.WRAP
+                    | MechanismFlag.DECRYPT
+                    | MechanismFlag.UNWRAP,
+                    public_template={
+                        Attribute.PUBLIC_EXPONENT: RSA_PUBLIC_EXPONENT.to_bytes(3, "big"),
+                        Attribute.VERIFY_RECOVER: False,
+                    },
+                    private_template={
+                        Attribute.PRIVATE: True,
+                        Attribute.SENSITIVE: True,
+                        Attribute.EXTRACTABLE: True,  # by wrapping only: it is sensitive
+                        Attribute.SIGN_RECOVER: False,
+                    },
+                )
+                try:
+                    public_der = _public_key_der(wrapping_key_spec, public)
+                    wrapped: bytes = _KeyView(session, self._domain_handle).wrap_key(
+                        private, mechanism=WRAP_MECHANISM
+                    )
+                finally:
+                    for key in (private, public):
+                        with suppress(p11e.PKCS11Error):
+                            key.destroy()
+        except p11e.PKCS11Error as exc:
+            raise HsmError(f"import wrapping key generation failed: {type(exc).__name__}") from None
+        material = MaterialRef(
+            material_id=hashlib.sha256(wrapped).hexdigest(),
+            wrapped=wrapped,
+            kek=None,
+            kind=f"{IMPORT_KIND_PREFIX}{wrapping_key_spec}",
+        )
+        return material, public_der
+
+    def import_key_material(
+        self,
+        wrapping: MaterialRef,
+        wrapping_algorithm: str,
+        encrypted_key_material: bytes,
+        kind: str,
+        kek: str,
+    ) -> MaterialRef:
+        """Unwrap imported key material with the import wrapping key ``wrapping`` and
+        return it wrapped under the KEK ``kek`` (created when missing), as a backing key
+        of ``kind`` (``"AES"``: 32 bytes; ``HMAC_224`` 28-64, ``HMAC_256`` 32-64,
+        ``HMAC_384`` 48-128, ``HMAC_512`` 64-128 bytes, the lengths AWS KMS imports).
+
+        How each wrapping algorithm runs (SoftHSM2 2.6 has no CKM_RSA_AES_KEY_WRAP and
+        no OAEP with SHA-256, measured):
+
+        * ``RSAES_OAEP_SHA_1``: C_UnwrapKey with CKM_RSA_PKCS_OAEP (SHA-1, MGF1-SHA-1, no
+          label) straight into a sensitive session object. The material never exists
+          in plaintext on the host.
+        * ``RSAES_OAEP_SHA_256``: C_UnwrapKey with SHA-256 OAEP parameters if the HSM
+          accepts them; otherwise (SoftHSM2, remembered per store) the HSM does only the
+          raw RSA operation (CKM_RSA_X_509), the host decodes EME-OAEP
+          (:func:`oaep_decode`) and creates the sensitive session object from the bytes
+          (C_CreateObject). **For this path the imported material passes through host
+          memory briefly**: the host's own copy is a bytearray zeroed right after, but
+          the immutable intermediates of the decoding and of python-pkcs11's template
+          encoding are freed, not wiped. Prefer the SHA-1 algorithms for that reason.
+        * ``RSA_AES_KEY_WRAP_SHA_1``/``_256`` (AWS's format: the first modulus-length
+          bytes are the RSA-OAEP encryption of an ephemeral AES-256 key, the rest the
+          material wrapped under it with RFC 5649): the ephemeral key is unwrapped into
+          the HSM as above (SHA-256: through the host, so the *ephemeral key*, not the
+          material, passes through host memory), then the material is unwrapped in the
+          HSM with CKM_AES_KEY_WRAP_PAD. SoftHSM2's 0x210A *unwrap* is exact RFC 5649
+          for every length, also those that are not a multiple of 8 (measured: 28, 29,
+          100 bytes come back exactly); only its *wrap* zero-pads such keys (see the
+          module notes), so no host-side RFC 5649 unwrap is needed.
+
+        Length check without reading the key (SoftHSM2 reports CKA_VALUE_LEN 0 for
+        unwrapped keys and refuses it in unwrap templates): the lower bound is the
+        minimum key size of the HMAC mechanism of the same length (C_SignInit with
+        CKM_SHA256_HMAC refuses keys shorter than 32 bytes, etc.; AWS's minimums equal
+        the hash lengths), the upper bound is read from the length of the wrapped blob
+        (RFC 5649 pads to a multiple of 8; the maxima are multiples of 8). An HSM
+        without HMAC minimum key sizes would accept material shorter than the minimum.
+
+        Every transient object (ephemeral key, unwrapped material) is a session object
+        destroyed before returning. Raises InvalidCiphertextError("") when the material
+        does not unwrap (wrong wrapping key, corrupted, wrong length of the encrypted
+        data); ValidationError when the material's length is wrong for ``kind``;
+        HsmError for an unknown algorithm or kind, a ``wrapping`` that is not an import
+        wrapping key, an invalid KEK label, or when the HSM fails.
+        """
+        spec = import_wrapping_spec(wrapping.kind) if isinstance(wrapping.kind, str) else None
+        if spec is None or wrapping.kek is not None:
+            raise HsmError("key material is not an import wrapping key")
+        entry = (
+            IMPORT_WRAPPING_ALGORITHMS.get(wrapping_algorithm)
+            if isinstance(wrapping_algorithm, str)
+            else None
+        )
+        if entry is None:
+            raise HsmError("unsupported wrapping algorithm")
+        lengths = IMPORT_KEY_LENGTHS.get(kind) if isinstance(kind, str) else None
+        if lengths is None:
+            raise HsmError("unsupported kind of imported key material")
+        check_kek_label(kek)
+        if not isinstance(encrypted_key_material, bytes | bytearray | memoryview):
+            raise InvalidCiphertextError("")
+        oaep_algorithm, aes_wrapped = entry
+        min_len, max_len, size_mechanism = lengths
+        k = RSA_KEY_BITS[spec] // 8
+        data = bytes(encrypted_key_material)
+        rsa_part, kwp_part = data[:k], data[k:]
+        if (
+            len(rsa_part) != k
+            or (aes_wrapped and (len(kwp_part) < 2 * KWP_OVERHEAD or len(kwp_part) % KWP_OVERHEAD))
+            or (not aes_wrapped and kwp_part)
+        ):
+            raise InvalidCiphertextError("")
+        private = self._key_handle(wrapping)
+        kek_handle = self._kek_handles(kek, create=True)[0]
+        with self._session() as session:
+            transient: list[Any] = []
+            try:
+                if aes_wrapped:
+                    ephemeral = self._rsa_unwrap_secret(
+                        session, private, oaep_algorithm, rsa_part, KeyType.AES, None
+                    )
+                    transient.append(ephemeral)
+                    secret = self._aes_unwrap_secret(session, int(ephemeral.handle), kwp_part)
+                else:
+                    secret = self._rsa_unwrap_secret(
+                        session,
+                        private,
+                        oaep_algorithm,
+                        rsa_part,
+                        KeyType.GENERIC_SECRET,
+                        (kind, min_len, max_len),
+                    )
+                transient.append(secret)
+                try:
+                    _MacKeyView(session, int(secret.handle)).sign(b"", mechanism=size_mechanism)
+                except p11e.KeySizeRange:
+                    raise ValidationError(_import_length_message(kind, min_len, max_len)) from None
+                wrapped: bytes = _KeyView(session, kek_handle).wrap_key(
+                    secret, mechanism=WRAP_MECHANISM
+                )
+            except p11e.PKCS11Error as exc:
+                raise HsmError(f"importing key material failed: {type(exc).__name__}") from None
+            finally:
+                for key in reversed(transient):
+                    with suppress(p11e.PKCS11Error):
+                        key.destroy()
+        if len(wrapped) - KWP_OVERHEAD > max_len:
+            raise ValidationError(_import_length_message(kind, min_len, max_len))
+        return MaterialRef(
+            material_id=hashlib.sha256(wrapped).hexdigest(), wrapped=wrapped, kek=kek, kind=kind
+        )
+
+    def _rsa_unwrap_secret(
+        self,
+        session: Any,
+        private: int,
+        oaep_algorithm: str,
+        ciphertext: bytes,
+        key_type: KeyType,
+        host_lengths: tuple[str, int, int] | None,
+    ) -> Any:
+        """RSA-OAEP-unwrap ``ciphertext`` with the import private key into a sensitive
+        session secret key: a generic secret with SIGN (the material; extractable only
+        by wrapping) or, with ``key_type`` AES, the ephemeral key (UNWRAP only,
+        non-extractable, must be 32 bytes on the host path). See
+        :meth:`import_key_material` for the SHA-256 host path. ``host_lengths`` is
+        ``(kind, minimum, maximum)``, checked when the host sees the bytes.
+
+        Raises InvalidCiphertextError("") when unwrapping fails, ValidationError for a
+        wrong length seen on the host, HsmError when the HSM itself fails.
+        """
+        hash_name, _, hash_mechanism, mgf = RSA_ENCRYPTION_ALGORITHMS[oaep_algorithm]
+        if key_type == KeyType.AES:
+            capabilities = MechanismFlag.UNWRAP
+            template: dict[Attribute, Any] = {
+                Attribute.PRIVATE: True,
+                Attribute.SENSITIVE: True,
+                Attribute.EXTRACTABLE: False,
+            }
+        else:
+            capabilities = MechanismFlag.SIGN
+            template = {
+                Attribute.PRIVATE: True,
+                Attribute.SENSITIVE: True,
+                Attribute.EXTRACTABLE: True,  # by wrapping only: it is sensitive
+            }
+        view = _UnwrapKeyView(session, private, KeyType.RSA)
+        try:
+            if hash_name == "sha1" or not self._oaep_refused.get(hash_name, False):
+                try:
+                    return view.unwrap_key(
+                        ObjectClass.SECRET_KEY,
+                        key_type,
+                        ciphertext,
+                        mechanism=Mechanism.RSA_PKCS_OAEP,
+                        mechanism_param=(hash_mechanism, mgf, None),
+                        store=False,
+                        capabilities=capabilities,
+                        template=template,
+                    )
+                except _OAEP_REFUSED:
+                    if hash_name == "sha1":
+                        raise
+                    self._oaep_refused[hash_name] = True
+            raw: bytes = view.decrypt(ciphertext, mechanism=Mechanism.RSA_X_509)
+        except _HSM_FAILURES as exc:
+            raise HsmError(f"unwrapping failed in the HSM: {type(exc).__name__}") from None
+        except p11e.PKCS11Error:
+            raise InvalidCiphertextError("") from None
+        k = len(ciphertext)
+        if len(raw) < k:  # an HSM may strip leading zero bytes of the integer
+            raw = bytes(k - len(raw)) + raw
+        decoded = oaep_decode(raw, k, hash_name)
+        del raw
+        if decoded is None:
+            raise InvalidCiphertextError("")
+        value = bytearray(decoded)
+        del decoded
+        try:
+            if key_type == KeyType.AES and len(value) != EPHEMERAL_KEY_BYTES:
+                raise InvalidCiphertextError("")
+            if host_lengths is not None and not host_lengths[1] <= len(value) <= host_lengths[2]:
+                raise ValidationError(_import_length_message(*host_lengths))
+            template.update(
+                {
+                    Attribute.CLASS: ObjectClass.SECRET_KEY,
+                    Attribute.KEY_TYPE: key_type,
+                    Attribute.TOKEN: False,
+                    Attribute.VALUE: value,
+                    **{attr: attr == _CAPABILITY_ATTRIBUTE[capabilities] for attr in _SECRET_CAPS},
+                }
+            )
+            try:
+                return session.create_object(template)
+            except p11e.PKCS11Error as exc:
+                raise HsmError(
+                    f"cannot create the imported key in the HSM: {type(exc).__name__}"
+                ) from None
+        finally:
+            value[:] = bytes(len(value))
+
+    def _aes_unwrap_secret(self, session: Any, ephemeral: int, wrapped: bytes) -> Any:
+        """C_UnwrapKey (CKM_AES_KEY_WRAP_PAD, RFC 5649) of the material under the
+        ephemeral key into a sensitive generic secret with SIGN, extractable only by
+        wrapping. Raises InvalidCiphertextError("") or HsmError (HSM failure)."""
+        try:
+            return _UnwrapKeyView(session, ephemeral, KeyType.AES).unwrap_key(
+                ObjectClass.SECRET_KEY,
+                KeyType.GENERIC_SECRET,
+                wrapped,
+                mechanism=WRAP_MECHANISM,
+                store=False,
+                capabilities=MechanismFlag.SIGN,
+                template={
+                    Attribute.PRIVATE: True,
+                    Attribute.SENSITIVE: True,
+                    Attribute.EXTRACTABLE: True,  # by wrapping only: it is sensitive
+                },
+            )
+        except _HSM_FAILURES as exc:
+            raise HsmError(f"unwrapping failed in the HSM: {type(exc).__name__}") from None
+        except p11e.PKCS11Error:
+            raise InvalidCiphertextError("") from None
+
     def derive_shared_secret(self, material: MaterialRef, peer_public_key_der: bytes) -> bytes:
         """ECDH as AWS KMS DeriveSharedSecret: CKM_ECDH1_DERIVE with KDF NULL in the HSM,
         between the ``KEY_AGREEMENT`` material's private key (unwrapped once, then cached,
@@ -1569,6 +1921,29 @@ class Pkcs11KeyStore:
         _release_login(self._module, self._token_label, self._login)
 
 
+# The capability attributes of a secret key created from host bytes: all False but
+# the one the object is for (python-pkcs11's create_object sets none by itself).
+_SECRET_CAPS: tuple[Attribute, ...] = (
+    Attribute.ENCRYPT,
+    Attribute.DECRYPT,
+    Attribute.SIGN,
+    Attribute.VERIFY,
+    Attribute.WRAP,
+    Attribute.UNWRAP,
+    Attribute.DERIVE,
+)
+_CAPABILITY_ATTRIBUTE: dict[MechanismFlag, Attribute] = {
+    MechanismFlag.SIGN: Attribute.SIGN,
+    MechanismFlag.UNWRAP: Attribute.UNWRAP,
+}
+
+
+def _import_length_message(kind: str, min_len: int, max_len: int) -> str:
+    if min_len == max_len:
+        return f"imported key material for {kind} must be {min_len} bytes long"
+    return f"imported key material for {kind} must be {min_len} to {max_len} bytes long"
+
+
 def _require_aes(material: MaterialRef) -> None:
     if material.kind != AES_KIND:
         raise HsmError("key material is not an AES encryption key")
@@ -1608,6 +1983,9 @@ __all__ = [
     "ENCRYPT_DECRYPT",
     "HMAC_KEY_BYTES",
     "HMAC_MECHANISMS",
+    "IMPORT_KEY_LENGTHS",
+    "IMPORT_KIND_PREFIX",
+    "IMPORT_WRAPPING_ALGORITHMS",
     "KEK_LABEL_PREFIX",
     "KEY_AGREEMENT",
     "KEY_USAGE_SPECS",
@@ -1622,6 +2000,7 @@ __all__ = [
     "check_signing_algorithm",
     "hmac_mechanism",
     "hmac_sign",
+    "import_wrapping_spec",
     "oaep_decode",
     "open_keystore",
     "private_key_sign",

@@ -135,6 +135,34 @@ class KeyStore(Protocol):
         """
         ...
 
+    def new_import_wrapping_key(self, wrapping_key_spec: str) -> tuple[MaterialRef, bytes]:
+        """An RSA key pair (``RSA_2048``/``3072``/``4096``) made in the HSM for
+        GetParametersForImport: the private key (DECRYPT/UNWRAP only) wrapped under the
+        domain key (``kek`` None, ``kind`` ``"IMPORT:<spec>"``), the public key as DER.
+
+        Raises HsmError.
+        """
+        ...
+
+    def import_key_material(
+        self,
+        wrapping: MaterialRef,
+        wrapping_algorithm: str,
+        encrypted_key_material: bytes,
+        kind: str,
+        kek: str,
+    ) -> MaterialRef:
+        """Unwrap imported key material with the import wrapping key and store it as a
+        backing key of ``kind`` (``"AES"`` 32 bytes, or ``HMAC_224``/``256``/``384``/
+        ``512``), wrapped under the KEK ``kek``.
+
+        ``wrapping_algorithm``: RSAES_OAEP_SHA_1, RSAES_OAEP_SHA_256,
+        RSA_AES_KEY_WRAP_SHA_1, RSA_AES_KEY_WRAP_SHA_256. Raises InvalidCiphertextError
+        when the material does not unwrap (wrong wrapping key or corrupted),
+        ValidationError when its length is wrong for ``kind``, HsmError otherwise.
+        """
+        ...
+
     def generate_random(self, number_of_bytes: int) -> bytes:
         """``number_of_bytes`` random bytes from the HSM's RNG (C_GenerateRandom).
 
