@@ -1434,8 +1434,14 @@ class KeyLedger(Application[UUID]):
         self, key: Key, plaintext: bytes, context: Mapping[str, str], operation: str = "Encrypt"
     ) -> tuple[bytes, str]:
         """Encrypt under the key's newest backing version inside the HSM; the blob and
-        the material id (no record). Raises InvalidKeyUsageError for non-encryption keys."""
+        the material id (no record). Raises InvalidKeyUsageError for non-encryption keys
+        and for asymmetric keys (data keys and envelopes need a symmetric key)."""
         self._check_usage(key, "ENCRYPT_DECRYPT", operation)
+        if key.key_spec != SYMMETRIC_DEFAULT:
+            raise InvalidKeyUsageError(
+                f"{key.arn} key spec {key.key_spec} is not valid for {operation}; "
+                "use a symmetric encryption key."
+            )
         material = key.current_material
         version = key.version_number
         key_uuid = UUID(key.key_id)

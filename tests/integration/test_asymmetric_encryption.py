@@ -135,3 +135,17 @@ def test_data_key_pair_private_keys_decrypted_through_decrypt_match_their_public
     assert private.hex().encode() not in stored
     with pytest.raises(ValidationError):
         ledger.generate_data_key_pair(caller=CALLER, key_id=key, key_pair_spec="RSA_1024")
+
+
+def test_data_keys_need_a_symmetric_key(ledger: KeyLedger) -> None:
+    rsa_key = ledger.create_key(caller=CALLER, key_spec="RSA_2048", key_usage="ENCRYPT_DECRYPT")[
+        "KeyMetadata"
+    ]["KeyId"]
+    before = ledger.db.head_seq()
+    with pytest.raises(InvalidKeyUsageError, match="key spec RSA_2048 is not valid"):
+        ledger.generate_data_key(caller=CALLER, key_id=rsa_key, key_spec="AES_256")
+    with pytest.raises(InvalidKeyUsageError):
+        ledger.generate_data_key_pair(caller=CALLER, key_id=rsa_key, key_pair_spec="ECC_NIST_P256")
+    assert [r.event()["error_code"] for r in ledger.db.read_records(before, 5)] == [
+        "InvalidKeyUsageException"
+    ] * 2
