@@ -117,6 +117,63 @@ def data_key_generate(
     emit(cli, resp, "\n".join(lines))
 
 
+@data_key_app.command("generate-pair")
+def data_key_generate_pair(
+    ctx: typer.Context,
+    key: Annotated[str, typer.Option("--key", help="Symmetric key id, key ARN or alias.")],
+    key_pair_spec: Annotated[
+        str,
+        typer.Option("--key-pair-spec", help="RSA_2048/3072/4096, ECC_NIST_P256/P384/P521, ..."),
+    ],
+    context: ContextOpt = None,
+    without_plaintext: Annotated[
+        bool,
+        typer.Option("--without-plaintext", help="GenerateDataKeyPairWithoutPlaintext."),
+    ] = False,
+    private_out: Annotated[
+        str | None,
+        typer.Option(
+            "--private-out",
+            help="File (mode 0600) for the PKCS#8 DER private key; required in text mode "
+            "unless --without-plaintext.",
+        ),
+    ] = None,
+    public_out: Annotated[
+        str | None, typer.Option("--public-out", help="File for the DER public key.")
+    ] = None,
+) -> None:
+    """GenerateDataKeyPair: writes the private (and public) key, prints the base64
+    PrivateKeyCiphertextBlob."""
+    cli = ctx_of(ctx)
+    if without_plaintext and private_out is not None:
+        raise typer.BadParameter(
+            "cannot be used with --without-plaintext.", param_hint="--private-out"
+        )
+    if not without_plaintext and private_out is None and not cli.json_output:
+        raise typer.BadParameter(
+            "is required unless --without-plaintext or --json.", param_hint="--private-out"
+        )
+    operation = (
+        "GenerateDataKeyPairWithoutPlaintext" if without_plaintext else "GenerateDataKeyPair"
+    )
+    request: dict[str, Any] = {"keyId": key, "keyPairSpec": key_pair_spec}
+    enc_context = _context_or_record(cli, operation, request, context, "EncryptionContext")
+    generate = (
+        cli.ledger.generate_data_key_pair_without_plaintext
+        if without_plaintext
+        else cli.ledger.generate_data_key_pair
+    )
+    resp = generate(
+        caller=cli.caller, key_id=key, key_pair_spec=key_pair_spec, encryption_context=enc_context
+    )
+    if private_out is not None:
+        with _output(private_out) as f:
+            f.write(resp["PrivateKeyPlaintext"])
+    if public_out is not None:
+        Path(public_out).write_bytes(resp["PublicKey"])
+    emit(cli, resp, _b64(resp["PrivateKeyCiphertextBlob"]))
+
+
 def random_bytes(
     ctx: typer.Context,
     number_of_bytes: Annotated[int, typer.Option("--number-of-bytes", help="1-1024.")],

@@ -16,6 +16,7 @@ from cli.common import (
     emit,
     emit_list,
     fmt_time,
+    parse_time,
     point_in_time,
     read_text_file,
     recorded_failure,
@@ -365,3 +366,84 @@ def policy_list(
         caller=cli.caller, key_id=key, limit=limit, marker=marker
     )
     emit_list(cli, resp, "PolicyNames", str)
+
+
+# ---------------------------------------------------------------- imported key material
+
+
+@keys_app.command("import-params")
+def keys_import_params(
+    ctx: typer.Context,
+    key: KeyArg,
+    wrapping_algorithm: Annotated[
+        str, typer.Option("--wrapping-algorithm", help="e.g. RSAES_OAEP_SHA_256.")
+    ],
+    wrapping_key_spec: Annotated[
+        str, typer.Option("--wrapping-key-spec", help="RSA_2048, RSA_3072 or RSA_4096.")
+    ],
+    public_key_out: Annotated[
+        str, typer.Option("--public-key-out", help="File for the DER wrapping public key.")
+    ],
+    token_out: Annotated[
+        str, typer.Option("--token-out", help="File (mode 0600) for the raw import token.")
+    ],
+) -> None:
+    """GetParametersForImport (EXTERNAL keys): writes the wrapping key and the import
+    token, prints ParametersValidTo."""
+    from pathlib import Path
+
+    from cli.crypto_cmds import _output
+
+    cli = ctx_of(ctx)
+    resp = cli.ledger.get_parameters_for_import(
+        caller=cli.caller,
+        key_id=key,
+        wrapping_algorithm=wrapping_algorithm,
+        wrapping_key_spec=wrapping_key_spec,
+    )
+    Path(public_key_out).write_bytes(resp["PublicKey"])
+    with _output(token_out) as f:
+        f.write(resp["ImportToken"])
+    emit(cli, resp, fmt_time(resp["ParametersValidTo"]))
+
+
+@keys_app.command("import")
+def keys_import(
+    ctx: typer.Context,
+    key: KeyArg,
+    token: Annotated[str, typer.Option("--token", help="Import token file from import-params.")],
+    material: Annotated[
+        str, typer.Option("--material", help="Key material file, wrapped with the public key.")
+    ],
+    valid_to: Annotated[
+        str | None,
+        typer.Option("--valid-to", help="RFC 3339 expiry (KEY_MATERIAL_EXPIRES); none: never."),
+    ] = None,
+) -> None:
+    """ImportKeyMaterial: the key becomes Enabled."""
+    from pathlib import Path
+
+    cli = ctx_of(ctx)
+    try:
+        expires = parse_time(valid_to, "--valid-to") if valid_to is not None else None
+    except ValidationError as err:
+        cli.ledger_without_hsm.record_rejected(
+            operation="ImportKeyMaterial", caller=cli.caller, request={"keyId": key}, error=err
+        )
+        raise
+    resp = cli.ledger.import_key_material(
+        caller=cli.caller,
+        key_id=key,
+        import_token=Path(token).read_bytes(),
+        encrypted_key_material=Path(material).read_bytes(),
+        valid_to=expires,
+    )
+    emit(cli, resp, f"imported {resp['KeyMaterialId']} into {resp['KeyId']}")
+
+
+@keys_app.command("delete-imported")
+def keys_delete_imported(ctx: typer.Context, key: KeyArg) -> None:
+    """DeleteImportedKeyMaterial: the key returns to PendingImport."""
+    cli = ctx_of(ctx)
+    resp = cli.ledger.delete_imported_key_material(caller=cli.caller, key_id=key)
+    emit(cli, resp, f"deleted imported key material of {resp['KeyId']} (PendingImport)")

@@ -26,7 +26,7 @@ from cli.crypto_cmds import data_key_app, envelope_app, random_bytes, reencrypt
 from cli.grants import grants_app
 from cli.keys import keys_app
 from cli.maintenance import maintenance_app
-from cli.signing_cmds import mac_app, public_key, sign, verify
+from cli.signing_cmds import derive_shared_secret, mac_app, public_key, sign, verify
 from ledger.errors import KeyLedgerError, TamperError, ValidationError
 from ledger.settings import Settings
 
@@ -50,6 +50,7 @@ app.add_typer(envelope_app, name="envelope")
 app.add_typer(mac_app, name="mac")
 app.command("sign")(sign)
 app.command("verify")(verify)
+app.command("derive-shared-secret")(derive_shared_secret)
 keys_app.command("public-key")(public_key)
 app.command("reencrypt")(reencrypt)
 app.command("random")(random_bytes)
@@ -104,6 +105,13 @@ def _write_output(path: str, data: bytes) -> None:
 ContextOpt = Annotated[
     list[str] | None, typer.Option("--context", help="Encryption context entry key=value.")
 ]
+AlgorithmOpt = Annotated[
+    str,
+    typer.Option(
+        "--algorithm",
+        help="AWS EncryptionAlgorithm: SYMMETRIC_DEFAULT, or RSAES_OAEP_SHA_1/256 for RSA keys.",
+    ),
+]
 
 
 @app.command("encrypt")
@@ -115,6 +123,7 @@ def encrypt(
     outfile: Annotated[
         str, typer.Option("--out", help="Ciphertext blob file, or - for base64 on stdout.")
     ] = "-",
+    algorithm: AlgorithmOpt = "SYMMETRIC_DEFAULT",
 ) -> None:
     """Encrypt up to 4096 bytes; the blob binds the encryption context."""
     cli = _ctx(ctx)
@@ -127,7 +136,11 @@ def encrypt(
         raise
     plaintext = _read_input(infile)
     resp = cli.ledger.encrypt(
-        caller=cli.caller, key_id=key, plaintext=plaintext, encryption_context=enc_context
+        caller=cli.caller,
+        key_id=key,
+        plaintext=plaintext,
+        encryption_context=enc_context,
+        encryption_algorithm=algorithm,
     )
     if cli.json_output:
         _emit(cli, resp, "")
@@ -146,8 +159,12 @@ def decrypt(
         str, typer.Option("--in", help="Ciphertext blob file, or - for base64 on stdin.")
     ] = "-",
     outfile: Annotated[str, typer.Option("--out", help="Plaintext file, or - for stdout.")] = "-",
+    algorithm: AlgorithmOpt = "SYMMETRIC_DEFAULT",
 ) -> None:
-    """Decrypt a blob made by encrypt, with the same encryption context."""
+    """Decrypt a blob made by encrypt, with the same encryption context.
+
+    RSA blobs need --key and the --algorithm they were encrypted with.
+    """
     cli = _ctx(ctx)
     request: dict[str, Any] = {} if key is None else {"keyId": key}
     try:
@@ -162,7 +179,11 @@ def decrypt(
         with contextlib.suppress(binascii.Error, ValueError):  # else raw bytes on stdin
             blob = base64.b64decode(blob.strip(), validate=True)
     resp = cli.ledger.decrypt(
-        caller=cli.caller, ciphertext_blob=blob, key_id=key, encryption_context=enc_context
+        caller=cli.caller,
+        ciphertext_blob=blob,
+        key_id=key,
+        encryption_context=enc_context,
+        encryption_algorithm=algorithm,
     )
     if cli.json_output:
         _emit(cli, resp, "")

@@ -12,7 +12,8 @@ from typing import Annotated
 import typer
 
 from cli.common import ctx_of, emit
-from cli.crypto_cmds import _b64, _read_blob, _write_blob
+from cli.crypto_cmds import _b64, _output, _read_blob, _write_blob
+from ledger.errors import ValidationError
 
 mac_app = typer.Typer(help="GenerateMac and VerifyMac with HMAC keys.", no_args_is_help=True)
 
@@ -116,3 +117,56 @@ def public_key(
         typer.echo("-----BEGIN PUBLIC KEY-----\n" + "\n".join(lines) + "\n-----END PUBLIC KEY-----")
     else:
         Path(outfile).write_bytes(resp["PublicKey"])
+
+
+def _peer_public_key(path: str) -> bytes:
+    """A DER SubjectPublicKeyInfo from a DER or PEM file (the service checks the DER)."""
+    data = Path(path).read_bytes()
+    if not data.lstrip().startswith(b"-----BEGIN"):
+        return data
+    from cryptography.hazmat.primitives.serialization import (
+        Encoding,
+        PublicFormat,
+        load_pem_public_key,
+    )
+
+    try:
+        peer = load_pem_public_key(data)
+    except (ValueError, TypeError):
+        raise ValidationError(f"{path} is not a PEM public key.") from None
+    return peer.public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
+
+
+def derive_shared_secret(
+    ctx: typer.Context,
+    key: KeyOpt,
+    peer_public_key: Annotated[
+        str, typer.Option("--peer-public-key", help="Peer public key file (DER or PEM).")
+    ],
+    algorithm: Annotated[
+        str, typer.Option("--algorithm", help="AWS KeyAgreementAlgorithm.")
+    ] = "ECDH",
+    outfile: Annotated[
+        str, typer.Option("--out", help="Shared secret file (mode 0600), or - (base64).")
+    ] = "-",
+) -> None:
+    """DeriveSharedSecret: ECDH between a KEY_AGREEMENT key and a peer public key."""
+    cli = ctx_of(ctx)
+    try:
+        peer = _peer_public_key(peer_public_key)
+    except ValidationError as err:
+        cli.ledger_without_hsm.record_rejected(
+            operation="DeriveSharedSecret", caller=cli.caller,
+            request={"keyId": key, "keyAgreementAlgorithm": algorithm}, error=err,
+        )  # fmt: skip
+        raise
+    resp = cli.ledger.derive_shared_secret(
+        caller=cli.caller, key_id=key, key_agreement_algorithm=algorithm, public_key=peer
+    )
+    if cli.json_output:
+        emit(cli, resp, "")
+    elif outfile == "-":
+        typer.echo(_b64(resp["SharedSecret"]))
+    else:
+        with _output(outfile) as f:
+            f.write(resp["SharedSecret"])
