@@ -1582,9 +1582,12 @@ class KeyLedger(Application[UUID]):
             )  # fmt: skip
             dest = self._key_for(destination_key_id, attempt, allow_alias=True)
             dest.check("ReEncrypt")
-            if dest_algorithm != SYMMETRIC_DEFAULT:
+            if dest.key_spec in RSA_MODULUS_BYTES:
+                blob, material_id = self._rsa_encrypt(dest, plaintext, dest_algorithm, dest_context)
+            elif dest_algorithm != SYMMETRIC_DEFAULT:
                 raise IncorrectKeyError(INCORRECT_KEY_MESSAGE)
-            blob, material_id = self._seal(dest, plaintext, dest_context, "ReEncrypt")
+            else:
+                blob, material_id = self._seal(dest, plaintext, dest_context, "ReEncrypt")
             self._commit_call(
                 ApiCall.succeeded(
                     call=call,

@@ -149,3 +149,23 @@ def test_data_keys_need_a_symmetric_key(ledger: KeyLedger) -> None:
     assert [r.event()["error_code"] for r in ledger.db.read_records(before, 5)] == [
         "InvalidKeyUsageException"
     ] * 2
+
+
+def test_reencrypt_between_symmetric_and_rsa_keys(ledger: KeyLedger) -> None:
+    sym = ledger.create_key(caller=CALLER)["KeyMetadata"]["KeyId"]
+    rsa_key = ledger.create_key(caller=CALLER, key_spec="RSA_3072", key_usage="ENCRYPT_DECRYPT")[
+        "KeyMetadata"
+    ]["KeyId"]
+    blob = ledger.encrypt(caller=CALLER, key_id=sym, plaintext=b"roundabout")["CiphertextBlob"]
+    to_rsa = ledger.re_encrypt(
+        caller=CALLER, ciphertext_blob=blob, destination_key_id=rsa_key,
+        destination_encryption_algorithm="RSAES_OAEP_SHA_256",
+    )  # fmt: skip
+    assert to_rsa["DestinationEncryptionAlgorithm"] == "RSAES_OAEP_SHA_256"
+    back = ledger.re_encrypt(
+        caller=CALLER, ciphertext_blob=to_rsa["CiphertextBlob"], source_key_id=rsa_key,
+        source_encryption_algorithm="RSAES_OAEP_SHA_256", destination_key_id=sym,
+    )  # fmt: skip
+    assert back["SourceKeyId"] == ledger.settings.key_arn(rsa_key)
+    out = ledger.decrypt(caller=CALLER, ciphertext_blob=back["CiphertextBlob"])
+    assert out["Plaintext"] == b"roundabout"
