@@ -106,6 +106,9 @@ class _NoKeyStore:
     def sign(self, material: MaterialRef, signing_algorithm: str, digest: bytes) -> bytes:
         self._refuse()
 
+    def generate_data_key_pair(self, key_pair_spec: str) -> tuple[bytes, bytes]:
+        self._refuse()
+
     def new_import_wrapping_key(self, wrapping_key_spec: str) -> tuple[MaterialRef, bytes]:
         self._refuse()
 

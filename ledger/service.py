@@ -1962,7 +1962,7 @@ class KeyLedger(Application[UUID]):
                 raise enum_error("keyPairSpec", key_pair_spec, KEY_PAIR_SPECS)
             key = self._key_for(key_id, attempt, allow_alias=True)
             key.check(operation)
-            private_der, public_der = signatures.new_key_pair(key_pair_spec)
+            private_der, public_der = self.keystore.generate_data_key_pair(key_pair_spec)
             blob, material_id = self._seal(key, private_der, context, operation)
             self._commit_call(
                 ApiCall.succeeded(
@@ -1995,9 +1995,9 @@ class KeyLedger(Application[UUID]):
         private key (PKCS#8 DER) comes back in plaintext and encrypted under the
         symmetric KMS key, the public key as DER SubjectPublicKeyInfo.
 
-        Security caveat: the pair is generated on the host with ``cryptography`` (the
-        caller receives the private key in plaintext anyway); only its encryption
-        happens inside the HSM. Nothing of the pair is recorded.
+        The pair is generated inside the HSM as an extractable data key pair (the caller
+        receives the private key in plaintext by design) and its private key encrypted
+        under the symmetric key inside the HSM. Nothing of the pair is recorded.
         """
         return self._generate_data_key_pair(
             "GenerateDataKeyPair", caller, key_id, key_pair_spec, encryption_context,

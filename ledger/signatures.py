@@ -1,5 +1,5 @@
-"""Public-key operations on the host (``cryptography``): signature verification,
-RSA-OAEP encryption, and data key pairs for GenerateDataKeyPair.
+"""Public-key operations on the host (``cryptography``): signature verification and
+RSA-OAEP encryption.
 
 No KMS private key is involved: AWS KMS does these in the service too, and anyone can
 verify or encrypt offline with the DER key GetPublicKey returns.
@@ -62,33 +62,3 @@ def rsa_encrypt(public_key_der: bytes, encryption_algorithm: str, plaintext: byt
         raise ValueError("not an RSA public key")
     h = _hash(encryption_algorithm)
     return key.encrypt(plaintext, padding.OAEP(mgf=padding.MGF1(h), algorithm=h, label=None))
-
-
-_CURVES: dict[str, ec.EllipticCurve] = {
-    "ECC_NIST_P256": ec.SECP256R1(),
-    "ECC_NIST_P384": ec.SECP384R1(),
-    "ECC_NIST_P521": ec.SECP521R1(),
-    "ECC_SECG_P256K1": ec.SECP256K1(),
-}
-
-
-def new_key_pair(key_pair_spec: str) -> tuple[bytes, bytes]:
-    """A fresh key pair: (PKCS#8 DER private key, DER SubjectPublicKeyInfo).
-
-    Security: returns private key material; callers encrypt it at once and never log
-    or store it in the clear. Raises KeyError for an unknown spec.
-    """
-    private: rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey
-    if key_pair_spec.startswith("RSA_"):
-        private = rsa.generate_private_key(65537, int(key_pair_spec[4:]))
-    else:
-        private = ec.generate_private_key(_CURVES[key_pair_spec])
-    private_der = private.private_bytes(
-        serialization.Encoding.DER,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    )
-    public_der = private.public_key().public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
-    return private_der, public_der

@@ -291,6 +291,31 @@ class FakeKeyStore:
         )
         return material, public_der
 
+    def generate_data_key_pair(self, key_pair_spec: str) -> tuple[bytes, bytes]:
+        """As the adapter: ``(PKCS#8 DER private key, DER SubjectPublicKeyInfo)``, made with
+        ``cryptography`` (RSA with e = 65537); HsmError for an unknown key pair spec.
+
+        Security: returns the private key in plaintext, by design (as AWS KMS does)."""
+        if not isinstance(key_pair_spec, str) or (
+            key_pair_spec not in self.RSA_KEY_BITS and key_pair_spec not in self.EC_CURVES
+        ):
+            raise HsmError("unsupported key pair spec")
+        self._maybe_fail()
+        private: rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey
+        if key_pair_spec in self.RSA_KEY_BITS:
+            private = rsa.generate_private_key(65537, self.RSA_KEY_BITS[key_pair_spec])
+        else:
+            private = ec.generate_private_key(self.EC_CURVES[key_pair_spec]())
+        private_der = private.private_bytes(
+            serialization.Encoding.DER,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+        public_der = private.public_key().public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+        return private_der, public_der
+
     def sign(self, material: MaterialRef, signing_algorithm: str, digest: bytes) -> bytes:
         """As the adapter: PSS with MGF1(hash) and salt length = digest length,
         PKCS#1 v1.5, or ECDSA (DER), on the caller's digest."""

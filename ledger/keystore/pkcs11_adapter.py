@@ -107,6 +107,11 @@ and ``derive_shared_secret`` document their mechanisms. SoftHSM2 2.6, measured:
   yields the x-coordinate; a point of another curve fails with CKR_GENERAL_ERROR.
 * An unwrapped private key with DECRYPT or DERIVE capability only works with the same
   ``DEFAULT`` template trick as signing keys; SIGN is then False.
+Data key pairs (``generate_data_key_pair``, AWS GenerateDataKeyPair) are the one
+exception to "key material never leaves the HSM": the pair is generated in the HSM as
+non-sensitive, extractable session objects without capabilities, its components are
+read and encoded as PKCS#8 on the host, and both objects are destroyed. The plaintext
+private key is returned to the caller by design (it is the caller's key, as in AWS).
 """
 
 from __future__ import annotations
@@ -126,6 +131,8 @@ from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.serialization import (
     Encoding,
+    NoEncryption,
+    PrivateFormat,
     PublicFormat,
     load_der_public_key,
 )
@@ -843,6 +850,72 @@ def _public_key_der(key_spec: str, public_key: Any) -> bytes:
     return der
 
 
+# key spec -> the ``cryptography`` curve of an EC key spec (as EC_CURVES names it).
+_EC_CURVE_TYPES: dict[str, type[ec.EllipticCurve]] = {
+    "ECC_NIST_P256": ec.SECP256R1,
+    "ECC_NIST_P384": ec.SECP384R1,
+    "ECC_NIST_P521": ec.SECP521R1,
+    "ECC_SECG_P256K1": ec.SECP256K1,
+}
+
+
+def _read_private_key(
+    key_spec: str, private: Any
+) -> rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey:
+    """The ``cryptography`` private key built from the components of the HSM private key
+    object (which must be non-sensitive and extractable). RSA components are checked for
+    consistency by ``cryptography``; the key size, e = 65537, and the EC curve are
+    checked against ``key_spec``.
+
+    Security: returns private key material. Raises HsmError (the message never holds
+    key material); lets PKCS11Error through (callers map it).
+    """
+    if key_spec in RSA_KEY_BITS:
+        attrs = private.get_attributes(
+            [
+                Attribute.MODULUS,
+                Attribute.PUBLIC_EXPONENT,
+                Attribute.PRIVATE_EXPONENT,
+                Attribute.PRIME_1,
+                Attribute.PRIME_2,
+                Attribute.EXPONENT_1,
+                Attribute.EXPONENT_2,
+                Attribute.COEFFICIENT,
+            ]
+        )
+        try:
+            ints = {attr: int.from_bytes(bytes(value), "big") for attr, value in attrs.items()}
+            numbers = rsa.RSAPrivateNumbers(
+                p=ints[Attribute.PRIME_1],
+                q=ints[Attribute.PRIME_2],
+                d=ints[Attribute.PRIVATE_EXPONENT],
+                dmp1=ints[Attribute.EXPONENT_1],
+                dmq1=ints[Attribute.EXPONENT_2],
+                iqmp=ints[Attribute.COEFFICIENT],
+                public_numbers=rsa.RSAPublicNumbers(
+                    ints[Attribute.PUBLIC_EXPONENT], ints[Attribute.MODULUS]
+                ),
+            )
+            key = numbers.private_key()
+        except (ValueError, KeyError, TypeError):
+            raise HsmError("the HSM returned an invalid RSA private key") from None
+        if key.key_size != RSA_KEY_BITS[key_spec] or ints[Attribute.PUBLIC_EXPONENT] != (
+            RSA_PUBLIC_EXPONENT
+        ):
+            raise HsmError("the HSM returned a private key that does not match the key spec")
+        return key
+    attrs = private.get_attributes([Attribute.EC_PARAMS, Attribute.VALUE])
+    expected_params = encode_named_curve_parameters(EC_CURVES[key_spec][0])
+    if bytes(attrs.get(Attribute.EC_PARAMS) or b"") != bytes(expected_params):
+        raise HsmError("the HSM returned a private key that does not match the key spec")
+    try:
+        return ec.derive_private_key(
+            int.from_bytes(bytes(attrs[Attribute.VALUE]), "big"), _EC_CURVE_TYPES[key_spec]()
+        )
+    except (ValueError, KeyError, TypeError):
+        raise HsmError("the HSM returned an invalid EC private key") from None
+
+
 # --- the store -------------------------------------------------------------------------
 
 
@@ -1334,6 +1407,86 @@ class Pkcs11KeyStore:
             kind=kind,
         )
         return material, public_der
+
+    def generate_data_key_pair(self, key_pair_spec: str) -> tuple[bytes, bytes]:
+        """A data key pair as AWS KMS GenerateDataKeyPair makes it: ``(private key as
+        DER PKCS#8, public key as DER SubjectPublicKeyInfo)`` for ``RSA_2048``/``3072``/
+        ``4096`` (e = 65537), ``ECC_NIST_P256``/``P384``/``P521`` or ``ECC_SECG_P256K1``.
+
+        The pair is generated in the HSM (its RNG) as session objects; the private key
+        is created non-sensitive and extractable, with no capabilities, so that its
+        components can be read (RSA: n, e, d, p, q, d mod (p-1), d mod (q-1), q^-1 mod
+        p; EC: the private value, whose curve is checked), and ``cryptography`` builds
+        the PKCS#8 encoding from them (checking the RSA components are consistent).
+        The public key DER read from the HSM's public object must equal the one derived
+        from the private key. Both objects are destroyed before returning, also on
+        failure (session objects: they die with the session at the latest).
+
+        Security: unlike every other method of this store, this one returns private
+        key material **in plaintext, by design**: a data key pair belongs to the
+        caller, as in AWS KMS, which returns it in plaintext too. The caller encrypts it
+        at once and never logs or stores it in the clear. The components pass through
+        host memory as Python bytes and ints, which cannot be wiped.
+
+        Raises HsmError for an unknown key pair spec, when the HSM fails, or when what
+        it returns is inconsistent (the public key does not match the private key).
+        """
+        if not isinstance(key_pair_spec, str) or key_pair_spec not in ASYMMETRIC_KEY_SPECS:
+            raise HsmError("unsupported key pair spec")
+        private_template: dict[Attribute, Any] = {
+            Attribute.PRIVATE: True,
+            # A data key handed to the caller: readable so that it can be returned.
+            Attribute.SENSITIVE: False,
+            Attribute.EXTRACTABLE: True,
+            Attribute.SIGN_RECOVER: False,
+        }
+        try:
+            with self._session() as session:
+                if key_pair_spec in RSA_KEY_BITS:
+                    public, private = session.generate_keypair(
+                        KeyType.RSA,
+                        RSA_KEY_BITS[key_pair_spec],
+                        store=False,
+                        mechanism=Mechanism.RSA_PKCS_KEY_PAIR_GEN,
+                        capabilities=MechanismFlag(0),
+                        public_template={
+                            Attribute.PUBLIC_EXPONENT: RSA_PUBLIC_EXPONENT.to_bytes(3, "big"),
+                            Attribute.VERIFY_RECOVER: False,
+                        },
+                        private_template=private_template,
+                    )
+                else:
+                    params = session.create_domain_parameters(
+                        KeyType.EC,
+                        {
+                            Attribute.EC_PARAMS: encode_named_curve_parameters(
+                                EC_CURVES[key_pair_spec][0]
+                            )
+                        },
+                        local=True,
+                    )
+                    public, private = params.generate_keypair(
+                        store=False,
+                        mechanism=Mechanism.EC_KEY_PAIR_GEN,
+                        capabilities=MechanismFlag(0),
+                        private_template=private_template,
+                    )
+                try:
+                    public_der = _public_key_der(key_pair_spec, public)
+                    private_key = _read_private_key(key_pair_spec, private)
+                finally:
+                    for key in (private, public):
+                        with suppress(p11e.PKCS11Error):
+                            key.destroy()
+        except p11e.PKCS11Error as exc:
+            raise HsmError(f"data key pair generation failed: {type(exc).__name__}") from None
+        derived_public = private_key.public_key().public_bytes(
+            Encoding.DER, PublicFormat.SubjectPublicKeyInfo
+        )
+        if not hmac.compare_digest(derived_public, public_der):
+            raise HsmError("the HSM returned a public key that does not match the private key")
+        private_der = private_key.private_bytes(Encoding.DER, PrivateFormat.PKCS8, NoEncryption())
+        return private_der, public_der
 
     def sign(self, material: MaterialRef, signing_algorithm: str, digest: bytes) -> bytes:
         """Sign ``digest`` (the caller hashed the message) with the material's private key

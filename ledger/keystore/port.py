@@ -135,6 +135,18 @@ class KeyStore(Protocol):
         """
         ...
 
+    def generate_data_key_pair(self, key_pair_spec: str) -> tuple[bytes, bytes]:
+        """A data key pair for GenerateDataKeyPair (``RSA_2048``/``3072``/``4096``,
+        ``ECC_NIST_P256``/``P384``/``P521``, ``ECC_SECG_P256K1``), generated in the HSM:
+        ``(private key as DER PKCS#8, public key as DER SubjectPublicKeyInfo)``.
+
+        Security: the one exception to this port's rule: the private key is returned
+        in plaintext by design (a data key pair belongs to the caller, as in AWS KMS).
+        Encrypt it at once; never log or store it in the clear. No HSM object remains.
+        Raises HsmError for an unknown key pair spec or when the HSM fails.
+        """
+        ...
+
     def new_import_wrapping_key(self, wrapping_key_spec: str) -> tuple[MaterialRef, bytes]:
         """An RSA key pair (``RSA_2048``/``3072``/``4096``) made in the HSM for
         GetParametersForImport: the private key (DECRYPT/UNWRAP only) wrapped under the
