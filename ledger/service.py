@@ -291,6 +291,20 @@ class KeyLedger(Application[UUID]):
         except Exception as exc:  # fail closed: no record, no result
             raise LedgerUnavailableError("The ledger could not record the request.") from exc
 
+    def _record_use(
+        self, call: CallContext, key_arn: str, request: JSON, material_id: str | None
+    ) -> None:
+        """Record one successful use of a key (group commit); see ``_commit_call``."""
+        self._commit_call(
+            ApiCall.succeeded(
+                call=call,
+                timestamp=self.clock.now(),
+                key_arn=key_arn,
+                request=request,
+                additional={"keyMaterialId": material_id},
+            )
+        )
+
     def _commit_call(self, call_record: ApiCall) -> None:
         """Store an ApiCall record through group commit (its id never conflicts)."""
         try:
@@ -713,15 +727,7 @@ class KeyLedger(Application[UUID]):
                 raise IncorrectKeyError(INCORRECT_KEY_MESSAGE)
             else:
                 blob, material_id = self._seal(key, bytes(plaintext), context)
-            self._commit_call(
-                ApiCall.succeeded(
-                    call=call,
-                    timestamp=self.clock.now(),
-                    key_arn=key.arn,
-                    request=request,
-                    additional={"keyMaterialId": material_id},
-                )
-            )
+            self._record_use(call, key.arn, request, material_id)
             return {"CiphertextBlob": blob, "KeyId": key.arn, "EncryptionAlgorithm": algorithm}
 
         return self._run("Encrypt", caller, request, body, read_only=True)
@@ -754,15 +760,7 @@ class KeyLedger(Application[UUID]):
                 "Decrypt", ciphertext_blob, key_id, encryption_context, encryption_algorithm,
                 attempt,
             )  # fmt: skip
-            self._commit_call(
-                ApiCall.succeeded(
-                    call=call,
-                    timestamp=self.clock.now(),
-                    key_arn=key.arn,
-                    request=request,
-                    additional={"keyMaterialId": material.material_id},
-                )
-            )
+            self._record_use(call, key.arn, request, material.material_id)
             return {"KeyId": key.arn, "Plaintext": plaintext, "EncryptionAlgorithm": algorithm}
 
         return self._run("Decrypt", caller, request, body, read_only=True)
@@ -1491,15 +1489,7 @@ class KeyLedger(Application[UUID]):
             key.check(operation)
             plaintext = self.keystore.generate_random(size)
             blob, material_id = self._seal(key, plaintext, context, operation)
-            self._commit_call(
-                ApiCall.succeeded(
-                    call=call,
-                    timestamp=self.clock.now(),
-                    key_arn=key.arn,
-                    request=request,
-                    additional={"keyMaterialId": material_id},
-                )
-            )
+            self._record_use(call, key.arn, request, material_id)
             out: JSON = {"CiphertextBlob": blob, "KeyId": key.arn, "KeyMaterialId": material_id}
             if with_plaintext:
                 out["Plaintext"] = plaintext
@@ -1673,12 +1663,7 @@ class KeyLedger(Application[UUID]):
 
         def body(call: CallContext, attempt: _Attempt) -> JSON:
             key, material, mac = self._mac("GenerateMac", key_id, message, mac_algorithm, attempt)
-            self._commit_call(
-                ApiCall.succeeded(
-                    call=call, timestamp=self.clock.now(), key_arn=key.arn, request=request,
-                    additional={"keyMaterialId": material.material_id},
-                )
-            )  # fmt: skip
+            self._record_use(call, key.arn, request, material.material_id)
             return {"Mac": mac, "MacAlgorithm": mac_algorithm, "KeyId": key.arn}
 
         return self._run("GenerateMac", caller, request, body, read_only=True)
@@ -1701,12 +1686,7 @@ class KeyLedger(Application[UUID]):
             )
             if not hmac.compare_digest(expected, bytes(mac)):
                 raise KMSInvalidMacError("")
-            self._commit_call(
-                ApiCall.succeeded(
-                    call=call, timestamp=self.clock.now(), key_arn=key.arn, request=request,
-                    additional={"keyMaterialId": material.material_id},
-                )
-            )  # fmt: skip
+            self._record_use(call, key.arn, request, material.material_id)
             return {"KeyId": key.arn, "MacValid": True, "MacAlgorithm": mac_algorithm}
 
         return self._run("VerifyMac", caller, request, body, read_only=True)
@@ -1800,12 +1780,7 @@ class KeyLedger(Application[UUID]):
             digest = self._digest(message, message_type, signing_algorithm)
             material = key.current_material
             signature = self.keystore.sign(material, signing_algorithm, digest)
-            self._commit_call(
-                ApiCall.succeeded(
-                    call=call, timestamp=self.clock.now(), key_arn=key.arn, request=request,
-                    additional={"keyMaterialId": material.material_id},
-                )
-            )  # fmt: skip
+            self._record_use(call, key.arn, request, material.material_id)
             return {"KeyId": key.arn, "Signature": signature, "SigningAlgorithm": signing_algorithm}
 
         return self._run("Sign", caller, request, body, read_only=True)
@@ -1841,12 +1816,7 @@ class KeyLedger(Application[UUID]):
             assert public is not None
             if not signatures.verify_digest(public, signing_algorithm, digest, bytes(signature)):
                 raise KMSInvalidSignatureError("")
-            self._commit_call(
-                ApiCall.succeeded(
-                    call=call, timestamp=self.clock.now(), key_arn=key.arn, request=request,
-                    additional={"keyMaterialId": key.current_material.material_id},
-                )
-            )  # fmt: skip
+            self._record_use(call, key.arn, request, key.current_material.material_id)
             return {"KeyId": key.arn, "SignatureValid": True, "SigningAlgorithm": signing_algorithm}
 
         return self._run("Verify", caller, request, body, read_only=True)
@@ -1925,12 +1895,7 @@ class KeyLedger(Application[UUID]):
             self._check_usage(key, "KEY_AGREEMENT", "DeriveSharedSecret")
             material = key.current_material
             secret = self.keystore.derive_shared_secret(material, bytes(public_key))
-            self._commit_call(
-                ApiCall.succeeded(
-                    call=call, timestamp=self.clock.now(), key_arn=key.arn, request=request,
-                    additional={"keyMaterialId": material.material_id},
-                )
-            )  # fmt: skip
+            self._record_use(call, key.arn, request, material.material_id)
             return {
                 "KeyId": key.arn,
                 "SharedSecret": secret,
@@ -1964,12 +1929,7 @@ class KeyLedger(Application[UUID]):
             key.check(operation)
             private_der, public_der = self.keystore.generate_data_key_pair(key_pair_spec)
             blob, material_id = self._seal(key, private_der, context, operation)
-            self._commit_call(
-                ApiCall.succeeded(
-                    call=call, timestamp=self.clock.now(), key_arn=key.arn, request=request,
-                    additional={"keyMaterialId": material_id},
-                )
-            )  # fmt: skip
+            self._record_use(call, key.arn, request, material_id)
             out: JSON = {
                 "PrivateKeyCiphertextBlob": blob,
                 "PublicKey": public_der,

@@ -919,6 +919,36 @@ def _read_private_key(
 # --- the store -------------------------------------------------------------------------
 
 
+def _generate_pair(
+    session: Any, key_spec: str, capabilities: Any, private_template: dict[Attribute, Any]
+) -> tuple[Any, Any]:
+    """An RSA (e = 65537) or EC key pair of ``key_spec`` as session objects."""
+    if key_spec in RSA_KEY_BITS:
+        return session.generate_keypair(  # type: ignore[no-any-return]
+            KeyType.RSA,
+            RSA_KEY_BITS[key_spec],
+            store=False,
+            mechanism=Mechanism.RSA_PKCS_KEY_PAIR_GEN,
+            capabilities=capabilities,
+            public_template={
+                Attribute.PUBLIC_EXPONENT: RSA_PUBLIC_EXPONENT.to_bytes(3, "big"),
+                Attribute.VERIFY_RECOVER: False,
+            },
+            private_template=private_template,
+        )
+    params = session.create_domain_parameters(
+        KeyType.EC,
+        {Attribute.EC_PARAMS: encode_named_curve_parameters(EC_CURVES[key_spec][0])},
+        local=True,
+    )
+    return params.generate_keypair(  # type: ignore[no-any-return]
+        store=False,
+        mechanism=Mechanism.EC_KEY_PAIR_GEN,
+        capabilities=capabilities,
+        private_template=private_template,
+    )
+
+
 class Pkcs11KeyStore:
     """KeyStore over a PKCS#11 token (SoftHSM2 embedded, or any HSM with AES-GCM and
     CKM_AES_KEY_WRAP_PAD).
@@ -1360,35 +1390,7 @@ class Pkcs11KeyStore:
         }[key_usage]
         try:
             with self._session() as session:
-                if key_spec in RSA_KEY_BITS:
-                    public, private = session.generate_keypair(
-                        KeyType.RSA,
-                        RSA_KEY_BITS[key_spec],
-                        store=False,
-                        mechanism=Mechanism.RSA_PKCS_KEY_PAIR_GEN,
-                        capabilities=capabilities,
-                        public_template={
-                            Attribute.PUBLIC_EXPONENT: RSA_PUBLIC_EXPONENT.to_bytes(3, "big"),
-                            Attribute.VERIFY_RECOVER: False,
-                        },
-                        private_template=private_template,
-                    )
-                else:
-                    params = session.create_domain_parameters(
-                        KeyType.EC,
-                        {
-                            Attribute.EC_PARAMS: encode_named_curve_parameters(
-                                EC_CURVES[key_spec][0]
-                            )
-                        },
-                        local=True,
-                    )
-                    public, private = params.generate_keypair(
-                        store=False,
-                        mechanism=Mechanism.EC_KEY_PAIR_GEN,
-                        capabilities=capabilities,
-                        private_template=private_template,
-                    )
+                public, private = _generate_pair(session, key_spec, capabilities, private_template)
                 try:
                     public_der = _public_key_der(key_spec, public)
                     wrapped: bytes = _KeyView(session, wrapping).wrap_key(
@@ -1442,35 +1444,9 @@ class Pkcs11KeyStore:
         }
         try:
             with self._session() as session:
-                if key_pair_spec in RSA_KEY_BITS:
-                    public, private = session.generate_keypair(
-                        KeyType.RSA,
-                        RSA_KEY_BITS[key_pair_spec],
-                        store=False,
-                        mechanism=Mechanism.RSA_PKCS_KEY_PAIR_GEN,
-                        capabilities=MechanismFlag(0),
-                        public_template={
-                            Attribute.PUBLIC_EXPONENT: RSA_PUBLIC_EXPONENT.to_bytes(3, "big"),
-                            Attribute.VERIFY_RECOVER: False,
-                        },
-                        private_template=private_template,
-                    )
-                else:
-                    params = session.create_domain_parameters(
-                        KeyType.EC,
-                        {
-                            Attribute.EC_PARAMS: encode_named_curve_parameters(
-                                EC_CURVES[key_pair_spec][0]
-                            )
-                        },
-                        local=True,
-                    )
-                    public, private = params.generate_keypair(
-                        store=False,
-                        mechanism=Mechanism.EC_KEY_PAIR_GEN,
-                        capabilities=MechanismFlag(0),
-                        private_template=private_template,
-                    )
+                public, private = _generate_pair(
+                    session, key_pair_spec, MechanismFlag(0), private_template
+                )
                 try:
                     public_der = _public_key_der(key_pair_spec, public)
                     private_key = _read_private_key(key_pair_spec, private)
