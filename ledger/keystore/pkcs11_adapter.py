@@ -651,7 +651,25 @@ class _Unwrapped:
 # --- key views: a key handle used through another session -----------------------------
 
 
+class _BoundHandle:
+    """The plumbing every key view shares: the pooled session and the object handle,
+    the attributes python-pkcs11's operation mixins read (no HSM round trip)."""
+
+    def __init__(self, session: Any, handle: int) -> None:
+        self._session = session
+        self._handle = handle
+
+    @property
+    def session(self) -> Any:
+        return self._session
+
+    @property
+    def handle(self) -> int:
+        return self._handle
+
+
 class _KeyView(
+    _BoundHandle,
     _p11.EncryptMixin,  # type: ignore[misc,name-defined]
     _p11.DecryptMixin,  # type: ignore[misc,name-defined]
     _p11.WrapMixin,  # type: ignore[misc,name-defined]
@@ -667,35 +685,11 @@ class _KeyView(
 
     key_type = KeyType.AES
 
-    def __init__(self, session: Any, handle: int) -> None:
-        self._session = session
-        self._handle = handle
 
-    @property
-    def session(self) -> Any:
-        return self._session
-
-    @property
-    def handle(self) -> int:
-        return self._handle
-
-
-class _MacKeyView(_p11.SignMixin):  # type: ignore[misc,name-defined]
+class _MacKeyView(_BoundHandle, _p11.SignMixin):  # type: ignore[misc,name-defined]
     """A generic-secret (HMAC) key handle bound to a pooled session; see :class:`_KeyView`."""
 
     key_type = KeyType.GENERIC_SECRET
-
-    def __init__(self, session: Any, handle: int) -> None:
-        self._session = session
-        self._handle = handle
-
-    @property
-    def session(self) -> Any:
-        return self._session
-
-    @property
-    def handle(self) -> int:
-        return self._handle
 
 
 def hmac_mechanism(mac_algorithm: str) -> tuple[Mechanism, str, int]:
@@ -722,6 +716,7 @@ def hmac_sign(session: Any, handle: int, mac_algorithm: str, message: bytes) -> 
 
 
 class _UnwrapKeyView(
+    _BoundHandle,
     _p11.DecryptMixin,  # type: ignore[misc,name-defined]
     _p11.UnwrapMixin,  # type: ignore[misc,name-defined]
 ):
@@ -729,20 +724,12 @@ class _UnwrapKeyView(
     C_Decrypt and C_UnwrapKey; see :class:`_KeyView`."""
 
     def __init__(self, session: Any, handle: int, key_type: KeyType) -> None:
-        self._session = session
-        self._handle = handle
+        super().__init__(session, handle)
         self.key_type = key_type
-
-    @property
-    def session(self) -> Any:
-        return self._session
-
-    @property
-    def handle(self) -> int:
-        return self._handle
 
 
 class _PrivateKeyView(
+    _BoundHandle,
     _p11.SignMixin,  # type: ignore[misc,name-defined]
     _p11.DecryptMixin,  # type: ignore[misc,name-defined]
     _p11.DeriveMixin,  # type: ignore[misc,name-defined]
@@ -751,17 +738,8 @@ class _PrivateKeyView(
     What it may do is decided by the HSM object's attributes (SIGN, DECRYPT, DERIVE)."""
 
     def __init__(self, session: Any, handle: int, key_type: KeyType) -> None:
-        self._session = session
-        self._handle = handle
+        super().__init__(session, handle)
         self.key_type = key_type
-
-    @property
-    def session(self) -> Any:
-        return self._session
-
-    @property
-    def handle(self) -> int:
-        return self._handle
 
 
 def check_signing_algorithm(key_spec: str, algorithm: str, digest: bytes) -> SigningAlgorithm:
