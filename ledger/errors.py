@@ -142,6 +142,52 @@ class InvalidGrantIdError(KeyLedgerError):
     aws_name = "InvalidGrantIdException"
 
 
+class AccessDeniedError(KeyLedgerError):
+    """The caller is authenticated but no policy or grant allows the action."""
+
+    aws_name = "AccessDeniedException"
+
+
+class AuthError(KeyLedgerError):
+    """A request that failed authentication (HTTP 400/403 as AWS answers)."""
+
+    http_status = 403
+
+
+class MissingAuthenticationTokenError(AuthError):
+    aws_name = "MissingAuthenticationTokenException"
+
+
+class IncompleteSignatureError(AuthError):
+    aws_name = "IncompleteSignatureException"
+
+
+class InvalidSignatureError(AuthError):
+    """A SigV4 signature that does not match (AWS: InvalidSignatureException)."""
+
+    aws_name = "InvalidSignatureException"
+
+
+class UnrecognizedClientError(AuthError):
+    aws_name = "UnrecognizedClientException"
+
+
+class SerializationError(KeyLedgerError):
+    """A request body that is not the JSON the operation's shape allows."""
+
+    aws_name = "SerializationException"
+
+
+class UnknownOperationError(KeyLedgerError):
+    aws_name = "UnknownOperationException"
+
+
+class PrincipalError(KeyLedgerError):
+    """Bad principal management input (IAM-style names)."""
+
+    aws_name = "ValidationException"
+
+
 AWS_ERROR_NAMES: dict[type[KeyLedgerError], str] = {
     cls: cls.aws_name
     for cls in (
@@ -170,5 +216,12 @@ AWS_ERROR_NAMES: dict[type[KeyLedgerError], str] = {
         KMSInvalidSignatureError,
         InvalidImportTokenError,
         ExpiredImportTokenError,
+        AccessDeniedError,
+        MissingAuthenticationTokenError,
+        IncompleteSignatureError,
+        InvalidSignatureError,
+        UnrecognizedClientError,
+        SerializationError,
+        UnknownOperationError,
     )
 }

@@ -108,6 +108,12 @@ class Caller:
     principal: str
     source_ip: str | None = None
     user_agent: str | None = None
+    #: The caller's account and the request's region; None means the ledger's defaults.
+    account_id: str | None = None
+    region: str | None = None
+    access_key_id: str | None = None
+    #: Set by the HTTP API from the x-amz-source/x-amz-via-service headers: kms:ViaService.
+    via_service: str | None = None
 
 
 def validation_error(field: str, constraint: str, value: object | None = None) -> ValidationError:
