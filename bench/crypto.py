@@ -38,7 +38,7 @@ from ledger.keystore.port import KeyStore
 from ledger.service import Caller, KeyLedger
 from ledger.settings import Settings
 
-CALLER = Caller(principal="arn:aws:iam::111122223333:user/bench")
+CALLER = Caller(principal="arn:aws:iam::111122223333:root")
 AAD = b"bench"
 STREAM_BYTES = 64 * 1024 * 1024
 ENVELOPE_RUNS = 15

@@ -25,7 +25,7 @@ from ledger.service import Caller, KeyLedger
 from ledger.settings import Settings
 
 PAYLOAD = b"\xa5" * 1024
-CALLER = Caller(principal="arn:aws:iam::111122223333:user/bench")
+CALLER = Caller(principal="arn:aws:iam::111122223333:root")
 TARGET_SQLITE_8 = 1000.0
 
 

@@ -12,6 +12,7 @@ would show (key id as sent, encryption context, algorithm).
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import hashlib
 import hmac
@@ -21,6 +22,7 @@ import re
 import threading
 import uuid
 from collections.abc import Callable, Mapping
+from contextvars import ContextVar
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, TypeVar
@@ -29,7 +31,7 @@ from uuid import UUID
 from eventsourcing.application import AggregateNotFoundError, Application
 from eventsourcing.persistence import IntegrityError, Mapper
 
-from ledger import envelope, signatures
+from ledger import authz, envelope, signatures
 from ledger.clock import Clock, SystemClock
 from ledger.domain import grants
 from ledger.domain.key_specs import (
@@ -53,8 +55,19 @@ from ledger.domain.model import (
     Key,
     kek_label,
     material_from_json,
+    material_to_json,
+)
+from ledger.domain.principals import (
+    AccessKey,
+    Principal,
+    account_of,
+    check_principal_input,
+    is_root,
+    principal_arn,
 )
 from ledger.errors import (
+    AccessDeniedError,
+    AlreadyExistsError,
     ExpiredImportTokenError,
     IncorrectKeyError,
     InvalidCiphertextError,
@@ -70,6 +83,7 @@ from ledger.errors import (
     NotAuthorizedError,
     NotFoundError,
     TagError,
+    UnrecognizedClientError,
     UnsupportedOperationError,
     ValidationError,
 )
@@ -77,6 +91,7 @@ from ledger.groupcommit import GroupCommitter
 from ledger.keystore.port import KeyStore, MaterialRef
 from ledger.pagination import paginate
 from ledger.persistence import CanonicalMapper, LedgerDatabase
+from ledger.policy import parse_policy
 from ledger.settings import Settings
 
 T = TypeVar("T")
@@ -99,6 +114,18 @@ _UUID_RE = re.compile(
 )
 _ARN_RE = re.compile(r"^arn:aws[a-z-]*:kms:([a-z0-9-]+):(\d{12}):key/(.+)$")
 _ALIAS_ARN_RE = re.compile(r"^arn:aws[a-z-]*:kms:([a-z0-9-]+):(\d{12}):alias/.+$")
+
+# Operations that accept a key of another account by its key ARN (AWS KMS
+# "Allowing users in other accounts to use a KMS key").
+CROSS_ACCOUNT_OPERATIONS = frozenset(
+    {
+        "CreateGrant", "Decrypt", "DescribeKey", "DeriveSharedSecret", "Encrypt",
+        "GenerateDataKey", "GenerateDataKeyPair", "GenerateDataKeyPairWithoutPlaintext",
+        "GenerateDataKeyWithoutPlaintext", "GenerateMac", "GetKeyRotationStatus",
+        "GetPublicKey", "ListGrants", "ReEncrypt", "RetireGrant", "RevokeGrant", "Sign",
+        "Verify", "VerifyMac",
+    }
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -203,6 +230,7 @@ def check_policy(policy: str) -> None:
             raise MalformedPolicyDocumentError("Each policy statement needs an Action.")
         if "Principal" not in st and "NotPrincipal" not in st:
             raise MalformedPolicyDocumentError("Each policy statement needs a Principal.")
+    parse_policy(policy)
 
 
 def check_alias_name(alias_name: str) -> None:
@@ -242,10 +270,24 @@ def check_range(field: str, value: int, low: int, high: int) -> None:
 
 
 class _Attempt:
-    """What a call learned before it failed (the resolved key ARN)."""
+    """One call in progress: who, what was asked, and what it learned before it
+    failed (the resolved key ARN)."""
 
-    def __init__(self) -> None:
+    def __init__(
+        self,
+        call: CallContext | None = None,
+        caller: Caller | None = None,
+        request: JSON | None = None,
+    ) -> None:
         self.key_arn: str | None = None
+        self.call = call
+        self.caller = caller
+        self.request: JSON = request if request is not None else {}
+        self.principal: authz.Principal | None = None
+
+
+_CURRENT: ContextVar[_Attempt | None] = ContextVar("keyledger_current_call", default=None)
+ACCESS_KEY_PREFIX = "AKLD"
 
 
 class KeyLedger(Application[UUID]):
@@ -274,6 +316,7 @@ class KeyLedger(Application[UUID]):
         self._ledger_id: str | None = None
         self._id_lock = threading.Lock()
         self._group = GroupCommitter(self.save)
+        self._policies = authz.PolicyCache()
 
     def construct_mapper(self) -> Mapper[UUID]:
         return CanonicalMapper()
@@ -285,11 +328,25 @@ class KeyLedger(Application[UUID]):
             operation=operation,
             request_id=str(uuid.uuid4()),
             principal=caller.principal,
-            region=self.settings.region,
-            account_id=self.settings.account_id,
+            region=caller.region or self.settings.region,
+            account_id=caller.account_id
+            or account_of(caller.principal)
+            or self.settings.account_id,
             source_ip=caller.source_ip,
             user_agent=caller.user_agent,
+            access_key_id=caller.access_key_id,
         )
+
+    def _scope(self) -> tuple[str, str]:
+        """(account, region) of the call in progress, else the ledger's defaults."""
+        current = _CURRENT.get()
+        if current is not None and current.call is not None:
+            return current.call.account_id, current.call.region
+        return self.settings.account_id, self.settings.region
+
+    def _scoped_key_arn(self, key_id: str) -> str:
+        account, region = self._scope()
+        return f"arn:aws:kms:{region}:{account}:key/{key_id}"
 
     def _commit(self, *objs: Any) -> None:
         try:
@@ -328,7 +385,8 @@ class KeyLedger(Application[UUID]):
         read_only: bool,
     ) -> T:
         call = self._call(operation, caller)
-        attempt = _Attempt()
+        attempt = _Attempt(call, caller, request)
+        token = _CURRENT.set(attempt)
         try:
             return body(call, attempt)
         except LedgerUnavailableError:
@@ -345,6 +403,8 @@ class KeyLedger(Application[UUID]):
             )
             self._commit_call(failure)
             raise
+        finally:
+            _CURRENT.reset(token)
 
     def record_rejected(
         self, *, operation: str, caller: Caller, request: JSON, error: KeyLedgerError
@@ -388,8 +448,13 @@ class KeyLedger(Application[UUID]):
         m = _ARN_RE.match(key_id)
         if m:
             region, account, rest = m.groups()
-            if region != self.settings.region or account != self.settings.account_id:
+            my_account, my_region = self._scope()
+            if region != my_region:
                 raise NotFoundError(f"Invalid arn {region}")
+            current = _CURRENT.get()
+            operation = current.call.operation if current and current.call else None
+            if account != my_account and operation not in CROSS_ACCOUNT_OPERATIONS:
+                raise NotFoundError(f"Invalid arn {key_id}")
             if not _UUID_RE.match(rest):
                 raise NotFoundError(f"Invalid keyId '{rest}'")
             return UUID(rest)
@@ -404,16 +469,13 @@ class KeyLedger(Application[UUID]):
 
         Raises NotFoundError for an alias ARN of another account or region.
         """
+        account, region = self._scope()
         if alias.startswith("arn:"):
             m = _ALIAS_ARN_RE.match(alias)
-            if (
-                not m
-                or m.group(1) != self.settings.region
-                or m.group(2) != self.settings.account_id
-            ):
+            if not m or m.group(1) != region or m.group(2) != account:
                 raise NotFoundError(f"Invalid arn {alias}")
             return alias
-        return f"arn:aws:kms:{self.settings.region}:{self.settings.account_id}:{alias}"
+        return f"arn:aws:kms:{region}:{account}:{alias}"
 
     def load_alias(self, alias_arn: str, *, for_update: bool = False) -> Alias:
         """The alias (existing now); raises NotFoundError otherwise.
@@ -454,17 +516,160 @@ class KeyLedger(Application[UUID]):
         except AggregateNotFoundError:
             agg = None
         if not isinstance(agg, Key) or agg.deleted:
-            raise NotFoundError(f"Key '{self.settings.key_arn(str(key_uuid))}' does not exist")
+            raise NotFoundError(f"Key '{self._scoped_key_arn(str(key_uuid))}' does not exist")
         return agg
 
     def _key_for(
-        self, key_id: str, attempt: _Attempt, *, allow_alias: bool = False, for_update: bool = False
+        self,
+        key_id: str,
+        attempt: _Attempt,
+        *,
+        allow_alias: bool = False,
+        for_update: bool = False,
+        side: str | None = None,
+        authorize: bool = True,
+        encryption_context: Mapping[str, str] | None = None,
     ) -> Key:
-        key = self.load_key(
-            self.resolve_key_id(key_id, allow_alias=allow_alias), for_update=for_update
-        )
+        """Resolve ``key_id`` in the caller's account and region (another account's key
+        only by its ARN, for operations AWS allows across accounts), load the key and
+        authorize the call on it.
+
+        Raises NotFoundError, AccessDeniedError.
+        """
+        key_uuid = self.resolve_key_id(key_id, allow_alias=allow_alias)
+        key = self.load_key(key_uuid, for_update=for_update)
+        m = _ARN_RE.match(key_id)
+        if m:
+            expected = f"arn:aws:kms:{m.group(1)}:{m.group(2)}:key/{key.key_id}"
+        elif key_id.startswith("alias/") or ":alias/" in key_id:
+            expected = key.arn  # aliases resolve only within the caller's account
+        else:
+            expected = self._scoped_key_arn(key.key_id)
+        if key.arn != expected:
+            raise NotFoundError(f"Key '{expected}' does not exist")
         attempt.key_arn = key.arn
+        if authorize:
+            self._authorize_key(attempt, key, side=side, encryption_context=encryption_context)
         return key
+
+    # ----------------------------------------------------------- authorization
+
+    def _principal(self, attempt: _Attempt) -> authz.Principal:
+        """The caller's principal with its identity policies (cached on the attempt).
+
+        Raises AccessDeniedError for a disabled or deleted registered principal.
+        """
+        if attempt.principal is not None:
+            return attempt.principal
+        assert attempt.call is not None
+        arn = attempt.call.principal
+        policies: list[Any] = []
+        if not is_root(arn):
+            agg: object
+            try:
+                agg = self.repository.get(Principal.stream_id(arn), deepcopy_from_cache=False)
+            except AggregateNotFoundError:
+                agg = None
+            if isinstance(agg, Principal):
+                if not agg.enabled:
+                    raise AccessDeniedError(f"User: {arn} is disabled.")
+                policies = [
+                    self._policies.get(text, identity=True) for text in agg.policies.values()
+                ]
+        attempt.principal = authz.Principal(
+            arn=arn,
+            account=account_of(arn) or attempt.call.account_id,
+            identity_policies=tuple(policies),
+        )
+        return attempt.principal
+
+    def _conditions(
+        self,
+        attempt: _Attempt,
+        key: Key | None,
+        encryption_context: Mapping[str, str] | None,
+    ) -> dict[str, object]:
+        assert attempt.call is not None and attempt.caller is not None
+        if encryption_context is None:
+            ec = attempt.request.get("encryptionContext")
+            encryption_context = ec if isinstance(ec, Mapping) else None
+        return authz.condition_context(
+            principal=self._principal(attempt),
+            source_ip=attempt.caller.source_ip,
+            via_service=attempt.caller.via_service,
+            request=attempt.request,
+            encryption_context=encryption_context,
+            key=key,
+            now=self.clock.now(),
+        )
+
+    def _authorize_key(
+        self,
+        attempt: _Attempt,
+        key: Key,
+        *,
+        side: str | None = None,
+        encryption_context: Mapping[str, str] | None = None,
+        operation: str | None = None,
+    ) -> None:
+        """Raise AccessDeniedError unless policy or grant allows this call on ``key``."""
+        if attempt.call is None or attempt.call.service_initiated:
+            return
+        op = operation or attempt.call.operation
+        if encryption_context is None and op == "ReEncrypt":
+            member = (
+                "sourceEncryptionContext" if side == "source" else ("destinationEncryptionContext")
+            )
+            ec = attempt.request.get(member)
+            encryption_context = ec if isinstance(ec, Mapping) else {}
+        principal = self._principal(attempt)
+        context = self._conditions(attempt, key, encryption_context)
+        if encryption_context is None:
+            ec = attempt.request.get("encryptionContext")
+            encryption_context = ec if isinstance(ec, Mapping) else None
+        authz.authorize_key(
+            principal=principal,
+            action=authz.action_for(op, side=side),
+            operation=op,
+            key_arn=key.arn,
+            key_policy=self._policies.get(key.policy),
+            key_grants=[grants.GrantSpec.from_json(g["grant"]) for g in key.grants.values()],
+            context=context,
+            encryption_context=encryption_context,
+        )
+
+    def _authorize_identity(self, attempt: _Attempt, action: str, resource: str = "*") -> None:
+        """An action no key policy governs (CreateKey, ListKeys, ...); raises
+        AccessDeniedError."""
+        if attempt.call is None or attempt.call.service_initiated:
+            return
+        authz.authorize_identity(
+            self._principal(attempt), action, self._conditions(attempt, None, None), resource
+        )
+
+    def _lockout_check(self, policy: str, key_arn: str) -> None:
+        """The policy lockout safety check; raises MalformedPolicyDocumentError."""
+        current = _CURRENT.get()
+        if current is None or current.call is None:
+            return
+        if not authz.lockout_safe(self._policies.get(policy), self._principal(current), key_arn):
+            raise MalformedPolicyDocumentError(
+                "The new key policy will not allow you to update the key policy in the future."
+            )
+
+    def authorize_listing(self, *, caller: Caller, operation: str, request: JSON) -> None:
+        """Authorize (and on refusal record) an account-wide read such as ListKeys that
+        the read side answers. Raises AccessDeniedError."""
+
+        def body(call: CallContext, attempt: _Attempt) -> None:
+            self._authorize_identity(attempt, "kms:" + operation)
+
+        self._run(operation, caller, request, body, read_only=True)
+
+    def scope_of(self, caller: Caller) -> tuple[str, str]:
+        """The (account, region) a caller's requests act in."""
+        call = self._call("Scope", caller)
+        return call.account_id, call.region
 
     @staticmethod
     def _check_context(context: Mapping[str, str] | None) -> dict[str, str]:
@@ -488,7 +693,7 @@ class KeyLedger(Application[UUID]):
     def metadata(self, key: Key) -> JSON:
         """DescribeKey's KeyMetadata for a loaded key (AWS response shape)."""
         md: JSON = {
-            "AWSAccountId": self.settings.account_id,
+            "AWSAccountId": key.arn.split(":")[4],
             "KeyId": key.key_id,
             "Arn": key.arn,
             "CreationDate": key.created_on.timestamp(),
@@ -563,6 +768,7 @@ class KeyLedger(Application[UUID]):
             request["tags"] = tags
 
         def body(call: CallContext, attempt: _Attempt) -> JSON:
+            self._authorize_identity(attempt, "kms:CreateKey")
             check_description(description)
             spec, usage, orig = request["keySpec"], request["keyUsage"], request["origin"]
             if spec not in KEY_SPECS:
@@ -595,6 +801,9 @@ class KeyLedger(Application[UUID]):
                     "by this KeyLedger version."
                 )
             key_uuid = uuid.uuid4()
+            arn = f"arn:aws:kms:{call.region}:{call.account_id}:key/{key_uuid}"
+            if policy is not None and not bypass_policy_lockout_safety_check:
+                self._lockout_check(policy, arn)
             material: MaterialRef | None = None
             public_key: bytes | None = None
             if orig == "AWS_KMS" and spec in SIGNING_ALGORITHMS_BY_SPEC:
@@ -605,7 +814,6 @@ class KeyLedger(Application[UUID]):
                 material = self.keystore.generate_hmac_key(spec, kek=kek_label(key_uuid))
             elif orig == "AWS_KMS":
                 material = self.keystore.generate_symmetric_key(kek=kek_label(key_uuid))
-            arn = self.settings.key_arn(str(key_uuid))
             attempt.key_arn = arn
             key = Key.create(
                 key_id=key_uuid,
@@ -902,6 +1110,9 @@ class KeyLedger(Application[UUID]):
             check_policy(policy)
 
         def change(key: Key, call: CallContext, now: datetime) -> JSON:
+            key.check("PutKeyPolicy")
+            if not bypass_policy_lockout_safety_check:
+                self._lockout_check(policy, key.arn)
             key.put_policy(
                 call=call, timestamp=now, request=request, policy_name=policy_name, policy=policy
             )
@@ -1177,6 +1388,7 @@ class KeyLedger(Application[UUID]):
             key = self._alias_target(target_key_id, "UpdateAlias", attempt)
             assert alias.target_key_id is not None
             current = self.load_key(UUID(alias.target_key_id))
+            self._authorize_key(attempt, current)
             if (current.key_spec, current.key_usage) != (key.key_spec, key.key_usage):
                 raise ValidationError(
                     f"{key.arn} key usage or key spec does not match the alias's current key."
@@ -1198,10 +1410,12 @@ class KeyLedger(Application[UUID]):
                 check_alias_name(alias_name)
             alias = self.load_alias(self.alias_arn_of(alias_name), for_update=True)
             assert alias.target_key_id is not None
-            key_arn = self.settings.key_arn(alias.target_key_id)
+            key_arn = self._scoped_key_arn(alias.target_key_id)
             attempt.key_arn = key_arn
             with contextlib.suppress(NotFoundError):  # a deleted key's alias can still go
-                self.load_key(UUID(alias.target_key_id)).check("DeleteAlias")
+                target = self.load_key(UUID(alias.target_key_id))
+                self._authorize_key(attempt, target)
+                target.check("DeleteAlias")
             alias.delete(call=call, timestamp=now, key_arn=key_arn, request=request)
             return alias
 
@@ -1248,7 +1462,7 @@ class KeyLedger(Application[UUID]):
                 key_arn=key.arn,
                 key_spec=key.key_spec,
                 key_usage=key.key_usage,
-                issuing_account=f"arn:aws:iam::{self.settings.account_id}:root",
+                issuing_account=f"arn:aws:iam::{key.arn.split(':')[4]}:root",
                 grantee_principal=grantee_principal,
                 operations=operations,
                 retiring_principal=retiring_principal,
@@ -1344,16 +1558,28 @@ class KeyLedger(Application[UUID]):
 
             def change(key: Key, call: CallContext, now: datetime) -> JSON:
                 gid = str(target["grant_id"])
+                entry = key.grants.get(gid)
                 if "secret" in target:
-                    entry = key.grants.get(gid)
                     if entry is None:
                         raise InvalidGrantTokenError("Invalid grant token.")
                     grants.verify_token_secret(target["secret"], entry["token_digests"])
+                # The retiring principal and a grantee with RetireGrant need no policy.
+                if entry is None or not grants.can_retire(
+                    grants.GrantSpec.from_json(entry["grant"]), call.principal
+                ):
+                    self._authorize_key(attempt, key)
                 key.end_grant(call=call, timestamp=now, request=request, grant_id=gid, revoke=False)
                 return {}
 
             def step() -> tuple[Any, JSON]:
-                key = self._key_for(str(target["key"]), attempt, for_update=True)
+                if "secret" in target:  # the token names the key: any account, this region
+                    key = self.load_key(UUID(str(target["key"])), for_update=True)
+                    if key.arn.split(":")[3] != call.region:
+                        raise NotFoundError(f"Key '{key.arn}' does not exist")
+                    attempt.key_arn = key.arn
+                else:
+                    key = self._key_for(str(target["key"]), attempt, for_update=True,
+                                        authorize=False)  # fmt: skip
                 return key, change(key, call, self.clock.now())
 
             return self._save_retrying(step)
@@ -1399,7 +1625,12 @@ class KeyLedger(Application[UUID]):
             raise validation_error(
                 "ciphertextBlob", "Member must have length less than or equal to 6144"
             )
-        named = self._key_for(key_id, attempt, allow_alias=True) if key_id is not None else None
+        side = "source" if operation == "ReEncrypt" else None
+        named = (
+            self._key_for(key_id, attempt, allow_alias=True, side=side)
+            if key_id is not None
+            else None
+        )
         if named is not None and named.key_spec in RSA_MODULUS_BYTES:
             return self._rsa_decrypt(named, operation, bytes(ciphertext_blob), algorithm, context)
         env = envelope.parse(bytes(ciphertext_blob))
@@ -1412,7 +1643,10 @@ class KeyLedger(Application[UUID]):
                 key = self.load_key(env.key_id)
             except NotFoundError:
                 raise InvalidCiphertextError("") from None
+            if key.arn.split(":")[3] != self._scope()[1]:
+                raise InvalidCiphertextError("")  # a key of another region: not found here
             attempt.key_arn = key.arn
+            self._authorize_key(attempt, key, side=side)
         key.check(operation)
         self._check_usage(key, "ENCRYPT_DECRYPT", operation)
         if algorithm != SYMMETRIC_DEFAULT:
@@ -1576,7 +1810,7 @@ class KeyLedger(Application[UUID]):
                 "ReEncrypt", ciphertext_blob, source_key_id, source_encryption_context,
                 source_encryption_algorithm, attempt,
             )  # fmt: skip
-            dest = self._key_for(destination_key_id, attempt, allow_alias=True)
+            dest = self._key_for(destination_key_id, attempt, allow_alias=True, side="destination")
             dest.check("ReEncrypt")
             if dest.key_spec in RSA_MODULUS_BYTES:
                 blob, material_id = self._rsa_encrypt(dest, plaintext, dest_algorithm, dest_context)
@@ -1618,6 +1852,7 @@ class KeyLedger(Application[UUID]):
         request: JSON = {} if number_of_bytes is None else {"numberOfBytes": number_of_bytes}
 
         def body(call: CallContext, attempt: _Attempt) -> JSON:
+            self._authorize_identity(attempt, "kms:GenerateRandom")
             if number_of_bytes is None:
                 raise ValidationError("NumberOfBytes is required.")
             check_range("numberOfBytes", number_of_bytes, 1, 1024)
@@ -2135,3 +2370,261 @@ class KeyLedger(Application[UUID]):
             return {"KeyId": key.arn}
 
         return self._key_command("DeleteImportedKeyMaterial", caller, key_id, request, change)
+
+    # ------------------------------------------------------------ principals
+
+    def _principal_command(
+        self,
+        operation: str,
+        action: str,
+        caller: Caller,
+        request: JSON,
+        account: str,
+        change: Callable[[CallContext, _Attempt, datetime], Any],
+    ) -> JSON:
+        """A principal-management call: identity-authorized (``iam:*`` actions), only
+        within the caller's own account, saved with retries."""
+
+        def body(call: CallContext, attempt: _Attempt) -> JSON:
+            self._authorize_identity(attempt, action)
+            if account != call.account_id:
+                raise AccessDeniedError(
+                    f"User: {call.principal} is not authorized to perform: {action} "
+                    f"on resource: account {account}"
+                )
+            out: JSON = {}
+
+            def step() -> tuple[Any, JSON]:
+                return change(call, attempt, self.clock.now()), out
+
+            return self._save_retrying(step)
+
+        return self._run(operation, caller, request, body, read_only=False)
+
+    def _load_principal(self, name: str, account: str, *, for_update: bool = False) -> Principal:
+        """A live principal by name (user first, then role); raises NotFoundError."""
+        for kind in ("user", "role"):
+            agg: object
+            try:
+                agg = self.repository.get(
+                    Principal.stream_id(principal_arn(account, kind, name)),
+                    deepcopy_from_cache=for_update,
+                )
+            except AggregateNotFoundError:
+                continue
+            if isinstance(agg, Principal) and not agg.deleted:
+                return agg
+        raise NotFoundError(f"The principal with name {name} cannot be found.")
+
+    def create_principal(
+        self,
+        *,
+        caller: Caller,
+        name: str,
+        account: str | None = None,
+        principal_type: str = "user",
+    ) -> JSON:
+        """Create a user or role with one access key.
+
+        Returns ``{"Principal": {...}, "AccessKeyId", "SecretAccessKey"}``. Security: the
+        secret is returned once and stored only sealed under an HSM-wrapped data key.
+        Raises ValidationError, AlreadyExistsError, AccessDeniedError.
+        """
+        acct = (
+            account
+            or caller.account_id
+            or account_of(caller.principal)
+            or (self.settings.account_id)
+        )
+        request: JSON = {"principalName": name, "account": acct, "principalType": principal_type}
+        issued: JSON = {}
+
+        def body(call: CallContext, attempt: _Attempt) -> JSON:
+            check_principal_input(name, acct, principal_type)
+            self._authorize_identity(
+                attempt, "iam:CreateRole" if principal_type == "role" else "iam:CreateUser"
+            )
+            if acct != call.account_id:
+                raise AccessDeniedError(
+                    f"User: {call.principal} is not authorized to perform: iam:CreateUser "
+                    f"on resource: account {acct}"
+                )
+            arn = principal_arn(acct, principal_type, name)
+            with contextlib.suppress(NotFoundError):
+                existing = self._load_principal(name, acct)
+                raise AlreadyExistsError(f"A principal with the name {name} already exists: "
+                                         f"{existing.arn}")  # fmt: skip
+            try:
+                self.repository.get(Principal.stream_id(arn))
+                raise AlreadyExistsError(f"The principal {arn} was deleted; use a new name.")
+            except AggregateNotFoundError:
+                pass
+            akid = ACCESS_KEY_PREFIX + base64.b32encode(os.urandom(10)).decode("ascii")
+            secret = base64.b64encode(os.urandom(30)).decode("ascii")
+            sealed = self._seal_secret(akid, secret)
+            now = self.clock.now()
+            principal = Principal.create(
+                call=call, timestamp=now, name=name, account=acct,
+                principal_type=principal_type, access_key_id=akid, request=request,
+            )  # fmt: skip
+            key = AccessKey.create(
+                call=call, timestamp=now, access_key_id=akid, principal_arn=arn,
+                sealed=sealed, request={"principalName": name, "accessKeyId": akid},
+            )  # fmt: skip
+            self._commit(principal, key)
+            issued.update(
+                Principal=self.principal_doc(principal), AccessKeyId=akid, SecretAccessKey=secret
+            )
+            return issued
+
+        return self._run(
+            "CreateRole" if principal_type == "role" else "CreateUser",
+            caller, request, body, read_only=False,
+        )  # fmt: skip
+
+    def _seal_secret(self, access_key_id: str, secret: str) -> JSON:
+        material = self.keystore.generate_symmetric_key(kek=None)
+        iv, ct = self.keystore.encrypt(
+            material, secret.encode("ascii"), ("keyledger-access-key:" + access_key_id).encode()
+        )
+        return {
+            "material": material_to_json(material),
+            "iv": base64.b64encode(iv).decode("ascii"),
+            "ct": base64.b64encode(ct).decode("ascii"),
+        }
+
+    def access_key_secret(self, access_key_id: str) -> tuple[str, Principal]:
+        """The secret of an active access key and its enabled principal, for SigV4.
+
+        Raises UnrecognizedClientError for an unknown, inactive or deleted key or
+        principal. Security: the returned secret is plaintext; keep it in memory only.
+        """
+        invalid = UnrecognizedClientError("The security token included in the request is invalid.")
+        if not access_key_id.startswith(ACCESS_KEY_PREFIX) or len(access_key_id) != 20:
+            raise invalid
+        agg: object
+        try:
+            agg = self.repository.get(AccessKey.stream_id(access_key_id), deepcopy_from_cache=False)
+            if not isinstance(agg, AccessKey) or not agg.active:
+                raise invalid
+            owner: object = self.repository.get(
+                Principal.stream_id(agg.principal_arn), deepcopy_from_cache=False
+            )
+        except AggregateNotFoundError:
+            raise invalid from None
+        if not isinstance(owner, Principal) or not owner.enabled:
+            raise invalid
+        sealed = agg.sealed
+        secret = self.keystore.decrypt(
+            material_from_json(sealed["material"]),
+            base64.b64decode(sealed["iv"]),
+            base64.b64decode(sealed["ct"]),
+            ("keyledger-access-key:" + access_key_id).encode(),
+        )
+        return secret.decode("ascii"), owner
+
+    def principal_doc(self, p: Principal) -> JSON:
+        return {
+            "Arn": p.arn,
+            "Name": p.name,
+            "Account": p.account,
+            "Type": p.principal_type,
+            "Enabled": p.enabled,
+            "AccessKeyIds": list(p.access_key_ids),
+            "Policies": sorted(p.policies),
+            "CreateDate": p.created_date,
+        }
+
+    def describe_principal(self, *, name: str, account: str) -> JSON:
+        """A principal's document with its policy texts. Raises NotFoundError."""
+        p = self._load_principal(name, account)
+        return {**self.principal_doc(p), "PolicyDocuments": dict(p.policies)}
+
+    def list_principals(self, *, account: str | None = None) -> list[JSON]:
+        """Live principals (optionally of one account), by ARN."""
+        topic = f"{Principal.__module__}:{Principal.Created.__qualname__}"
+        with self.db.transaction(commit=False) as c:
+            rows = c.execute(
+                "SELECT originator_id FROM {events} WHERE topic = ?", (topic,)
+            ).fetchall()
+        out = []
+        for row in rows:
+            agg: object = self.repository.get(
+                UUID(str(row["originator_id"])), deepcopy_from_cache=False
+            )
+            if not isinstance(agg, Principal) or agg.deleted:
+                continue
+            if account is None or agg.account == account:
+                out.append(self.principal_doc(agg))
+        return sorted(out, key=lambda d: d["Arn"])
+
+    def _change_principal(
+        self, operation: str, action: str, caller: Caller, name: str, account: str | None,
+        extra: JSON, apply: Callable[[Principal, CallContext, datetime, JSON], None],
+    ) -> JSON:  # fmt: skip
+        acct = (
+            account
+            or caller.account_id
+            or account_of(caller.principal)
+            or (self.settings.account_id)
+        )
+        request: JSON = {"principalName": name, "account": acct, **extra}
+
+        def change(call: CallContext, attempt: _Attempt, now: datetime) -> Any:
+            p = self._load_principal(name, acct, for_update=True)
+            apply(p, call, now, request)
+            return p
+
+        return self._principal_command(operation, action, caller, request, acct, change)
+
+    def set_principal_enabled(
+        self, *, caller: Caller, name: str, enabled: bool, account: str | None = None
+    ) -> JSON:
+        """Enable or disable a principal (its access keys stop authenticating)."""
+
+        def apply(p: Principal, call: CallContext, now: datetime, request: JSON) -> None:
+            (p.enable if enabled else p.disable)(call=call, timestamp=now, request=request)
+
+        op = "EnablePrincipal" if enabled else "DisablePrincipal"
+        return self._change_principal(op, "iam:UpdateUser", caller, name, account, {}, apply)
+
+    def delete_principal(self, *, caller: Caller, name: str, account: str | None = None) -> JSON:
+        """Delete a principal; its access keys stop authenticating for good."""
+
+        def apply(p: Principal, call: CallContext, now: datetime, request: JSON) -> None:
+            p.delete(call=call, timestamp=now, request=request)
+
+        return self._change_principal(
+            "DeletePrincipal", "iam:DeleteUser", caller, name, account, {}, apply
+        )
+
+    def attach_principal_policy(
+        self, *, caller: Caller, name: str, policy_name: str, policy: str,
+        account: str | None = None,
+    ) -> JSON:  # fmt: skip
+        """Attach an identity policy. Raises MalformedPolicyDocumentError, NotFoundError."""
+
+        def apply(p: Principal, call: CallContext, now: datetime, request: JSON) -> None:
+            if len(policy.encode()) > MAX_POLICY_BYTES:
+                raise LimitExceededError("The policy exceeds the maximum size of 32768 bytes.")
+            self._policies.get(policy, identity=True)
+            p.attach_policy(call=call, timestamp=now, request=request, name=policy_name,
+                            policy=policy)  # fmt: skip
+
+        return self._change_principal(
+            "PutPrincipalPolicy", "iam:PutUserPolicy", caller, name, account,
+            {"policyName": policy_name, "policyDocument": policy}, apply,
+        )  # fmt: skip
+
+    def detach_principal_policy(
+        self, *, caller: Caller, name: str, policy_name: str, account: str | None = None
+    ) -> JSON:
+        """Detach an identity policy. Raises NotFoundError."""
+
+        def apply(p: Principal, call: CallContext, now: datetime, request: JSON) -> None:
+            p.detach_policy(call=call, timestamp=now, request=request, name=policy_name)
+
+        return self._change_principal(
+            "DeletePrincipalPolicy", "iam:DeleteUserPolicy", caller, name, account,
+            {"policyName": policy_name}, apply,
+        )  # fmt: skip

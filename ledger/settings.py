@@ -73,8 +73,7 @@ class Settings:
         """The principal recorded for local (CLI/library) callers."""
         if self.principal:
             return self.principal
-        user = os.environ.get("USER") or "local"
-        return f"arn:aws:iam::{self.account_id}:user/{user}"
+        return f"arn:aws:iam::{self.account_id}:root"
 
     def key_arn(self, key_id: str) -> str:
         return f"arn:aws:kms:{self.region}:{self.account_id}:key/{key_id}"

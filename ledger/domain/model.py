@@ -57,9 +57,13 @@ class CallContext:
     source_ip: str | None = None
     user_agent: str | None = None
     service_initiated: bool = False
+    access_key_id: str | None = None
 
     def as_dict(self) -> JSON:
-        return asdict(self)
+        out = asdict(self)
+        if out["access_key_id"] is None:  # absent, as in records made before principals
+            del out["access_key_id"]
+        return out
 
 
 def material_to_json(material: MaterialRef, public_key: bytes | None = None) -> JSON:

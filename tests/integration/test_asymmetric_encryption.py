@@ -16,7 +16,7 @@ from ledger.service import Caller, KeyLedger
 
 pytestmark = pytest.mark.softhsm
 
-CALLER = Caller(principal="arn:aws:iam::111122223333:user/pk")
+CALLER = Caller(principal="arn:aws:iam::111122223333:root")
 CURVES = {
     "ECC_NIST_P256": ec.SECP256R1(),
     "ECC_NIST_P384": ec.SECP384R1(),

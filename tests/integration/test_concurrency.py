@@ -19,7 +19,7 @@ from ledger.settings import Settings
 
 pytestmark = pytest.mark.softhsm
 
-CALLER = Caller(principal="arn:aws:iam::111122223333:user/load")
+CALLER = Caller(principal="arn:aws:iam::111122223333:root")
 SECONDS = float(os.environ.get("KEYLEDGER_CONCURRENCY_SECONDS", "10"))
 
 
@@ -65,7 +65,7 @@ from ledger.service import Caller
 from ledger.settings import Settings
 data_dir, url, key, n, who = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5]
 app = open_ledger(Settings(data_dir=Path(data_dir), database_url=url))
-caller = Caller(principal="arn:aws:iam::111122223333:user/" + who)
+caller = Caller(principal="arn:aws:iam::111122223333:root", user_agent=who)
 for i in range(n):
     app.encrypt(caller=caller, key_id=key, plaintext=b"p%d" % i)
 app.keystore.close()
@@ -96,9 +96,9 @@ def test_two_processes_writing_one_postgres_ledger_keep_a_single_linear_chain(
         assert p.returncode == 0, err.decode()[-2000:]
     result = verify_chain(ledger.db.iter_chain(), ledger.db.iter_events())
     assert result.count == 1 + 2 * n
-    principals = [r.event()["call"]["principal"] for r in ledger.db.read_records(1, 10_000)]
-    assert sorted(set(principals)) == [f"arn:aws:iam::111122223333:user/proc{i}" for i in (0, 1)]
-    assert all(principals.count(p) == n for p in set(principals))
+    agents = [r.event()["call"]["user_agent"] for r in ledger.db.read_records(1, 10_000)]
+    assert sorted(set(agents)) == [f"proc{i}" for i in (0, 1)]
+    assert all(agents.count(a) == n for a in set(agents))
     with ledger.db.transaction(commit=False) as c:
         seqs = [int(r["seq"]) for r in c.execute("SELECT seq FROM {chain} ORDER BY seq").fetchall()]
     assert seqs == list(range(1, 2 * n + 2))

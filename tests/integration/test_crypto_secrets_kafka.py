@@ -18,7 +18,7 @@ from tests.integration.test_no_secrets_stored import forms, store_bytes
 
 pytestmark = [pytest.mark.softhsm, pytest.mark.kafka]
 
-CALLER = Caller(principal="arn:aws:iam::111122223333:user/crypto-scanner")
+CALLER = Caller(principal="arn:aws:iam::111122223333:root")
 ROUNDS = 3
 
 

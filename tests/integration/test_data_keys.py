@@ -25,7 +25,7 @@ from ledger.service import Caller, KeyLedger
 
 pytestmark = pytest.mark.softhsm
 
-CALLER = Caller(principal="arn:aws:iam::111122223333:user/dk")
+CALLER = Caller(principal="arn:aws:iam::111122223333:root")
 CTX = {"app": "billing"}
 
 

@@ -18,7 +18,7 @@ from projections.catalog import KeyCatalog
 
 pytestmark = pytest.mark.softhsm
 
-CALLER = Caller(principal="arn:aws:iam::111122223333:user/mac")
+CALLER = Caller(principal="arn:aws:iam::111122223333:root")
 SPECS = {"HMAC_224": 28, "HMAC_256": 32, "HMAC_384": 48, "HMAC_512": 64}
 
 

@@ -33,7 +33,7 @@ from projections.maintenance import run_maintenance
 
 pytestmark = pytest.mark.softhsm
 
-CALLER = Caller(principal="arn:aws:iam::111122223333:user/byok")
+CALLER = Caller(principal="arn:aws:iam::111122223333:root")
 T0 = datetime(2026, 3, 1, tzinfo=UTC)
 
 

@@ -21,7 +21,7 @@ from projections.catalog import KeyCatalog
 
 pytestmark = pytest.mark.softhsm
 
-CALLER = Caller(principal="arn:aws:iam::111122223333:user/alice", source_ip="127.0.0.1")
+CALLER = Caller(principal="arn:aws:iam::111122223333:root", source_ip="127.0.0.1")
 CTX = {"purpose": "test", "tenant": "acme"}
 
 

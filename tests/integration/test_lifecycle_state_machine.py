@@ -49,7 +49,7 @@ from tests.kms_model import KmsError, KmsModel
 pytestmark = pytest.mark.softhsm
 
 START = datetime(2026, 1, 1, tzinfo=UTC)
-CALLER = Caller(principal="arn:aws:iam::111122223333:user/state-machine")
+CALLER = Caller(principal="arn:aws:iam::111122223333:root")
 GRANTEE = "arn:aws:iam::111122223333:role/app"
 ON_DEMAND_LIMIT = 2
 ALIAS_POOL = ("alias/app", "alias/db", "alias/logs")

@@ -16,7 +16,7 @@ from ledger.service import Caller, KeyLedger
 
 pytestmark = [pytest.mark.softhsm, pytest.mark.kafka]
 
-CALLER = Caller(principal="arn:aws:iam::111122223333:user/scanner")
+CALLER = Caller(principal="arn:aws:iam::111122223333:root")
 
 
 def forms(secret: bytes) -> list[bytes]:

@@ -14,7 +14,7 @@ from ledger.service import Caller, KeyLedger
 
 pytestmark = [pytest.mark.softhsm, pytest.mark.kafka]
 
-CALLER = Caller(principal="arn:aws:iam::111122223333:user/relay")
+CALLER = Caller(principal="arn:aws:iam::111122223333:root")
 
 
 class Crash(Exception):

@@ -24,7 +24,7 @@ from ledger.service import Caller, KeyLedger
 
 pytestmark = pytest.mark.softhsm
 
-CALLER = Caller(principal="arn:aws:iam::111122223333:user/signer")
+CALLER = Caller(principal="arn:aws:iam::111122223333:root")
 MESSAGE = b"release v1.2.3 sha256:" + bytes(range(40))
 HASH = {"256": hashes.SHA256, "384": hashes.SHA384, "512": hashes.SHA512}
 

@@ -13,7 +13,7 @@ from ledger.service import Caller, KeyLedger
 
 pytestmark = pytest.mark.softhsm
 
-CALLER = Caller(principal="arn:aws:iam::111122223333:user/mallory")
+CALLER = Caller(principal="arn:aws:iam::111122223333:root")
 N = 8  # events in the ledger under test
 
 

@@ -30,7 +30,7 @@ from ledger.service import Caller, KeyLedger
 from ledger.settings import Settings
 from tests.fakes import FakeKeyStore
 
-CALLER = Caller(principal="arn:aws:iam::111122223333:user/alice")
+CALLER = Caller(principal="arn:aws:iam::111122223333:root")
 TAG = 16
 KiB, MiB = 1024, 1024 * 1024
 
