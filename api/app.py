@@ -186,7 +186,7 @@ async def _read_body(request: Request, max_body: int) -> bytes:
 def _request_parts(request: Request, body: bytes) -> RequestParts:
     return RequestParts(
         method=request.method,
-        path=request.url.path,
+        path=(request.scope.get("raw_path") or request.url.path.encode()).decode("latin-1"),
         query_string=request.scope.get("query_string", b"").decode("latin-1"),
         headers=tuple((k.decode("latin-1"), v.decode("latin-1")) for k, v in request.headers.raw),
         body=body,

@@ -142,9 +142,10 @@ def build_app(
     """
     from api.app import DEFAULT_MAX_BODY, AppState, create_app
     from api.auth import build_authenticator
+    from api.backend import KmsBackend
     from ledger.bootstrap import open_ledger
 
-    ledger = open_ledger(settings)
+    ledger: Any = KmsBackend(open_ledger(settings))
     try:
         authenticator = build_authenticator(
             ledger, settings, dev=dev, default_account=default_account
@@ -155,7 +156,7 @@ def build_app(
     holder: dict[str, AppState] = {}
 
     def reset() -> tuple[Any, Any]:
-        fresh = reset_ledger(holder["state"].ledger, settings)
+        fresh = KmsBackend(reset_ledger(holder["state"].ledger.ledger, settings))
         return fresh, build_authenticator(fresh, settings, dev=dev, default_account=default_account)
 
     def health() -> None:
@@ -247,6 +248,11 @@ def serve(
         )
         uvicorn.run(app, **common)
         return
+    # Create the HSM domain key once, before the workers fork (each opens its own
+    # session in the child; creating the key is not atomic across processes).
+    from ledger.bootstrap import open_keystore
+
+    open_keystore(settings).close()
     os.environ.update(settings_env(settings))
     os.environ[ENV_DEV] = "0"
     if max_body is not None:

@@ -21,6 +21,7 @@ class CliContext:
     settings: Settings
     json_output: bool = False
     clock: Clock | None = None  # set before first use to fix the ledger's time
+    as_principal: str | None = None  # --as NAME: act as that principal, not the root
     _ledger: KeyLedger | None = field(default=None, repr=False)
     _catalog: KeyCatalog | None = field(default=None, repr=False)
 
@@ -57,9 +58,37 @@ class CliContext:
 
     @property
     def caller(self) -> Caller:
+        """The CLI's principal: the account root, or ``--as NAME`` (which must exist and
+        be enabled; raises NotFoundError / AccessDeniedError otherwise)."""
         from ledger.service import Caller
 
+        if self.as_principal:
+            from ledger.errors import AccessDeniedError
+
+            doc = (
+                self.ledger_without_hsm.describe_principal(
+                    name=self.as_principal, account=self.settings.account_id
+                )
+                if self._ledger is None
+                else self._ledger.describe_principal(
+                    name=self.as_principal, account=self.settings.account_id
+                )
+            )
+            if not doc["Enabled"]:
+                raise AccessDeniedError(f"The principal {doc['Arn']} is disabled.")
+            return Caller(principal=doc["Arn"], user_agent=USER_AGENT)
         return Caller(principal=self.settings.caller_arn, user_agent=USER_AGENT)
+
+    def admin_caller(self, account: str | None) -> Caller:
+        """For principal management: the target account's root unless ``--as``."""
+        from ledger.domain.principals import root_arn
+        from ledger.service import Caller
+
+        if self.as_principal:
+            return self.caller
+        return Caller(
+            principal=root_arn(account or self.settings.account_id), user_agent=USER_AGENT
+        )
 
     def close(self) -> None:
         if self._ledger is not None:

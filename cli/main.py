@@ -26,6 +26,8 @@ from cli.crypto_cmds import data_key_app, envelope_app, random_bytes, reencrypt
 from cli.grants import grants_app
 from cli.keys import keys_app
 from cli.maintenance import maintenance_app
+from cli.principals import principals_app
+from cli.serve import serve
 from cli.signing_cmds import derive_shared_secret, mac_app, public_key, sign, verify
 from ledger.errors import KeyLedgerError, TamperError, ValidationError
 from ledger.settings import Settings
@@ -54,6 +56,8 @@ app.command("derive-shared-secret")(derive_shared_secret)
 keys_app.command("public-key")(public_key)
 app.command("reencrypt")(reencrypt)
 app.command("random")(random_bytes)
+app.add_typer(principals_app, name="principals")
+app.command("serve")(serve)
 
 
 __all__ = ["_jsonable", "app", "main", "parse_context", "trail_line"]
@@ -73,9 +77,17 @@ def root(
     json_output: Annotated[
         bool, typer.Option("--json", help="Print AWS-shaped JSON responses.")
     ] = False,
+    as_principal: Annotated[
+        str | None,
+        typer.Option(
+            "--as",
+            envvar="KEYLEDGER_AS",
+            help="Act as this principal (name in the account); the account root by default.",
+        ),
+    ] = None,
 ) -> None:
     settings = Settings.from_env(data_dir=data_dir, database_url=database_url)
-    cli = CliContext(settings=settings, json_output=json_output)
+    cli = CliContext(settings=settings, json_output=json_output, as_principal=as_principal)
     ctx.obj = cli
     ctx.call_on_close(cli.close)
 

@@ -148,21 +148,34 @@ class KeyCatalog:
         """DescribeKey's response; raises NotFoundError for an unknown or deleted key."""
         return {"KeyMetadata": key_metadata(self.key_doc(key_uuid, arn_for_errors))}
 
-    def list_keys(self, *, limit: int | None = None, marker: str | None = None) -> dict[str, Any]:
-        """ListKeys (deleted keys are not listed), ordered by key id."""
+    def list_keys(
+        self, *, limit: int | None = None, marker: str | None = None, arn_prefix: str = ""
+    ) -> dict[str, Any]:
+        """ListKeys (deleted keys are not listed), ordered by key id; ``arn_prefix``
+        (``arn:aws:kms:<region>:<account>:``) keeps one account and region."""
         keys = [
             {"KeyId": d["key_id"], "KeyArn": d["arn"]}
             for d in self._docs(self.keys_table)
-            if not d["deleted"]
+            if not d["deleted"] and d["arn"].startswith(arn_prefix)
         ]
         page, fields = paginate(keys, limit=limit, marker=marker)
         return {"Keys": page, **fields}
 
     def list_aliases(
-        self, *, key_uuid: UUID | None = None, limit: int | None = None, marker: str | None = None
+        self,
+        *,
+        key_uuid: UUID | None = None,
+        limit: int | None = None,
+        marker: str | None = None,
+        arn_prefix: str = "",
     ) -> dict[str, Any]:
-        """ListAliases, all or of one key, ordered by alias name."""
-        docs = [d for d in self._docs(self.aliases_table) if d["target"] is not None]
+        """ListAliases, all or of one key, ordered by alias name; ``arn_prefix`` keeps
+        one account and region."""
+        docs = [
+            d
+            for d in self._docs(self.aliases_table)
+            if d["target"] is not None and d["arn"].startswith(arn_prefix)
+        ]
         if key_uuid is not None:
             docs = [d for d in docs if d["target"] == str(key_uuid)]
         entries = [alias_entry(d) for d in sorted(docs, key=lambda d: d["name"])]
