@@ -68,6 +68,10 @@ def aliases_list(
 
     cli = ctx_of(ctx)
     request = {"keyId": key, "limit": limit, "marker": marker}
+    if cli.as_principal:  # a principal's listing is authorized (and a refusal recorded)
+        cli.ledger_without_hsm.authorize_listing(
+            caller=cli.caller, operation="ListAliases", request=request
+        )
     with recorded_failure(cli, "ListAliases", request):
         state = point_in_time(cli, as_of, at_seq)
         key_uuid = cli.ledger_without_hsm.resolve_key_id(key) if key is not None else None

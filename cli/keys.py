@@ -127,7 +127,12 @@ def keys_create(
 def keys_list(ctx: typer.Context, limit: LimitOpt = None, marker: MarkerOpt = None) -> None:
     """ListKeys, from the key catalog projection."""
     cli = ctx_of(ctx)
-    with recorded_failure(cli, "ListKeys", {"limit": limit, "marker": marker}):
+    request = {"limit": limit, "marker": marker}
+    if cli.as_principal:  # a principal's listing is authorized (and a refusal recorded)
+        cli.ledger_without_hsm.authorize_listing(
+            caller=cli.caller, operation="ListKeys", request=request
+        )
+    with recorded_failure(cli, "ListKeys", request):
         resp = cli.catalog.list_keys(limit=limit, marker=marker)
     emit_list(cli, resp, "Keys", lambda k: k["KeyArn"])
 
@@ -143,6 +148,13 @@ def keys_describe(
     from projections.catalog import describe_key_at
 
     cli = ctx_of(ctx)
+    if cli.as_principal and as_of is None and at_seq is None:
+        # A principal's DescribeKey goes through the service: authorized and recorded.
+        resp = cli.ledger_without_hsm.describe_key(caller=cli.caller, key_id=key)
+        md = resp["KeyMetadata"]
+        emit(cli, resp, f"{md['Arn']}  {md['KeyState']}  {md['KeySpec']}  {md['KeyUsage']}  "
+                        f"{md['Description']!r}")  # fmt: skip
+        return
     with recorded_failure(cli, "DescribeKey", {"keyId": key}):
         state = point_in_time(cli, as_of, at_seq)
         key_uuid = resolve_key_at(cli, state, key)

@@ -1,0 +1,66 @@
+"""``keyledger principals`` and ``--as``: the CLI acts as a stored principal, and the
+same authorization as the API applies to it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.e2e.test_cli import Cli
+
+pytestmark = [pytest.mark.e2e, pytest.mark.softhsm]
+
+ALLOW_CREATE = {
+    "Version": "2012-10-17",
+    "Statement": [{"Effect": "Allow", "Action": ["kms:CreateKey", "kms:Encrypt"], "Resource": "*"}],
+}
+
+
+def test_principal_lifecycle_and_acting_as_it(tmp_path: Path) -> None:
+    cli = Cli(tmp_path / "data")
+    created = json.loads(cli("--json", "principals", "create", "alice").stdout)
+    secret = created["SecretAccessKey"]
+    assert created["Principal"]["Arn"] == "arn:aws:iam::111122223333:user/alice"
+    assert created["AccessKeyId"].startswith("AKLD") and len(created["AccessKeyId"]) == 20
+    assert len(secret) == 40
+
+    # No identity policy: the default key policy delegates to IAM, which allows nothing.
+    denied = cli("--as", "alice", "keys", "create", expect=1)
+    assert denied.stderr.decode().startswith(
+        "error: AccessDeniedException: User: arn:aws:iam::111122223333:user/alice is not "
+        "authorized to perform: kms:CreateKey"
+    )
+    cli("principals", "attach-policy", "alice", "--policy-name", "kms", "--policy", "-",
+        stdin=json.dumps(ALLOW_CREATE).encode())  # fmt: skip
+    key = json.loads(cli("--json", "--as", "alice", "keys", "create").stdout)["KeyMetadata"]
+    assert key["Arn"].startswith("arn:aws:kms:us-east-1:111122223333:key/")
+    cli("--as", "alice", "encrypt", "--key", key["KeyId"], "--in", "-", "--out", "-",
+        stdin=b"hello")  # fmt: skip
+    # Decrypt is not in alice's policy: refused and recorded.
+    blob = cli("encrypt", "--key", key["KeyId"], "--in", "-", "--out", "-", stdin=b"x").stdout
+    refused = cli("--as", "alice", "decrypt", "--in", "-", "--out", "-", stdin=blob, expect=1)
+    assert "AccessDeniedException" in refused.stderr.decode()
+
+    listed = json.loads(cli("--json", "principals", "list").stdout)["Principals"]
+    assert [p["Arn"] for p in listed] == ["arn:aws:iam::111122223333:user/alice"]
+    assert listed[0]["Policies"] == ["kms"]
+
+    cli("principals", "disable", "alice")
+    disabled = cli("--as", "alice", "keys", "create", expect=1)
+    assert "AccessDeniedException" in disabled.stderr.decode()
+    cli("principals", "delete", "alice")
+    gone = cli("--as", "alice", "keys", "create", expect=1)
+    assert "NotFoundException" in gone.stderr.decode()
+    cli("principals", "create", "alice", expect=1)  # a deleted name is not reused
+
+    # The secret was printed once and is stored nowhere in clear.
+    for f in (tmp_path / "data").rglob("*"):
+        if f.is_file():
+            assert secret.encode() not in f.read_bytes(), f
+    trail = cli("audit", "trail").stdout.decode()
+    for op in ("CreateUser", "PutPrincipalPolicy", "DisablePrincipal", "DeletePrincipal"):
+        assert op in trail
+    assert "AccessDeniedException" in trail
+    assert cli("audit", "verify").stdout.decode().startswith("OK:")
