@@ -11,7 +11,9 @@ default account's root, as moto and LocalStack do.
 
 Security: derived signing keys are cached in memory (never logged) for a minute, so a
 disabled principal or access key stops authenticating within that minute at most; the
-ledger also refuses a disabled principal at authorization on every call.
+ledger also refuses a disabled principal at authorization on every call. The replay
+cache refuses a verbatim resubmission only (see ``ReplayCache``): SDK calls that are
+identical within one second differ in their unsigned ``amz-sdk-invocation-id``.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from ledger.settings import Settings
 _CACHE_SECONDS = 60.0
 _CREDENTIAL_RE = re.compile(r"Credential=([^/,\s]+)/\d{8}/([a-z0-9-]+)/")
 _ACCOUNT_RE = re.compile(r"^\d{12}$")
+_CLIENT_TAG_HEADERS = ("amz-sdk-invocation-id", "amz-sdk-request")
 
 
 class SigV4Authenticator:
@@ -76,7 +79,7 @@ class SigV4Authenticator:
         )
         key, arn, account = self._signing_key(parsed)
         verify_signature(parsed, key)
-        self.replay.check_and_remember(parsed, now)
+        self.replay.check_and_remember(parsed, now, client_tag=_client_tag(req))
         return Caller(
             principal=arn,
             source_ip=req.client_ip,
@@ -114,6 +117,12 @@ class DevAuthenticator:
             region=region or self.settings.region,
             access_key_id=access_key or None,
         )
+
+
+def _client_tag(req: RequestParts) -> str:
+    """The unsigned per-call headers SDKs send (invocation id, attempt), which tell two
+    identical calls signed within the same second apart (see ``ReplayCache``)."""
+    return "\n".join(req.header(name) or "" for name in _CLIENT_TAG_HEADERS)
 
 
 def _query_value(query: str, name: str) -> str | None:

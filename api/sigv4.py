@@ -230,8 +230,18 @@ class ReplayCache:
     expiry are dropped first, and those could then be replayed until they expire.
 
     Call :meth:`check_and_remember` only after :func:`verify_signature` succeeds, or
-    forged signatures fill the cache. A client retry that re-signs within the same
-    second produces the same signature and is refused too.
+    forged signatures fill the cache.
+
+    A signature covers the time only to the second, so two identical calls a client
+    makes within one second carry the same signature. SDKs tell such calls apart by
+    per-call headers they add after signing (``amz-sdk-invocation-id``, and
+    ``amz-sdk-request`` with the attempt number); the caller passes them as
+    ``client_tag``, and an entry is ``(access_key_id, signature, client_tag)``.
+    Security: those headers are not signed, so this refuses verbatim resubmission
+    only; someone holding a captured request can still replay it until the signature
+    expires by changing them, exactly as AWS allows (the date window is the limit).
+    A client without such headers that repeats an identical call within one second
+    is refused ("Signature has already been used.").
     """
 
     def __init__(
@@ -242,20 +252,26 @@ class ReplayCache:
         self._window = window
         self._max_entries = max_entries
         self._lock = threading.Lock()
-        self._deadlines: dict[tuple[str, str], datetime] = {}
-        self._heap: list[tuple[datetime, tuple[str, str]]] = []
+        self._deadlines: dict[tuple[str, str, str], datetime] = {}
+        self._heap: list[tuple[datetime, tuple[str, str, str]]] = []
 
     def __len__(self) -> int:
         with self._lock:
             return len(self._deadlines)
 
-    def check_and_remember(self, parsed: ParsedAuth, now: datetime) -> None:
+    def check_and_remember(
+        self, parsed: ParsedAuth, now: datetime, *, client_tag: str = ""
+    ) -> None:
         """Remember this request's signature, refusing one already seen.
 
+        ``client_tag``: the unsigned per-call headers of the request (see the class
+        docstring); it is hashed, so its length does not grow the cache.
+
         Raises ``InvalidSignatureError("Signature has already been used.")`` when the same
-        access key and signature were remembered before and have not aged out.
+        access key, signature and client tag were remembered before and have not aged out.
         """
-        key = (parsed.access_key_id, parsed.signature.lower())
+        tag = hashlib.sha256(client_tag.encode("utf-8", "surrogateescape")).hexdigest()
+        key = (parsed.access_key_id, parsed.signature.lower(), tag)
         deadline = parsed.valid_until or parsed.amz_date + self._window
         with self._lock:
             self._evict_expired(now)

@@ -124,6 +124,8 @@ def _user_identity(call: dict[str, Any], *, service: bool) -> dict[str, Any]:
     user_name = _user_name(arn)
     if user_name is not None:
         identity["userName"] = user_name
+    if call.get("access_key_id"):  # as AWS records the access key that signed the call
+        identity["accessKeyId"] = call["access_key_id"]
     return identity
 
 

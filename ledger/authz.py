@@ -127,7 +127,9 @@ def condition_context(
         "aws:EpochTime": int(now.timestamp()),
         "aws:SecureTransport": False,
         "kms:CallerAccount": principal.account,
-        "kms:GrantIsForAWSResource": False,
+        # True only when an integrated AWS service calls on the user's behalf
+        # (AWS KMS condition keys: kms:GrantIsForAWSResource).
+        "kms:GrantIsForAWSResource": bool(via_service),
     }
     if not principal.root:
         ctx["aws:username"] = principal.arn.rsplit("/", 1)[-1]
@@ -250,8 +252,13 @@ def authorize_key(
     key_grants: Iterable[grants.GrantSpec],
     context: Mapping[str, object],
     encryption_context: Mapping[str, str] | None,
+    grant_request: Mapping[str, Any] | None = None,
 ) -> None:
-    """Decide a call on one key. Raises AccessDeniedError (AWS's message shape)."""
+    """Decide a call on one key. Raises AccessDeniedError (AWS's message shape).
+
+    ``grant_request`` is the recorded CreateGrant request (camelCase members): a grant
+    that allows CreateGrant lets its grantee create only narrower grants.
+    """
     request = AuthzRequest(
         principal_arn=principal.arn,
         principal_account=principal.account,
@@ -286,7 +293,7 @@ def authorize_key(
             operation=grant_operation,
             principal=principal.arn,
             encryption_context=encryption_context,
-        ):
+        ) and _within_parent_grant(spec, grant_operation, grant_request):
             return
     why = (
         f"because no identity-based policy allows the {action} action"
@@ -294,6 +301,31 @@ def authorize_key(
         else f"because no resource-based policy allows the {action} action"
     )
     raise AccessDeniedError(denied_message(principal.arn, action, key_arn, why))
+
+
+def _within_parent_grant(
+    parent: grants.GrantSpec, operation: str, request: Mapping[str, Any] | None
+) -> bool:
+    """Whether a CreateGrant allowed by ``parent`` asks for no more than ``parent`` has.
+
+    AWS KMS "Granting CreateGrant permission": the new grant may name only operations
+    of the parent grant, and its encryption context constraint must be equally strict
+    or stricter. Other operations are not limited here.
+    """
+    if operation != "CreateGrant":
+        return True
+    if request is None:
+        return False  # fail closed: nothing to compare the new grant with
+    operations = request.get("operations")
+    if not isinstance(operations, list) or not set(operations) <= set(parent.operations):
+        return False
+    raw = request.get("constraints")
+    child = (
+        grants.Constraints.from_json({k[:1].upper() + k[1:]: v for k, v in raw.items()})
+        if isinstance(raw, Mapping)
+        else None
+    )
+    return grants.constraints_at_least_as_strict(parent.constraints, child)
 
 
 def lockout_safe(policy: Policy, principal: Principal, key_arn: str) -> bool:

@@ -557,7 +557,7 @@ class KeyLedger(Application[UUID]):
     def _principal(self, attempt: _Attempt) -> authz.Principal:
         """The caller's principal with its identity policies (cached on the attempt).
 
-        Raises AccessDeniedError for a disabled or deleted registered principal.
+        Raises UnrecognizedClientError for a disabled or deleted registered principal.
         """
         if attempt.principal is not None:
             return attempt.principal
@@ -571,8 +571,10 @@ class KeyLedger(Application[UUID]):
             except AggregateNotFoundError:
                 agg = None
             if isinstance(agg, Principal):
-                if not agg.enabled:
-                    raise AccessDeniedError(f"User: {arn} is disabled.")
+                if not agg.enabled:  # as AWS answers a deactivated access key
+                    raise UnrecognizedClientError(
+                        "The security token included in the request is invalid."
+                    )
                 policies = [
                     self._policies.get(text, identity=True) for text in agg.policies.values()
                 ]
@@ -636,6 +638,7 @@ class KeyLedger(Application[UUID]):
             key_grants=[grants.GrantSpec.from_json(g["grant"]) for g in key.grants.values()],
             context=context,
             encryption_context=encryption_context,
+            grant_request=attempt.request if op == "CreateGrant" else None,
         )
 
     def _authorize_identity(self, attempt: _Attempt, action: str, resource: str = "*") -> None:
@@ -957,11 +960,12 @@ class KeyLedger(Application[UUID]):
     ) -> JSON:
         """Decrypt a blob made by Encrypt; KeyId is optional for symmetric keys.
 
-        Returns ``{"KeyId", "Plaintext", "EncryptionAlgorithm"}`` only after the
-        Decrypt event is committed. Raises InvalidCiphertextError for any blob that
-        does not authenticate (malformed, tampered, wrong context or key: one error,
-        no detail), IncorrectKeyError when KeyId names another key than the blob's,
-        NotFoundError, DisabledError, ValidationError, LedgerUnavailableError.
+        Returns ``{"KeyId", "Plaintext", "EncryptionAlgorithm"}`` (and ``KeyMaterialId``
+        for symmetric keys, as AWS) only after the Decrypt event is committed. Raises
+        InvalidCiphertextError for any blob that does not authenticate (malformed,
+        tampered, wrong context or key: one error, no detail), IncorrectKeyError when
+        KeyId names another key than the blob's, NotFoundError, DisabledError,
+        ValidationError, LedgerUnavailableError.
         """
         request: JSON = {"encryptionAlgorithm": encryption_algorithm or SYMMETRIC_DEFAULT}
         if key_id is not None:
@@ -975,7 +979,10 @@ class KeyLedger(Application[UUID]):
                 attempt,
             )  # fmt: skip
             self._record_use(call, key.arn, request, material.material_id)
-            return {"KeyId": key.arn, "Plaintext": plaintext, "EncryptionAlgorithm": algorithm}
+            out: JSON = {"KeyId": key.arn, "Plaintext": plaintext, "EncryptionAlgorithm": algorithm}
+            if key.key_spec == SYMMETRIC_DEFAULT:  # AWS: symmetric keys only
+                out["KeyMaterialId"] = material.material_id
+            return out
 
         return self._run("Decrypt", caller, request, body, read_only=True)
 

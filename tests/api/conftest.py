@@ -14,7 +14,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -91,16 +91,34 @@ class Server:
         )
 
 
-def start_server(data_dir: Path, *extra: str) -> Server:
+def start_server(
+    data_dir: Path,
+    *extra: str,
+    env_extra: Mapping[str, str] | None = None,
+    log_path: Path | None = None,
+) -> Server:
+    """Start ``keyledger serve`` on a free loopback port and wait for ``/health``.
+
+    ``env_extra`` is added to the environment of the server and of ``Server.cli``
+    (e.g. ``KEYLEDGER_DATABASE_URL``, which is otherwise removed). With ``log_path``
+    the server's output goes to that file instead of a pipe nobody reads: use it for
+    servers that answer many requests, whose access log would fill the pipe and block.
+    """
     port = free_port()
     env = {**os.environ, "KEYLEDGER_DATA_DIR": str(data_dir)}
     env.pop("KEYLEDGER_DATABASE_URL", None)
-    proc = subprocess.Popen(
-        [keyledger_bin(), "--data-dir", str(data_dir), "serve", "--port", str(port), *extra],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-    )
+    env.update(env_extra or {})
+    log = log_path.open("wb") if log_path is not None else None
+    try:
+        proc = subprocess.Popen(
+            [keyledger_bin(), "--data-dir", str(data_dir), "serve", "--port", str(port), *extra],
+            env=env,
+            stdout=log if log is not None else subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
+    finally:
+        if log is not None:
+            log.close()  # the child holds its own descriptor
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 60
     while True:
@@ -111,8 +129,11 @@ def start_server(data_dir: Path, *extra: str) -> Server:
         except OSError:
             pass
         if proc.poll() is not None or time.monotonic() > deadline:
-            out = proc.stdout.read().decode() if proc.stdout else ""
             proc.kill()
+            if log_path is not None:
+                out = log_path.read_text(errors="replace")
+            else:
+                out = proc.stdout.read().decode() if proc.stdout else ""
             raise RuntimeError(f"keyledger serve did not start: {out[-2000:]}")
         time.sleep(0.1)
     return Server(url=url, data_dir=data_dir, proc=proc, env=env)
@@ -129,7 +150,8 @@ def stop_server(server: Server) -> None:
 @pytest.fixture(scope="session")
 def api_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     """One SigV4-authenticating server for the session."""
-    server = start_server(tmp_path_factory.mktemp("api") / "data")
+    base = tmp_path_factory.mktemp("api")
+    server = start_server(base / "data", log_path=base / "serve.log")
     try:
         yield server
     finally:

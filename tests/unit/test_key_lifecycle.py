@@ -18,6 +18,7 @@ from ledger.domain.model import DISABLED, ENABLED, CallContext, Key, material_fr
 from ledger.errors import KMSInvalidStateError
 from ledger.keystore.port import MaterialRef
 from ledger.persistence import CanonicalMapper
+from ledger.records import canonical
 
 KEY_ID = UUID("1234abcd-12ab-34cd-56ef-1234567890ab")
 ARN = f"arn:aws:kms:eu-west-1:111122223333:key/{KEY_ID}"
@@ -73,7 +74,8 @@ def new_key(
 def assert_round_trips(event: DomainEventProtocol[UUID]) -> None:
     """Stored bytes are canonical, decode to an equal event, and re-encode identically."""
     stored = MAPPER.to_stored_event(event)
-    assert orjson.dumps(orjson.loads(stored.state), option=orjson.OPT_SORT_KEYS) == stored.state
+    # RFC 8785 order (UTF-16 code units), not code point order: see ledger.records.
+    assert canonical(orjson.loads(stored.state)) == stored.state
     record = orjson.loads(stored.state)
     assert record["originator_id"] == str(event.originator_id) == str(stored.originator_id)
     assert record["originator_version"] == event.originator_version == stored.originator_version
