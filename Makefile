@@ -53,6 +53,7 @@ test: lint typecheck pytest
 
 bench: softhsm venv postgres
 	$(BIN)/python bench/encrypt.py
+	$(BIN)/python bench/api.py
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis

@@ -24,6 +24,7 @@ never logged or returned; a 500 says only "An internal error occurred."
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import logging
 import re
@@ -33,6 +34,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
+from urllib.parse import parse_qsl
 
 import anyio
 import anyio.to_thread
@@ -41,7 +43,7 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from api import protocol, sts
 from ledger.errors import KeyLedgerError, UnknownOperationError, ValidationError
@@ -120,35 +122,27 @@ class _BodyTooLarge(ValidationError):
     pass
 
 
-class _RequestIdMiddleware:
-    """Gives every request an id (uuid4) and every response its header."""
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        request_id = str(uuid.uuid4())
-        scope[_REQUEST_ID_KEY] = request_id
-
-        async def send_with_id(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                headers = [
-                    (k, v)
-                    for k, v in message.get("headers", [])
-                    if k.lower() != b"x-amzn-requestid"
-                ]
-                headers.append((REQUEST_ID_HEADER.encode(), request_id.encode()))
-                message = {**message, "headers": headers}
-            await send(message)
-
-        await self.app(scope, receive, send_with_id)
+def _json(
+    status: int, body: bytes, content_type: str = protocol.CONTENT_TYPE, request_id: str = ""
+) -> Response:
+    response = Response(content=body, status_code=status, media_type=content_type)
+    response.headers[REQUEST_ID_HEADER] = request_id or str(uuid.uuid4())
+    return response
 
 
-def _json(status: int, body: bytes, content_type: str = protocol.CONTENT_TYPE) -> Response:
-    return Response(content=body, status_code=status, media_type=content_type)
+async def _send(send: Send, status: int, body: bytes, content_type: str, request_id: str) -> None:
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", content_type.encode("latin-1")),
+                (b"content-length", str(len(body)).encode("latin-1")),
+                (b"x-amzn-requestid", request_id.encode("latin-1")),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
 
 
 def _log_unexpected(exc: BaseException, where: str, request_id: str) -> None:
@@ -163,10 +157,12 @@ def _internal() -> KeyLedgerError:
     return KeyLedgerError(protocol.INTERNAL_MESSAGE)
 
 
-async def _read_body(request: Request, max_body: int) -> bytes:
+async def _read_body(
+    scope: Scope, receive: Receive, headers: RequestParts | None, max_body: int
+) -> bytes:
     """The body, or _BodyTooLarge as soon as more than ``max_body`` bytes arrive."""
     too_large = _BodyTooLarge(f"Request body must be at most {max_body} bytes.")
-    declared = request.headers.get("content-length")
+    declared = headers.header("content-length") if headers is not None else None
     if declared is not None:
         try:
             if int(declared) > max_body:
@@ -175,37 +171,45 @@ async def _read_body(request: Request, max_body: int) -> bytes:
             raise ValidationError("Content-Length is not a number.") from None
     chunks: list[bytes] = []
     size = 0
-    async for chunk in request.stream():
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":
+            break  # client went away
+        chunk = message.get("body", b"")
         size += len(chunk)
         if size > max_body:
             raise too_large
         chunks.append(chunk)
+        if not message.get("more_body", False):
+            break
     return b"".join(chunks)
 
 
-def _request_parts(request: Request, body: bytes) -> RequestParts:
+def _request_parts(scope: Scope, body: bytes) -> RequestParts:
+    client = scope.get("client")
     return RequestParts(
-        method=request.method,
-        path=(request.scope.get("raw_path") or request.url.path.encode()).decode("latin-1"),
-        query_string=request.scope.get("query_string", b"").decode("latin-1"),
-        headers=tuple((k.decode("latin-1"), v.decode("latin-1")) for k, v in request.headers.raw),
+        method=scope["method"],
+        path=(scope.get("raw_path") or scope["path"].encode()).decode("latin-1"),
+        query_string=scope.get("query_string", b"").decode("latin-1"),
+        headers=tuple((k.decode("latin-1"), v.decode("latin-1")) for k, v in scope["headers"]),
         body=body,
-        client_ip=request.client.host if request.client else None,
+        client_ip=client[0] if client else None,
     )
 
 
-def _anonymous(request: Request) -> Caller:
+def _anonymous(parts: RequestParts) -> Caller:
     """The caller recorded for a request that did not authenticate."""
-    auth = request.headers.get("authorization", "") or request.query_params.get(
-        "X-Amz-Credential", ""
-    )
-    if auth and "Credential=" not in auth:
-        auth = f"Credential={auth}"
+    auth = parts.header("authorization") or ""
+    if not auth:
+        for k, v in parse_qsl(parts.query_string, keep_blank_values=True):
+            if k == "X-Amz-Credential":
+                auth = f"Credential={v}"
+                break
     match = _CREDENTIAL.search(auth)
-    agent = request.headers.get("user-agent")
+    agent = parts.header("user-agent")
     return Caller(
         principal="anonymous",
-        source_ip=request.client.host if request.client else None,
+        source_ip=parts.client_ip,
         user_agent=agent[:_MAX_USER_AGENT] if agent else None,
         access_key_id=match.group(1) if match else None,
     )
@@ -235,6 +239,23 @@ def _request_summary(body: bytes) -> dict[str, Any]:
     return {}
 
 
+class KeyLedgerApp:
+    """The ASGI app: ``POST /`` is answered directly (the hot path: one worker-thread
+    hop per request, no middleware); everything else goes to a Starlette app (health,
+    dev reset, lifespan)."""
+
+    def __init__(self, hot: ASGIApp, rest: Starlette) -> None:
+        self._hot = hot
+        self._rest = rest
+        self.state = rest.state
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST" and scope["path"] == "/":
+            await self._hot(scope, receive, send)
+        else:
+            await self._rest(scope, receive, send)
+
+
 def create_app(
     *,
     ledger: Any,
@@ -246,7 +267,7 @@ def create_app(
     max_body: int = DEFAULT_MAX_BODY,
     request_timeout: float = 30.0,
     max_threads: int = 40,
-) -> Starlette:
+) -> KeyLedgerApp:
     """The KeyLedger HTTP API.
 
     ``ledger``: a KeyLedger (or any object with its operation methods and
@@ -265,135 +286,128 @@ def create_app(
     async def in_thread(fn: Callable[[], Any]) -> Any:
         return await anyio.to_thread.run_sync(fn, limiter=limiter)
 
-    async def reject(
-        led: Any, operation: str, caller: Caller, request: dict[str, Any], err: KeyLedgerError
-    ) -> None:
-        await in_thread(
-            functools.partial(
-                led.record_rejected, operation=operation, caller=caller, request=request, error=err
-            )
-        )
-
-    async def answer_rejected(
-        request: Request,
-        led: Any,
-        operation: str,
-        caller: Caller,
-        err: KeyLedgerError,
-        body: bytes,
-        render: Callable[[KeyLedgerError], Response],
-    ) -> Response:
-        request_id = request.scope[_REQUEST_ID_KEY]
+    def record(led: Any, operation: str, caller: Caller, body: bytes, err: KeyLedgerError,
+               request_id: str) -> KeyLedgerError:  # fmt: skip
+        """Record a rejection; returns the error to answer (internal if not recorded)."""
         summary = {} if isinstance(err, _BodyTooLarge) else _request_summary(body)
         try:
-            await reject(led, operation, caller, summary, err)
+            led.record_rejected(operation=operation, caller=caller, request=summary, error=err)
         except Exception as exc:  # the ledger is down: fail closed, say nothing more
             _log_unexpected(exc, "record_rejected", request_id)
-            return render(_internal())
-        return render(err)
+            return _internal()
+        return err
 
-    async def kms_or_sts(request: Request) -> Response:
-        request_id: str = request.scope[_REQUEST_ID_KEY]
-        led, auth = state.current
-        query = sts.is_query_request(request.headers.get("content-type"))
-        if query:
-            return await handle_sts(request, led, auth, request_id)
-        operation = _operation_of(request.headers.get("x-amz-target"))
+    def kms_work(
+        led: Any, auth: Authenticator, parts: RequestParts, operation: str | None,
+        request_id: str,
+    ) -> tuple[int, bytes]:  # fmt: skip
+        """Authenticate, parse, run and serialize one KMS request (in a worker thread)."""
         label = operation or "Unknown"
-
-        def render(err: KeyLedgerError) -> Response:
-            status, payload = protocol.error_body(err)
-            return _json(status, payload)
-
         caller: Caller | None = None
-        body = b""
         try:
-            body = await _read_body(request, max_body)
-            caller = await in_thread(
-                functools.partial(auth.authenticate, _request_parts(request, body), service="kms")
-            )
+            caller = auth.authenticate(parts, service="kms")
             if operation is None:
                 raise UnknownOperationError(
                     "X-Amz-Target must name a KMS operation as TrentService.<Operation>."
                 )
-            params = protocol.parse_request(operation, body)
+            params = protocol.parse_request(operation, parts.body)
             method, kwargs = protocol.prepare_call(led, operation, params)
         except KeyLedgerError as err:
-            who = caller or _anonymous(request)
-            return await answer_rejected(request, led, label, who, err, body, render)
+            who = caller or _anonymous(parts)
+            return protocol.error_body(record(led, label, who, parts.body, err, request_id))
         except Exception as exc:
             _log_unexpected(exc, f"{label} before the operation", request_id)
-            who = caller or _anonymous(request)
-            return await answer_rejected(request, led, label, who, _internal(), body, render)
+            who = caller or _anonymous(parts)
+            return protocol.error_body(record(led, label, who, parts.body, _internal(), request_id))
+        try:
+            result = method(caller=caller, **kwargs)
+        except KeyLedgerError as err:  # recorded by the service
+            return protocol.error_body(err)
+        except Exception as exc:
+            _log_unexpected(exc, label, request_id)
+            with contextlib.suppress(Exception):  # best effort: keep the attempt in the log
+                record(led, label, caller, parts.body, _internal(), request_id)
+            return protocol.error_body(_internal())
+        assert operation is not None
+        try:
+            return 200, protocol.serialize_response(operation, result)
+        except Exception as exc:
+            _log_unexpected(exc, f"serializing {label}", request_id)
+            return protocol.error_body(_internal())
 
-        call = functools.partial(method, caller=caller, **kwargs)
+    def sts_work(
+        led: Any, auth: Authenticator, parts: RequestParts, request_id: str
+    ) -> tuple[int, bytes]:
+        label = "GetCallerIdentity"
+        caller: Caller | None = None
+        try:
+            caller = auth.authenticate(parts, service=sts.SIGNING_SERVICE)
+            sts.parse_action(parts.body)
+        except KeyLedgerError as err:
+            who = caller or _anonymous(parts)
+            return sts.error_body(record(led, label, who, b"", err, request_id), request_id)
+        except Exception as exc:
+            _log_unexpected(exc, "STS", request_id)
+            who = caller or _anonymous(parts)
+            return sts.error_body(record(led, label, who, b"", _internal(), request_id),
+                                  request_id)  # fmt: skip
+        return 200, sts.get_caller_identity_body(caller, request_id)
+
+    async def post_root(scope: Scope, receive: Receive, send: Send) -> None:
+        request_id = str(uuid.uuid4())
+        led, auth = state.current
+        head = _request_parts(scope, b"")
+        query = sts.is_query_request(head.header("content-type"))
+        content_type = sts.CONTENT_TYPE if query else protocol.CONTENT_TYPE
+        operation = None if query else _operation_of(head.header("x-amz-target"))
+        label = "GetCallerIdentity" if query else (operation or "Unknown")
+
+        def render(err: KeyLedgerError) -> tuple[int, bytes]:
+            return sts.error_body(err, request_id) if query else protocol.error_body(err)
+
+        try:
+            body = await _read_body(scope, receive, head, max_body)
+        except KeyLedgerError as err:  # oversize or unreadable: recorded, never buffered
+            answer = await in_thread(
+                functools.partial(record, led, label, _anonymous(head), b"", err, request_id)
+            )
+            await _send(send, *render(answer), content_type, request_id)
+            return
+        parts = dataclasses.replace(head, body=body)
+        work = (
+            functools.partial(sts_work, led, auth, parts, request_id)
+            if query
+            else functools.partial(kms_work, led, auth, parts, operation, request_id)
+        )
         try:
             with anyio.fail_after(request_timeout):
-                result = await anyio.to_thread.run_sync(
-                    call, limiter=limiter, abandon_on_cancel=True
+                status, payload = await anyio.to_thread.run_sync(
+                    work, limiter=limiter, abandon_on_cancel=True
                 )
         except TimeoutError:
             logger.warning(
                 "%s timed out after %ss (request %s)", label, request_timeout, request_id
             )
-            return render(
+            status, payload = render(
                 protocol.DependencyTimeoutError(
                     "The system timed out while trying to fulfill the request. "
                     "The request can be retried."
                 )
             )
-        except KeyLedgerError as err:  # recorded by the service
-            return render(err)
-        except Exception as exc:
-            _log_unexpected(exc, label, request_id)
-            with contextlib.suppress(Exception):  # best effort: keep the attempt in the log
-                await reject(led, label, caller, _request_summary(body), _internal())
-            return render(_internal())
-        try:
-            payload = protocol.serialize_response(operation, result)
-        except Exception as exc:
-            _log_unexpected(exc, f"serializing {label}", request_id)
-            return render(_internal())
-        return _json(200, payload)
-
-    async def handle_sts(
-        request: Request, led: Any, auth: Authenticator, request_id: str
-    ) -> Response:
-        def render(err: KeyLedgerError) -> Response:
-            status, payload = sts.error_body(err, request_id)
-            return _json(status, payload, sts.CONTENT_TYPE)
-
-        caller: Caller | None = None
-        body = b""
-        label = "GetCallerIdentity"
-        try:
-            body = await _read_body(request, max_body)
-            caller = await in_thread(
-                functools.partial(
-                    auth.authenticate, _request_parts(request, body), service=sts.SIGNING_SERVICE
-                )
-            )
-            sts.parse_action(body)
-        except KeyLedgerError as err:
-            who = caller or _anonymous(request)
-            return await answer_rejected(request, led, label, who, err, b"", render)
-        except Exception as exc:
-            _log_unexpected(exc, "STS", request_id)
-            who = caller or _anonymous(request)
-            return await answer_rejected(request, led, label, who, _internal(), b"", render)
-        return _json(200, sts.get_caller_identity_body(caller, request_id), sts.CONTENT_TYPE)
+        await _send(send, status, payload, content_type, request_id)
 
     async def health_endpoint(request: Request) -> Response:
+        request_id = str(uuid.uuid4())
         try:
             if health is not None:
                 await in_thread(health)
         except Exception as exc:
-            _log_unexpected(exc, "health check", request.scope[_REQUEST_ID_KEY])
-            return _json(503, b'{"status":"unavailable"}', "application/json")
-        return _json(200, b'{"status":"ok"}', "application/json")
+            _log_unexpected(exc, "health check", request_id)
+            return _json(503, b'{"status":"unavailable"}', "application/json", request_id)
+        return _json(200, b'{"status":"ok"}', "application/json", request_id)
 
     async def reset_endpoint(request: Request) -> Response:
-        request_id = request.scope[_REQUEST_ID_KEY]
+        request_id = str(uuid.uuid4())
         if reset is None:
             return _json(404, b'{"status":"reset is not configured"}', "application/json")
 
@@ -408,9 +422,9 @@ def create_app(
             await in_thread(run_reset)
         except Exception as exc:
             _log_unexpected(exc, "reset", request_id)
-            return _json(500, b'{"status":"error"}', "application/json")
+            return _json(500, b'{"status":"error"}', "application/json", request_id)
         logger.warning("ledger reset (dev mode, request %s)", request_id)
-        return _json(200, b'{"status":"ok"}', "application/json")
+        return _json(200, b'{"status":"ok"}', "application/json", request_id)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -422,17 +436,29 @@ def create_app(
                 _log_unexpected(exc, "shutdown", "-")
 
     routes = [
-        Route("/", kms_or_sts, methods=["POST"]),
         Route("/", health_endpoint, methods=["GET"]),
         Route("/health", health_endpoint, methods=["GET"]),
         Route("/_health", health_endpoint, methods=["GET"]),
     ]
     if dev:
         routes.append(Route("/moto-api/reset", reset_endpoint, methods=["POST"]))
-    app = Starlette(routes=routes, lifespan=lifespan)
-    app.add_middleware(_RequestIdMiddleware)
-    app.state.keyledger = state
-    return app
+
+    async def no_route(request: Request, exc: Exception) -> Response:
+        status = getattr(exc, "status_code", 404)
+        return _json(status, b'{"status":"no such endpoint"}', "application/json")
+
+    rest = Starlette(
+        routes=routes, lifespan=lifespan, exception_handlers={404: no_route, 405: no_route}
+    )
+    rest.state.keyledger = state
+    return KeyLedgerApp(post_root, rest)
 
 
-__all__ = ["REQUEST_ID_HEADER", "AppState", "Authenticator", "RequestParts", "create_app"]
+__all__ = [
+    "REQUEST_ID_HEADER",
+    "AppState",
+    "Authenticator",
+    "KeyLedgerApp",
+    "RequestParts",
+    "create_app",
+]

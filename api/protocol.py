@@ -343,6 +343,11 @@ def implemented_operations(ledger: Any = None) -> frozenset[str]:
 
 def _keywords(method: Callable[..., Any]) -> tuple[frozenset[str], frozenset[str]]:
     """The keywords ``method`` accepts, and those of them without a default."""
+    return _function_keywords(getattr(method, "__func__", method))
+
+
+@functools.lru_cache(maxsize=512)
+def _function_keywords(method: Callable[..., Any]) -> tuple[frozenset[str], frozenset[str]]:
     try:
         signature = inspect.signature(method)
     except (TypeError, ValueError):  # pragma: no cover - builtins only

@@ -28,8 +28,7 @@ from ledger.errors import UnsupportedOperationError, ValidationError
 from ledger.settings import Settings
 
 if TYPE_CHECKING:
-    from starlette.applications import Starlette
-
+    from api.app import KeyLedgerApp
     from ledger.service import KeyLedger
 
 logger = logging.getLogger("keyledger.api")
@@ -135,7 +134,7 @@ def build_app(
     default_account: str = DEFAULT_DEV_ACCOUNT,
     max_body: int | None = None,
     request_timeout: float | None = None,
-) -> Starlette:
+) -> KeyLedgerApp:
     """Open the ledger, keystore and authenticator for ``settings`` and build the app.
 
     Raises HsmError or the database driver's error when they cannot be opened.
@@ -190,7 +189,7 @@ def _options_from_env(env: Mapping[str, str]) -> dict[str, Any]:
     }
 
 
-def app_from_env() -> Starlette:
+def app_from_env() -> KeyLedgerApp:
     """uvicorn factory for worker processes: everything comes from ``KEYLEDGER_*``."""
     options = _options_from_env(os.environ)
     if options["dev"]:
@@ -211,6 +210,7 @@ def serve(
     limit_concurrency: int | None = 1000,
     timeout_keep_alive: int = 5,
     log_level: str = "info",
+    access_log: bool = False,
 ) -> None:
     """Run the API until interrupted (blocks).
 
@@ -225,10 +225,13 @@ def serve(
         check_dev_host(host)
         if workers > 1:
             raise ValidationError("--dev runs a single worker (reset swaps one ledger).")
+    from api.nodelay import http_protocol
+
     common: dict[str, Any] = {
         "host": host,
         "port": port,
-        "http": "h11",
+        "http": http_protocol(),
+        "access_log": access_log,
         "h11_max_incomplete_event_size": MAX_HEADER_BYTES,
         "limit_concurrency": limit_concurrency,
         "timeout_keep_alive": timeout_keep_alive,
@@ -237,6 +240,7 @@ def serve(
         "server_header": False,
         "log_level": log_level,
         "lifespan": "on",
+        "loop": "auto",  # uvloop when installed
     }
     if workers == 1:
         app = build_app(

@@ -47,6 +47,9 @@ def serve(
     request_timeout: Annotated[
         float, typer.Option(min=0.1, help="Seconds before a request answers 503.")
     ] = 30.0,
+    access_log: Annotated[
+        bool, typer.Option("--access-log", help="Log one line per request (uvicorn's).")
+    ] = False,
 ) -> None:
     """Serve the KMS JSON API (X-Amz-Target TrentService.*) and STS GetCallerIdentity."""
     from api.server import check_dev_host
@@ -67,4 +70,5 @@ def serve(
         dev=dev,
         default_account=dev_account,
         request_timeout=request_timeout,
+        access_log=access_log,
     )
