@@ -317,12 +317,23 @@ RENAMED: dict[tuple[str, str], str] = {
     ("CreateKey", "CustomerMasterKeySpec"): "key_spec",
 }
 
+
 #: Members KeyLedger has no parameter for, and the values it accepts and ignores.
 #: ``GrantTokens``: every grant is effective as soon as CreateGrant's event commits
 #: (the ledger is strongly consistent), so tokens add nothing; they are
 #: shape-validated and otherwise ignored (never parsed, never recorded).
+def _grant_tokens_valid(value: Any, params: JSON) -> bool:
+    """Grant tokens need no waiting here (grants apply as soon as they are recorded),
+    but each must be a token KeyLedger issued. Raises InvalidGrantTokenError."""
+    from ledger.domain.grants import parse_grant_token
+
+    for token in value or ():
+        parse_grant_token(token)
+    return True
+
+
 IGNORED: dict[str, Callable[[Any, JSON], bool]] = {
-    "GrantTokens": lambda value, params: True,
+    "GrantTokens": _grant_tokens_valid,
     "DryRun": lambda value, params: value is False,
     "DryRunModifiers": lambda value, params: params.get("DryRun") is not True,
     "MultiRegion": lambda value, params: value is False,

@@ -78,17 +78,19 @@ def run_demo(cli: CliContext, *, on_broker: Callable[[str], None] | None = None)
     ledger.enable_key(caller=caller, key_id=arn)
     _step(9, "re-enabled the key")
 
+    _api_steps(ledger, caller, arn, context)
+
     db = ledger.db
     result = verify_chain(db.iter_chain(), db.iter_events())
-    _step(10, f"audit verify: OK: {result.count} events, head {result.head_hex}")
+    _step(14, f"audit verify: OK: {result.count} events, head {result.head_hex}")
 
     records = db.read_records(0, result.count)
-    _step(11, f"audit trail ({len(records)} events):")
+    _step(15, f"audit trail ({len(records)} events):")
     for record in records:
         typer.echo("       " + trail_line(record.seq, record.event()))
 
     with TansuBroker() as broker:
-        _step(12, f"started a Kafka-protocol broker (Tansu) on {broker.bootstrap}")
+        _step(16, f"started a Kafka-protocol broker (Tansu) on {broker.bootstrap}")
         if on_broker is not None:
             on_broker(broker.bootstrap)
         with AuditRelay(
@@ -98,7 +100,7 @@ def run_demo(cli: CliContext, *, on_broker: Callable[[str], None] | None = None)
             again = relay.run_once()
             topic = relay.topic
         _step(
-            13, f"streamed {published} CloudTrail records to {topic} (a second pass sent {again})"
+            17, f"streamed {published} CloudTrail records to {topic} (a second pass sent {again})"
         )
         back = read_topic(broker.bootstrap, topic)
         seqs = sorted(orjson.loads(r.value)["seq"] for r in back)
@@ -106,9 +108,77 @@ def run_demo(cli: CliContext, *, on_broker: Callable[[str], None] | None = None)
         if seqs != list(range(1, result.count + 1)):
             raise RuntimeError("the audit topic does not hold every seq exactly once")
         _step(
-            14,
+            18,
             f"read back {len(back)} records, seq 1..{seqs[-1]} each once, "
             f"events: {', '.join(names)}",
         )
-    _step(15, "stopped the broker; demo complete")
+    _step(19, "stopped the broker; demo complete")
     return {"events": result.count, "published": published, "read_back": len(back)}
+
+
+APP_POLICY = {
+    "Version": "2012-10-17",
+    "Statement": [{"Effect": "Allow", "Action": ["kms:Encrypt", "kms:Decrypt"], "Resource": "*"}],
+}
+
+
+def _api_steps(ledger: Any, caller: Any, arn: str, context: dict[str, str]) -> None:
+    """The HTTP API on loopback: a principal signs requests (SigV4) with botocore;
+    without an identity policy it is refused, with one it encrypts and decrypts."""
+    import threading
+
+    import botocore.session
+    import uvicorn
+    from botocore.config import Config
+    from botocore.exceptions import ClientError
+
+    from api.app import create_app
+    from api.auth import SigV4Authenticator
+    from api.backend import KmsBackend
+
+    created = ledger.create_principal(caller=caller, name="demo-app")
+    app = create_app(
+        ledger=KmsBackend(ledger), authenticator=SigV4Authenticator(ledger, ledger.settings)
+    )
+    server = uvicorn.Server(
+        uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="off")
+    )
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        if not thread.is_alive():
+            raise RuntimeError("the API server did not start")
+        threading.Event().wait(0.05)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    try:
+        url = f"http://127.0.0.1:{port}"
+        _step(
+            10,
+            f"API on {url}: principal {created['Principal']['Arn']} "
+            f"(access key {created['AccessKeyId']}; its secret is shown once, stored sealed)",
+        )
+        kms = botocore.session.get_session().create_client(
+            "kms", endpoint_url=url, region_name=ledger.settings.region,
+            aws_access_key_id=created["AccessKeyId"],
+            aws_secret_access_key=created["SecretAccessKey"],
+            config=Config(retries={"max_attempts": 1}),
+        )  # fmt: skip
+        try:
+            kms.encrypt(KeyId=arn, Plaintext=b"api", EncryptionContext=context)
+            raise RuntimeError("a principal without a policy could encrypt")
+        except ClientError as err:
+            code = err.response["Error"]["Code"]
+            _step(11, f"SigV4-signed Encrypt without an identity policy refused: {code} (recorded)")
+        ledger.attach_principal_policy(
+            caller=caller, name="demo-app", policy_name="encrypt-decrypt",
+            policy=orjson.dumps(APP_POLICY).decode(),
+        )  # fmt: skip
+        _step(12, "attached an identity policy allowing kms:Encrypt and kms:Decrypt")
+        blob = kms.encrypt(KeyId=arn, Plaintext=DEMO_PLAINTEXT, EncryptionContext=context)
+        back = kms.decrypt(CiphertextBlob=blob["CiphertextBlob"], EncryptionContext=context)
+        if back["Plaintext"] != DEMO_PLAINTEXT:
+            raise RuntimeError("API round trip differs")
+        _step(13, "Encrypt and Decrypt over HTTP (botocore, SigV4): plaintext matches")
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)

@@ -17,6 +17,7 @@ from typing import Any
 
 EVENT_VERSION = "1.11"
 AWS_INTERNAL = "AWS Internal"
+IAM_EVENT_SOURCE = "iam.amazonaws.com"
 EVENT_SOURCE = "kms.amazonaws.com"
 RESOURCE_TYPE = "AWS::KMS::Key"
 
@@ -80,7 +81,10 @@ def cloudtrail_view(event: dict[str, Any], *, seq: int, ledger_id: str) -> dict[
         "eventVersion": EVENT_VERSION,
         "userIdentity": _user_identity(call, service=service),
         "eventTime": event_time(event["timestamp"]),
-        "eventSource": EVENT_SOURCE,
+        # Principal management (users, access keys, identity policies) is IAM's.
+        "eventSource": IAM_EVENT_SOURCE
+        if str(event.get("topic", "")).startswith("ledger.domain.principals:")
+        else EVENT_SOURCE,
         "eventName": call["operation"],
         "awsRegion": region,
         "sourceIPAddress": call.get("source_ip") or (AWS_INTERNAL if service else None),

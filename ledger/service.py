@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import dataclasses
 import hashlib
 import hmac
 import json
@@ -2475,7 +2476,8 @@ class KeyLedger(Application[UUID]):
                 principal_type=principal_type, access_key_id=akid, request=request,
             )  # fmt: skip
             key = AccessKey.create(
-                call=call, timestamp=now, access_key_id=akid, principal_arn=arn,
+                call=dataclasses.replace(call, operation="CreateAccessKey"),
+                timestamp=now, access_key_id=akid, principal_arn=arn,
                 sealed=sealed, request={"principalName": name, "accessKeyId": akid},
             )  # fmt: skip
             self._commit(principal, key)

@@ -216,9 +216,11 @@ def test_usage_errors_exit_2_without_traceback(cli: Cli) -> None:
 def test_demo_runs_end_to_end(cli: Cli) -> None:
     out = cli("demo").stdout.decode()
     lines = out.strip().splitlines()
-    assert "audit verify: OK: 7 events" in out
-    assert "streamed 7 CloudTrail records to keyledger.audit.v1 (a second pass sent 0)" in out
-    assert "read back 7 records, seq 1..7 each once" in out
+    assert "Encrypt without an identity policy refused: AccessDeniedException" in out
+    assert "Encrypt and Decrypt over HTTP (botocore, SigV4): plaintext matches" in out
+    assert "audit verify: OK: 13 events" in out
+    assert "streamed 13 CloudTrail records to keyledger.audit.v1 (a second pass sent 0)" in out
+    assert "read back 13 records, seq 1..13 each once" in out
     assert lines[-1].endswith("demo complete")
 
 

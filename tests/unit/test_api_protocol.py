@@ -418,7 +418,12 @@ def test_call_operation_maps_members_to_snake_case_keywords() -> None:
 
 
 def test_grant_tokens_and_dry_run_false_are_accepted_and_ignored() -> None:
-    params = parse_request("Encrypt", encrypt_body(GrantTokens=["tok"], DryRun=False))
+    from uuid import uuid4
+
+    from ledger.domain.grants import make_grant_token
+
+    token = make_grant_token(uuid4(), "cd" * 32, b"t" * 32)
+    params = parse_request("Encrypt", encrypt_body(GrantTokens=[token], DryRun=False))
     _, kwargs = prepare_call(RecordingLedger(), "Encrypt", params)
     assert kwargs == {"key_id": "alias/app", "plaintext": b"secret"}
 
@@ -558,3 +563,21 @@ def test_error_bodies_parse_in_botocore_to_the_right_code_and_message(
     parsed = parse_with_botocore("Encrypt", status, payload)
     assert parsed["Error"]["Code"] == code
     assert parsed["Error"]["Message"] == (err.message or "An internal error occurred.")
+
+
+def test_grant_tokens_must_be_tokens_keyledger_issued() -> None:
+    from uuid import uuid4
+
+    from ledger.domain.grants import make_grant_token
+    from ledger.errors import InvalidGrantTokenError
+
+    class Ledger:
+        def encrypt(self, *, caller: object, key_id: str, plaintext: bytes) -> dict[str, object]:
+            return {}
+
+    good = make_grant_token(uuid4(), "ab" * 32, b"s" * 32)
+    params = {"KeyId": "k", "Plaintext": b"x"}
+    _, kwargs = prepare_call(Ledger(), "Encrypt", {**params, "GrantTokens": [good]})
+    assert "grant_tokens" not in kwargs  # accepted: grants apply once recorded
+    with pytest.raises(InvalidGrantTokenError):
+        prepare_call(Ledger(), "Encrypt", {**params, "GrantTokens": [good, "forged"]})
