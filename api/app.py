@@ -14,8 +14,8 @@ and not again here. If the rejection cannot be recorded, the answer is 500.
 
 Timeout: an operation still running after ``request_timeout`` seconds is answered
 ``DependencyTimeoutException`` (503, retried by the SDKs); its thread cannot be
-killed and runs to completion, recording its own outcome. Abandoned threads no longer
-count against ``max_threads``.
+killed and runs to completion, recording its own outcome (it keeps its pool thread
+until then).
 
 Security: request bodies, plaintexts and exception messages of unexpected errors are
 never logged or returned; a 500 says only "An internal error occurred."
@@ -23,6 +23,8 @@ never logged or returned; a 500 says only "An internal error occurred."
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import contextlib
 import dataclasses
 import functools
@@ -36,8 +38,6 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 from urllib.parse import parse_qsl
 
-import anyio
-import anyio.to_thread
 import orjson
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -281,10 +281,13 @@ def create_app(
     description and tags, so anything larger cannot be valid.
     """
     state = AppState(ledger, authenticator)
-    limiter = anyio.CapacityLimiter(max_threads)
+    # A plain executor: one hop per request, cheaper than anyio's thread runner.
+    executor = concurrent.futures.ThreadPoolExecutor(
+        max_workers=max_threads, thread_name_prefix="keyledger-api"
+    )
 
     async def in_thread(fn: Callable[[], Any]) -> Any:
-        return await anyio.to_thread.run_sync(fn, limiter=limiter)
+        return await asyncio.get_running_loop().run_in_executor(executor, fn)
 
     def record(led: Any, operation: str, caller: Caller, body: bytes, err: KeyLedgerError,
                request_id: str) -> KeyLedgerError:  # fmt: skip
@@ -380,10 +383,9 @@ def create_app(
             else functools.partial(kms_work, led, auth, parts, operation, request_id)
         )
         try:
-            with anyio.fail_after(request_timeout):
-                status, payload = await anyio.to_thread.run_sync(
-                    work, limiter=limiter, abandon_on_cancel=True
-                )
+            future = asyncio.get_running_loop().run_in_executor(executor, work)
+            # On timeout the thread runs on to completion and records its own outcome.
+            status, payload = await asyncio.wait_for(future, request_timeout)
         except TimeoutError:
             logger.warning(
                 "%s timed out after %ss (request %s)", label, request_timeout, request_id
@@ -431,9 +433,10 @@ def create_app(
         yield
         if on_shutdown is not None:
             try:
-                await anyio.to_thread.run_sync(on_shutdown)
+                await in_thread(on_shutdown)
             except Exception as exc:
                 _log_unexpected(exc, "shutdown", "-")
+        executor.shutdown(wait=False)
 
     routes = [
         Route("/", health_endpoint, methods=["GET"]),

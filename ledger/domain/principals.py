@@ -10,6 +10,7 @@ Security: events never hold a secret access key, only the sealed form.
 
 from __future__ import annotations
 
+import functools
 import re
 from datetime import datetime
 from typing import Any
@@ -128,6 +129,7 @@ class Principal(Aggregate):
             aggregate.policies.pop(self.policy_name, None)
 
     @staticmethod
+    @functools.lru_cache(maxsize=4096)
     def stream_id(arn: str) -> UUID:
         return uuid5(PRINCIPAL_NAMESPACE, "principal:" + arn)
 
