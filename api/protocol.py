@@ -334,8 +334,8 @@ def _grant_tokens_valid(value: Any, params: JSON) -> bool:
 
 IGNORED: dict[str, Callable[[Any, JSON], bool]] = {
     "GrantTokens": _grant_tokens_valid,
-    "DryRun": lambda value, params: value is False,
-    "DryRunModifiers": lambda value, params: params.get("DryRun") is not True,
+    "DryRun": lambda value, params: True,  # True: see prepare_call
+    "DryRunModifiers": lambda value, params: True,
     "MultiRegion": lambda value, params: value is False,
     "IncludeKeyMaterial": lambda value, params: value == "ROTATIONS_ONLY",
 }
@@ -380,9 +380,11 @@ def prepare_call(ledger: Any, operation: str, params: JSON) -> tuple[Callable[..
     Raises (before anything runs, so the caller records the rejection):
     UnknownOperationError for names outside the model; UnsupportedOperationError for
     model operations KeyLedger lacks (``"<Op> is not supported by KeyLedger."``), for
-    ``DryRun`` true and for any other member the method cannot take
+    any member the method cannot take
     (``"The <Member> parameter is not supported by KeyLedger."``); ValidationError
     when a member the method requires is absent (AWS's "Member must not be null").
+    With ``DryRun`` true the method returned runs every check and then raises
+    DryRunOperationError instead of recording a success.
     """
     _input_shape(operation)  # UnknownOperationError
     method = getattr(ledger, xform_name(operation), None)
@@ -390,8 +392,7 @@ def prepare_call(ledger: Any, operation: str, params: JSON) -> tuple[Callable[..
         raise UnsupportedOperationError(f"{operation} is not supported by KeyLedger.")
     accepted, needed = _keywords(method)
     kwargs: JSON = {}
-    if params.get("DryRun") is True and "dry_run" not in accepted:
-        raise UnsupportedOperationError("DryRun is not supported by KeyLedger.")
+    dry = params.get("DryRun") is True
     for name, value in params.items():
         keyword = _keyword(operation, name)
         if keyword in accepted:
@@ -418,7 +419,18 @@ def prepare_call(ledger: Any, operation: str, params: JSON) -> tuple[Callable[..
             path = _camel(names.get(keyword, keyword))
             _constraint(problems, path, "Member must not be null", _NULL)
         raise _validation(problems)
+    if dry:
+        return functools.partial(_dry_run, method), kwargs
     return method, kwargs
+
+
+def _dry_run(method: Callable[..., JSON], **kwargs: Any) -> JSON:
+    """Run every check of ``method`` and answer DryRunOperationException when it would
+    have succeeded (ledger.service.dry_run)."""
+    from ledger.service import dry_run
+
+    with dry_run():
+        return method(**kwargs)
 
 
 def _keyword(operation: str, member: str) -> str:

@@ -178,6 +178,12 @@ class SerializationError(KeyLedgerError):
     aws_name = "SerializationException"
 
 
+class DryRunOperationError(KeyLedgerError):
+    """A DryRun request that would have succeeded (nothing was done)."""
+
+    aws_name = "DryRunOperationException"
+
+
 class UnknownOperationError(KeyLedgerError):
     aws_name = "UnknownOperationException"
 
@@ -223,5 +229,6 @@ AWS_ERROR_NAMES: dict[type[KeyLedgerError], str] = {
         UnrecognizedClientError,
         SerializationError,
         UnknownOperationError,
+        DryRunOperationError,
     )
 }

@@ -22,7 +22,7 @@ import os
 import re
 import threading
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass
 from datetime import datetime
@@ -69,6 +69,7 @@ from ledger.domain.principals import (
 from ledger.errors import (
     AccessDeniedError,
     AlreadyExistsError,
+    DryRunOperationError,
     ExpiredImportTokenError,
     IncorrectKeyError,
     InvalidCiphertextError,
@@ -288,6 +289,28 @@ class _Attempt:
 
 
 _CURRENT: ContextVar[_Attempt | None] = ContextVar("keyledger_current_call", default=None)
+_DRY_RUN: ContextVar[bool] = ContextVar("keyledger_dry_run", default=False)
+DRY_RUN_MESSAGE = "The request would have succeeded, but the DryRun option is set."
+
+
+@contextlib.contextmanager
+def dry_run() -> Iterator[None]:
+    """Operations called inside run every check (validation, authorization, key state,
+    the cryptography itself) and then raise DryRunOperationError instead of recording a
+    success or changing state; the attempt is recorded with that error code, as AWS
+    CloudTrail records dry runs."""
+    token = _DRY_RUN.set(True)
+    try:
+        yield
+    finally:
+        _DRY_RUN.reset(token)
+
+
+def _refuse_if_dry_run() -> None:
+    if _DRY_RUN.get():
+        raise DryRunOperationError(DRY_RUN_MESSAGE)
+
+
 ACCESS_KEY_PREFIX = "AKLD"
 
 
@@ -350,6 +373,7 @@ class KeyLedger(Application[UUID]):
         return f"arn:aws:kms:{region}:{account}:key/{key_id}"
 
     def _commit(self, *objs: Any) -> None:
+        _refuse_if_dry_run()
         try:
             self.save(*objs)
         except Exception as exc:  # fail closed: no record, no result
@@ -371,6 +395,8 @@ class KeyLedger(Application[UUID]):
 
     def _commit_call(self, call_record: ApiCall) -> None:
         """Store an ApiCall record through group commit (its id never conflicts)."""
+        if any(isinstance(e, ApiCall.Succeeded) for e in call_record.pending_events):
+            _refuse_if_dry_run()
         try:
             self._group.commit(call_record)
         except Exception as exc:  # fail closed: no record, no result
@@ -873,6 +899,7 @@ class KeyLedger(Application[UUID]):
         """
         for _ in range(5):
             aggregate, response = step()
+            _refuse_if_dry_run()
             try:
                 self.save(aggregate)
             except IntegrityError:

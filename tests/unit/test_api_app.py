@@ -269,15 +269,15 @@ def test_validation_error_answers_aws_wording(setup: Any) -> None:
 
 def test_unsupported_members_and_operations_are_recorded(setup: Any) -> None:
     client, ledger, _ = setup
-    dry = kms_request("Encrypt", {"KeyId": "k", "Plaintext": b"x", "DryRun": True})
-    assert client.post("/", **dry).json()["__type"] == "UnsupportedOperationException"
+    multi = kms_request("CreateKey", {"MultiRegion": True})
+    assert client.post("/", **multi).json()["__type"] == "UnsupportedOperationException"
     store = kms_request("DescribeCustomKeyStores", {})
     answer = client.post("/", **store).json()
     assert answer == {
         "__type": "UnsupportedOperationException",
         "message": "DescribeCustomKeyStores is not supported by KeyLedger.",
     }
-    assert [r["operation"] for r in ledger.rejected] == ["Encrypt", "DescribeCustomKeyStores"]
+    assert [r["operation"] for r in ledger.rejected] == ["CreateKey", "DescribeCustomKeyStores"]
 
 
 def test_operation_error_is_answered_but_not_recorded_twice(setup: Any) -> None:

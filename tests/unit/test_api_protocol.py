@@ -428,10 +428,23 @@ def test_grant_tokens_and_dry_run_false_are_accepted_and_ignored() -> None:
     assert kwargs == {"key_id": "alias/app", "plaintext": b"secret"}
 
 
-def test_dry_run_true_is_unsupported() -> None:
+def test_dry_run_true_runs_the_operation_inside_the_services_dry_run_context() -> None:
+    from ledger import service
+
+    seen: list[bool] = []
+
+    class Ledger:
+        def encrypt(self, *, caller: object, key_id: str, plaintext: bytes) -> dict[str, Any]:
+            seen.append(service._DRY_RUN.get())
+            return {}
+
     params = parse_request("Encrypt", encrypt_body(DryRun=True))
-    with pytest.raises(UnsupportedOperationError, match="DryRun is not supported by KeyLedger"):
-        prepare_call(RecordingLedger(), "Encrypt", params)
+    method, kwargs = prepare_call(Ledger(), "Encrypt", params)
+    method(caller=CALLER, **kwargs)
+    assert seen == [True] and service._DRY_RUN.get() is False
+    method, kwargs = prepare_call(Ledger(), "Encrypt", parse_request("Encrypt", encrypt_body()))
+    method(caller=CALLER, **kwargs)
+    assert seen == [True, False]
 
 
 def test_members_the_ledger_cannot_take_are_unsupported() -> None:
