@@ -61,7 +61,7 @@ class KmsBackend:
         def answer() -> JSON:
             key_uuid = None
             if key_id is not None:
-                key_uuid = self.ledger.resolve_key_id(key_id)
+                key_uuid = self.ledger.resolve_key_id_as(caller, key_id, "ListAliases")
             return self.catalog.list_aliases(
                 key_uuid=key_uuid, limit=limit, marker=marker, arn_prefix=prefix
             )

@@ -696,6 +696,15 @@ class KeyLedger(Application[UUID]):
 
         self._run(operation, caller, request, body, read_only=True)
 
+    def resolve_key_id_as(self, caller: Caller, key_id: str, operation: str) -> UUID:
+        """``resolve_key_id`` in the caller's account and region (for read-side calls
+        answered outside the service). Raises NotFoundError, ValidationError."""
+        token = _CURRENT.set(_Attempt(self._call(operation, caller), caller))
+        try:
+            return self.resolve_key_id(key_id)
+        finally:
+            _CURRENT.reset(token)
+
     def scope_of(self, caller: Caller) -> tuple[str, str]:
         """The (account, region) a caller's requests act in."""
         call = self._call("Scope", caller)

@@ -72,6 +72,20 @@ def test_keys_of_one_account_are_invisible_to_another(dev: Server) -> None:
         assert err.value.response["Error"]["Code"] == "NotFoundException"
 
 
+def test_aliases_are_per_account_and_listed_by_key_arn(dev: Server) -> None:
+    mine, theirs = _client(dev, "AKIDALIAS", "s"), _client(dev, OTHER_ACCOUNT, "s")
+    my_key = mine.create_key()["KeyMetadata"]
+    their_key = theirs.create_key()["KeyMetadata"]
+    mine.create_alias(AliasName="alias/same-name", TargetKeyId=my_key["KeyId"])
+    theirs.create_alias(AliasName="alias/same-name", TargetKeyId=their_key["KeyId"])
+    listed = mine.list_aliases(KeyId=my_key["Arn"])["Aliases"]
+    assert [a["AliasArn"] for a in listed] == [
+        f"arn:aws:kms:us-east-1:{DEFAULT_ACCOUNT}:alias/same-name"
+    ]
+    assert mine.describe_key(KeyId="alias/same-name")["KeyMetadata"]["Arn"] == my_key["Arn"]
+    assert theirs.describe_key(KeyId="alias/same-name")["KeyMetadata"]["Arn"] == their_key["Arn"]
+
+
 def test_reset_empties_the_ledger_and_archives_the_old_database(
     dev: Server, tmp_path: Path
 ) -> None:
