@@ -72,6 +72,10 @@ def aliases_list(
         cli.ledger_without_hsm.authorize_listing(
             caller=cli.caller, operation="ListAliases", request=request
         )
+        if key is not None:
+            cli.ledger_without_hsm.authorize_read(
+                caller=cli.caller, operation="ListAliases", key_id=key
+            )
     with recorded_failure(cli, "ListAliases", request):
         state = point_in_time(cli, as_of, at_seq)
         key_uuid = cli.ledger_without_hsm.resolve_key_id(key) if key is not None else None

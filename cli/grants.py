@@ -104,6 +104,8 @@ def grants_list(
             grantee_principal=grantee,
         )
     else:
+        if cli.as_principal:  # the principal must be allowed ListGrants on the key now
+            ledger.authorize_read(caller=cli.caller, operation="ListGrants", key_id=key)
         key_uuid = ledger.resolve_key_id(key)
         rows = [
             g
@@ -126,6 +128,10 @@ def grants_list_retirable(
     """ListRetirableGrants across all keys, from the catalog."""
     cli = ctx_of(ctx)
     request = {"retiringPrincipal": retiring, "limit": limit, "marker": marker}
+    if cli.as_principal:
+        cli.ledger_without_hsm.authorize_listing(
+            caller=cli.caller, operation="ListRetirableGrants", request=request
+        )
     with recorded_failure(cli, "ListRetirableGrants", request):
         resp = cli.catalog.list_retirable_grants(
             retiring_principal=retiring, limit=limit, marker=marker

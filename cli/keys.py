@@ -148,6 +148,10 @@ def keys_describe(
     from projections.catalog import describe_key_at
 
     cli = ctx_of(ctx)
+    if cli.as_principal and (as_of is not None or at_seq is not None):
+        cli.ledger_without_hsm.authorize_read(
+            caller=cli.caller, operation="DescribeKey", key_id=key
+        )
     if cli.as_principal and as_of is None and at_seq is None:
         # A principal's DescribeKey goes through the service: authorized and recorded.
         resp = cli.ledger_without_hsm.describe_key(caller=cli.caller, key_id=key)
@@ -345,6 +349,10 @@ def policy_get(
     if state is None:
         resp = cli.ledger_without_hsm.get_key_policy(caller=cli.caller, key_id=key)
     else:
+        if cli.as_principal:  # the principal must be allowed GetKeyPolicy on the key now
+            cli.ledger_without_hsm.authorize_read(
+                caller=cli.caller, operation="GetKeyPolicy", key_id=key
+            )
         key_uuid = cli.ledger_without_hsm.resolve_key_id(key)
         resp = get_key_policy_at(state, key_uuid, cli.settings.key_arn(str(key_uuid)))
     emit(cli, resp, resp["Policy"])

@@ -696,6 +696,16 @@ class KeyLedger(Application[UUID]):
 
         self._run(operation, caller, request, body, read_only=True)
 
+    def authorize_read(self, *, caller: Caller, operation: str, key_id: str) -> None:
+        """Authorize (and on refusal record) a read of one key that the read side
+        answers, e.g. a point-in-time DescribeKey. Raises NotFoundError,
+        AccessDeniedError."""
+
+        def body(call: CallContext, attempt: _Attempt) -> None:
+            self._key_for(key_id, attempt, allow_alias=True)
+
+        self._run(operation, caller, {"keyId": key_id}, body, read_only=True)
+
     def resolve_key_id_as(self, caller: Caller, key_id: str, operation: str) -> UUID:
         """``resolve_key_id`` in the caller's account and region (for read-side calls
         answered outside the service). Raises NotFoundError, ValidationError."""

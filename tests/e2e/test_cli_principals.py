@@ -43,6 +43,15 @@ def test_principal_lifecycle_and_acting_as_it(tmp_path: Path) -> None:
     refused = cli("--as", "alice", "decrypt", "--in", "-", "--out", "-", stdin=blob, expect=1)
     assert "AccessDeniedException" in refused.stderr.decode()
 
+    # Point-in-time reads of the log are authorized as the current reads are.
+    head = cli("--json", "keys", "list").stdout  # root may list
+    assert key["KeyId"].encode() in head
+    past = cli("--as", "alice", "keys", "describe", key["KeyId"], "--at-seq", "3", expect=1)
+    assert "AccessDeniedException" in past.stderr.decode()
+    policy = cli("--as", "alice", "keys", "policy", "get", key["KeyId"], "--at-seq", "3",
+                 expect=1)  # fmt: skip
+    assert "AccessDeniedException" in policy.stderr.decode()
+
     listed = json.loads(cli("--json", "principals", "list").stdout)["Principals"]
     assert [p["Arn"] for p in listed] == ["arn:aws:iam::111122223333:user/alice"]
     assert listed[0]["Policies"] == ["kms"]
