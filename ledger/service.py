@@ -348,14 +348,13 @@ class KeyLedger(Application[UUID]):
     # ----------------------------------------------------------------- helpers
 
     def _call(self, operation: str, caller: Caller) -> CallContext:
+        account, region = self.scope_of(caller)
         return CallContext(
             operation=operation,
             request_id=str(uuid.uuid4()),
             principal=caller.principal,
-            region=caller.region or self.settings.region,
-            account_id=caller.account_id
-            or account_of(caller.principal)
-            or self.settings.account_id,
+            region=region,
+            account_id=account,
             source_ip=caller.source_ip,
             user_agent=caller.user_agent,
             access_key_id=caller.access_key_id,
@@ -555,7 +554,6 @@ class KeyLedger(Application[UUID]):
         for_update: bool = False,
         side: str | None = None,
         authorize: bool = True,
-        encryption_context: Mapping[str, str] | None = None,
     ) -> Key:
         """Resolve ``key_id`` in the caller's account and region (another account's key
         only by its ARN, for operations AWS allows across accounts), load the key and
@@ -576,7 +574,7 @@ class KeyLedger(Application[UUID]):
             raise NotFoundError(f"Key '{expected}' does not exist")
         attempt.key_arn = key.arn
         if authorize:
-            self._authorize_key(attempt, key, side=side, encryption_context=encryption_context)
+            self._authorize_key(attempt, key, side=side)
         return key
 
     # ----------------------------------------------------------- authorization
@@ -612,6 +610,19 @@ class KeyLedger(Application[UUID]):
         )
         return attempt.principal
 
+    @staticmethod
+    def _request_context(attempt: _Attempt, side: str | None) -> Mapping[str, str] | None:
+        """The encryption context the request names for this side of the call (ReEncrypt
+        has one per key: a missing one counts as empty), or None."""
+        if attempt.call is not None and attempt.call.operation == "ReEncrypt":
+            member = (
+                "sourceEncryptionContext" if side == "source" else ("destinationEncryptionContext")
+            )
+            ec = attempt.request.get(member)
+            return ec if isinstance(ec, Mapping) else {}
+        ec = attempt.request.get("encryptionContext")
+        return ec if isinstance(ec, Mapping) else None
+
     def _conditions(
         self,
         attempt: _Attempt,
@@ -619,9 +630,6 @@ class KeyLedger(Application[UUID]):
         encryption_context: Mapping[str, str] | None,
     ) -> dict[str, object]:
         assert attempt.call is not None and attempt.caller is not None
-        if encryption_context is None:
-            ec = attempt.request.get("encryptionContext")
-            encryption_context = ec if isinstance(ec, Mapping) else None
         return authz.condition_context(
             principal=self._principal(attempt),
             source_ip=attempt.caller.source_ip,
@@ -638,24 +646,14 @@ class KeyLedger(Application[UUID]):
         key: Key,
         *,
         side: str | None = None,
-        encryption_context: Mapping[str, str] | None = None,
-        operation: str | None = None,
     ) -> None:
         """Raise AccessDeniedError unless policy or grant allows this call on ``key``."""
         if attempt.call is None or attempt.call.service_initiated:
             return
-        op = operation or attempt.call.operation
-        if encryption_context is None and op == "ReEncrypt":
-            member = (
-                "sourceEncryptionContext" if side == "source" else ("destinationEncryptionContext")
-            )
-            ec = attempt.request.get(member)
-            encryption_context = ec if isinstance(ec, Mapping) else {}
+        op = attempt.call.operation
+        encryption_context = self._request_context(attempt, side)
         principal = self._principal(attempt)
         context = self._conditions(attempt, key, encryption_context)
-        if encryption_context is None:
-            ec = attempt.request.get("encryptionContext")
-            encryption_context = ec if isinstance(ec, Mapping) else None
         authz.authorize_key(
             principal=principal,
             action=authz.action_for(op, side=side),
@@ -674,7 +672,10 @@ class KeyLedger(Application[UUID]):
         if attempt.call is None or attempt.call.service_initiated:
             return
         authz.authorize_identity(
-            self._principal(attempt), action, self._conditions(attempt, None, None), resource
+            self._principal(attempt),
+            action,
+            self._conditions(attempt, None, self._request_context(attempt, None)),
+            resource,
         )
 
     def _lockout_check(self, policy: str, key_arn: str) -> None:
@@ -717,8 +718,8 @@ class KeyLedger(Application[UUID]):
 
     def scope_of(self, caller: Caller) -> tuple[str, str]:
         """The (account, region) a caller's requests act in."""
-        call = self._call("Scope", caller)
-        return call.account_id, call.region
+        account = caller.account_id or account_of(caller.principal) or self.settings.account_id
+        return account, caller.region or self.settings.region
 
     @staticmethod
     def _check_context(context: Mapping[str, str] | None) -> dict[str, str]:
@@ -2440,12 +2441,7 @@ class KeyLedger(Application[UUID]):
         within the caller's own account, saved with retries."""
 
         def body(call: CallContext, attempt: _Attempt) -> JSON:
-            self._authorize_identity(attempt, action)
-            if account != call.account_id:
-                raise AccessDeniedError(
-                    f"User: {call.principal} is not authorized to perform: {action} "
-                    f"on resource: account {account}"
-                )
+            self._authorize_principal_admin(attempt, action, account)
             out: JSON = {}
 
             def step() -> tuple[Any, JSON]:
@@ -2454,6 +2450,17 @@ class KeyLedger(Application[UUID]):
             return self._save_retrying(step)
 
         return self._run(operation, caller, request, body, read_only=False)
+
+    def _authorize_principal_admin(self, attempt: _Attempt, action: str, account: str) -> None:
+        """Principal management: an ``iam:*`` identity action, only within the caller's
+        own account. Raises AccessDeniedError."""
+        assert attempt.call is not None
+        self._authorize_identity(attempt, action)
+        if account != attempt.call.account_id:
+            raise AccessDeniedError(
+                f"User: {attempt.call.principal} is not authorized to perform: {action} "
+                f"on resource: account {account}"
+            )
 
     def _load_principal(self, name: str, account: str, *, for_update: bool = False) -> Principal:
         """A live principal by name (user first, then role); raises NotFoundError."""
@@ -2484,25 +2491,15 @@ class KeyLedger(Application[UUID]):
         secret is returned once and stored only sealed under an HSM-wrapped data key.
         Raises ValidationError, AlreadyExistsError, AccessDeniedError.
         """
-        acct = (
-            account
-            or caller.account_id
-            or account_of(caller.principal)
-            or (self.settings.account_id)
-        )
+        acct = account or self.scope_of(caller)[0]
         request: JSON = {"principalName": name, "account": acct, "principalType": principal_type}
         issued: JSON = {}
 
         def body(call: CallContext, attempt: _Attempt) -> JSON:
             check_principal_input(name, acct, principal_type)
-            self._authorize_identity(
-                attempt, "iam:CreateRole" if principal_type == "role" else "iam:CreateUser"
+            self._authorize_principal_admin(
+                attempt, "iam:CreateRole" if principal_type == "role" else "iam:CreateUser", acct
             )
-            if acct != call.account_id:
-                raise AccessDeniedError(
-                    f"User: {call.principal} is not authorized to perform: iam:CreateUser "
-                    f"on resource: account {acct}"
-                )
             arn = principal_arn(acct, principal_type, name)
             with contextlib.suppress(NotFoundError):
                 existing = self._load_principal(name, acct)
@@ -2617,12 +2614,7 @@ class KeyLedger(Application[UUID]):
         self, operation: str, action: str, caller: Caller, name: str, account: str | None,
         extra: JSON, apply: Callable[[Principal, CallContext, datetime, JSON], None],
     ) -> JSON:  # fmt: skip
-        acct = (
-            account
-            or caller.account_id
-            or account_of(caller.principal)
-            or (self.settings.account_id)
-        )
+        acct = account or self.scope_of(caller)[0]
         request: JSON = {"principalName": name, "account": acct, **extra}
 
         def change(call: CallContext, attempt: _Attempt, now: datetime) -> Any:

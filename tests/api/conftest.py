@@ -91,6 +91,33 @@ class Server:
         )
 
 
+@dataclass
+class LedgerView:
+    """Reads a server's SQLite ledger from the test process, without the HSM."""
+
+    data_dir: Path
+
+    def records_after(self, seq: int) -> list[dict[str, Any]]:
+        from cli.context import CliContext
+        from ledger.settings import Settings
+
+        ledger = CliContext(settings=Settings(data_dir=self.data_dir)).ledger_without_hsm
+        try:
+            return [r.event() for r in ledger.db.read_records(seq, 100_000)]
+        finally:
+            ledger.close()
+
+    def head(self) -> int:
+        from cli.context import CliContext
+        from ledger.settings import Settings
+
+        ledger = CliContext(settings=Settings(data_dir=self.data_dir)).ledger_without_hsm
+        try:
+            return int(ledger.db.head_seq())
+        finally:
+            ledger.close()
+
+
 def start_server(
     data_dir: Path,
     *extra: str,

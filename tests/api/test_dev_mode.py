@@ -14,9 +14,14 @@ import httpx
 import pytest
 from botocore.exceptions import ClientError
 
-from cli.context import CliContext
-from ledger.settings import Settings
-from tests.api.conftest import Server, free_port, keyledger_bin, start_server, stop_server
+from tests.api.conftest import (
+    LedgerView,
+    Server,
+    free_port,
+    keyledger_bin,
+    start_server,
+    stop_server,
+)
 
 DEFAULT_ACCOUNT = "000000000000"
 OTHER_ACCOUNT = "123456789012"
@@ -34,14 +39,6 @@ def dev(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
 
 def _client(srv: Server, access_key: str, secret: str) -> Any:
     return srv.client(access_key=access_key, secret=secret)
-
-
-def _head(data_dir: Path) -> int:
-    ledger = CliContext(settings=Settings(data_dir=data_dir)).ledger_without_hsm
-    try:
-        return int(ledger.db.head_seq())
-    finally:
-        ledger.close()
 
 
 def test_any_access_key_with_any_secret_acts_as_an_account_root(dev: Server) -> None:
@@ -92,7 +89,7 @@ def test_reset_empties_the_ledger_and_archives_the_old_database(
     kms = _client(dev, "AKIDRESET", "s")
     kms.create_key(Description="before reset")
     assert kms.list_keys()["Keys"] != []
-    old_head = _head(dev.data_dir)
+    old_head = LedgerView(dev.data_dir).head()
     assert old_head > 0
 
     response = httpx.post(dev.url + "/moto-api/reset", timeout=30)
@@ -109,7 +106,7 @@ def test_reset_empties_the_ledger_and_archives_the_old_database(
     copy.mkdir()
     for path in archived:
         shutil.copy(path, copy / path.name.replace(databases[0].name, "ledger.sqlite3"))
-    assert _head(copy) == old_head
+    assert LedgerView(copy).head() == old_head
     verify = subprocess.run(
         [keyledger_bin(), "--data-dir", str(copy), "audit", "verify"],
         capture_output=True, env=dev.env, timeout=120, check=False,

@@ -9,25 +9,7 @@ from typing import Any
 import pytest
 from botocore.exceptions import ClientError
 
-from cli.context import CliContext
-from ledger.settings import Settings
-from tests.api.conftest import Server
-
-
-def _records_after(server: Server, seq: int) -> list[dict[str, Any]]:
-    ledger = CliContext(settings=Settings(data_dir=server.data_dir)).ledger_without_hsm
-    try:
-        return [r.event() for r in ledger.db.read_records(seq, 100_000)]
-    finally:
-        ledger.close()
-
-
-def _head(server: Server) -> int:
-    ledger = CliContext(settings=Settings(data_dir=server.data_dir)).ledger_without_hsm
-    try:
-        return int(ledger.db.head_seq())
-    finally:
-        ledger.close()
+from tests.api.conftest import LedgerView, Server
 
 
 def _code(call: Any, **kwargs: Any) -> str:
@@ -39,7 +21,7 @@ def _code(call: Any, **kwargs: Any) -> str:
 def test_dry_runs_check_everything_and_change_nothing(api_server: Server, kms: Any) -> None:
     key = kms.create_key(Description="dry run")["KeyMetadata"]["KeyId"]
     blob = kms.encrypt(KeyId=key, Plaintext=b"x", EncryptionContext={"a": "b"})["CiphertextBlob"]
-    before = _head(api_server)
+    before = LedgerView(api_server.data_dir).head()
 
     assert _code(kms.encrypt, KeyId=key, Plaintext=b"x", DryRun=True) == (
         "DryRunOperationException"
@@ -54,7 +36,7 @@ def test_dry_runs_check_everything_and_change_nothing(api_server: Server, kms: A
     assert _code(kms.create_grant, **grant) == "DryRunOperationException"
     assert kms.list_grants(KeyId=key)["Grants"] == []
 
-    records = _records_after(api_server, before)
+    records = LedgerView(api_server.data_dir).records_after(before)
     codes = [(r["call"]["operation"], r.get("error_code")) for r in records]
     assert codes == [
         ("Encrypt", "DryRunOperationException"),

@@ -13,9 +13,7 @@ import base64
 import json
 import uuid
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -25,9 +23,7 @@ from botocore.awsrequest import AWSRequest
 from botocore.credentials import Credentials
 from botocore.exceptions import ClientError
 
-from cli.context import CliContext
-from ledger.settings import Settings
-from tests.api.conftest import Server, start_server, stop_server
+from tests.api.conftest import LedgerView, Server, start_server, stop_server
 
 FAILED_TOPIC = "ApiCall.Failed"
 ALLOW_ALL = {
@@ -78,27 +74,6 @@ def signed(
     # Added after signing, as botocore does: unsigned, one per call.
     request.headers["amz-sdk-invocation-id"] = str(uuid.uuid4())
     return dict(request.headers.items()), body
-
-
-@dataclass
-class LedgerView:
-    """Reads a server's SQLite ledger from the test process, without the HSM."""
-
-    data_dir: Path
-
-    def records_after(self, seq: int) -> list[dict[str, Any]]:
-        ledger = CliContext(settings=Settings(data_dir=self.data_dir)).ledger_without_hsm
-        try:
-            return [r.event() for r in ledger.db.read_records(seq, 100_000)]
-        finally:
-            ledger.close()
-
-    def head(self) -> int:
-        ledger = CliContext(settings=Settings(data_dir=self.data_dir)).ledger_without_hsm
-        try:
-            return int(ledger.db.head_seq())
-        finally:
-            ledger.close()
 
 
 @pytest.fixture(scope="module")
