@@ -138,6 +138,18 @@ class _NoKeyStore:
     def generate_data_key_pair(self, key_pair_spec: str) -> tuple[bytes, bytes]:
         self._refuse()
 
+    def generate_ledger_signing_key(self, label: str) -> bytes:
+        self._refuse()
+
+    def ledger_public_key(self, label: str) -> bytes:
+        self._refuse()
+
+    def ledger_sign(self, label: str, message: bytes) -> bytes:
+        self._refuse()
+
+    def destroy_ledger_signing_key(self, label: str) -> None:
+        self._refuse()
+
     def new_import_wrapping_key(self, wrapping_key_spec: str) -> tuple[MaterialRef, bytes]:
         self._refuse()
 

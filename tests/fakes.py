@@ -12,6 +12,7 @@ from typing import Any, ClassVar
 from cryptography.exceptions import InvalidTag, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.keywrap import (
@@ -46,7 +47,9 @@ def check_kek_label(kek: object) -> str:
 class FakeKeyStore:
     """KeyStore with ``cryptography``: a random in-memory domain key and one random
     in-memory KEK per label, RFC 5649 wrapping; HMAC keys and MACs with ``hmac``;
-    signing key pairs and signatures with ``cryptography`` (PKCS#8 DER wrapped).
+    signing key pairs and signatures with ``cryptography`` (PKCS#8 DER wrapped); ledger
+    signing keys as in-memory ``Ed25519PrivateKey`` objects by label (like token objects,
+    they survive ``close``, which makes every call raise HsmError).
 
     Same contract and errors as ``Pkcs11KeyStore``: ``generate_symmetric_key(kek)``
     creates a missing KEK (also after ``destroy_kek``); using material whose KEK was
@@ -131,8 +134,13 @@ class FakeKeyStore:
         "RSA_AES_KEY_WRAP_SHA_256": (hashes.SHA256(), True),
     }
 
+    LEDGER_SIGNING_LABEL_PREFIX: ClassVar[str] = "keyledger-ledger-signing-"
+    LEDGER_SIGNING_LABEL_MAX_LEN: ClassVar[int] = 64
+
     def __init__(self) -> None:
         self._domain_key = AESGCM.generate_key(bit_length=256)
+        # ledger signing key label -> its private key (a token object in the HSM)
+        self._ledger_keys: dict[str, Ed25519PrivateKey] = {}
         self._lock = threading.Lock()
         self._keks: dict[str, bytes] = {}
         # material_id -> (unwrapped key, the KEK label it was wrapped under)
@@ -525,6 +533,53 @@ class FakeKeyStore:
                 del self._mac_cache[material_id]
             for material_id in [m for m, (_, k, _) in self._sign_cache.items() if k == kek]:
                 del self._sign_cache[material_id]
+
+    @classmethod
+    def _check_ledger_signing_label(cls, label: object) -> str:
+        """The adapter's rule: printable ASCII, <= 64 characters, ``keyledger-ledger-
+        signing-`` followed by at least one character; else HsmError (no echo)."""
+        if (
+            not isinstance(label, str)
+            or len(label) > cls.LEDGER_SIGNING_LABEL_MAX_LEN
+            or len(label) <= len(cls.LEDGER_SIGNING_LABEL_PREFIX)
+            or not label.startswith(cls.LEDGER_SIGNING_LABEL_PREFIX)
+            or not (label.isascii() and label.isprintable())
+        ):
+            raise HsmError("invalid ledger signing key label")
+        return label
+
+    def _ledger_key(self, label: str) -> Ed25519PrivateKey:
+        self._check_ledger_signing_label(label)
+        self._maybe_fail()
+        with self._lock:
+            key = self._ledger_keys.get(label)
+        if key is None:
+            raise HsmError("ledger signing key not found")
+        return key
+
+    def generate_ledger_signing_key(self, label: str) -> bytes:
+        self._check_ledger_signing_label(label)
+        self._maybe_fail()
+        key = Ed25519PrivateKey.generate()
+        with self._lock:
+            if label in self._ledger_keys:
+                raise HsmError("a ledger signing key with that label already exists")
+            self._ledger_keys[label] = key
+        return key.public_key().public_bytes_raw()
+
+    def ledger_public_key(self, label: str) -> bytes:
+        return self._ledger_key(label).public_key().public_bytes_raw()
+
+    def ledger_sign(self, label: str, message: bytes) -> bytes:
+        if not isinstance(message, bytes | bytearray | memoryview):
+            raise HsmError("the message to sign must be bytes")
+        return self._ledger_key(label).sign(bytes(message))
+
+    def destroy_ledger_signing_key(self, label: str) -> None:
+        self._check_ledger_signing_label(label)
+        self._maybe_fail()
+        with self._lock:
+            self._ledger_keys.pop(label, None)
 
     def encrypt(self, material: MaterialRef, plaintext: bytes, aad: bytes) -> tuple[bytes, bytes]:
         self._maybe_fail()

@@ -112,6 +112,23 @@ exception to "key material never leaves the HSM": the pair is generated in the H
 non-sensitive, extractable session objects without capabilities, its components are
 read and encoded as PKCS#8 on the host, and both objects are destroyed. The plaintext
 private key is returned to the caller by design (it is the caller's key, as in AWS).
+
+Ledger signing keys (``generate_ledger_signing_key``, ``ledger_sign``; Ed25519, for
+signing the ledger's checkpoints as C2SP signed notes) are the one kind of key pair kept
+*on the token*: both halves are token objects labelled ``keyledger-ledger-signing-...``
+with a shared random CKA_ID, generated with CKM_EC_EDWARDS_KEY_PAIR_GEN (CKK_EC_EDWARDS,
+CKA_EC_PARAMS the DER of OID 1.3.101.112, id-Ed25519); the private key is sensitive,
+non-extractable, non-modifiable and SIGN only. Signatures are CKM_EDDSA without
+parameters, i.e. pure Ed25519 (RFC 8032: deterministic, 64 bytes). The raw 32-byte
+public key and the private key's handle are cached per store by label (a label lookup
+costs about 1 ms); a lookup checks the pair (attributes, and a probe signature verified
+with the public key on the host). Generation, lookup and destruction are serialised per
+token in the process (the KEK lock), not across processes; ``destroy_ledger_signing_key``
+evicts the label from every store of this process. SoftHSM2 2.6, measured: it accepts
+both the OID and the PrintableString "edwards25519" as CKA_EC_PARAMS; the public key
+keeps what the template said, the private key always gets the PrintableString (so
+lookups accept either); CKA_EC_POINT comes back as a DER OCTET STRING (``04 20``
+followed by the 32-byte key); CKM_EDDSA without parameters is pure Ed25519.
 """
 
 from __future__ import annotations
@@ -127,8 +144,9 @@ from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from typing import Any
 
-from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from cryptography.hazmat.primitives.serialization import (
     Encoding,
     NoEncryption,
@@ -164,6 +182,18 @@ DOMAIN_KEY_LABEL = "keyledger-domain-wrap"
 KEK_LABEL_PREFIX = "keyledger-kek-"
 KEK_LABEL_MAX_LEN = 128
 KEK_ID_LEN = 16  # random CKA_ID: a deterministic order among duplicate KEKs
+LEDGER_SIGNING_LABEL_PREFIX = "keyledger-ledger-signing-"
+LEDGER_SIGNING_LABEL_MAX_LEN = 64
+# CKA_EC_PARAMS of Ed25519: the DER of OID 1.3.101.112 (RFC 8410), as generated; tokens
+# may also report the PrintableString "edwards25519" (PKCS#11 3.0), accepted on lookup.
+ED25519_EC_PARAMS = bytes.fromhex("06032b6570")
+_ED25519_EC_PARAMS_ACCEPTED = frozenset(
+    {ED25519_EC_PARAMS, bytes.fromhex("130c656477617264733235353139")}
+)
+ED25519_PUBLIC_KEY_LEN = 32
+ED25519_SIGNATURE_LEN = 64
+# Signed when a ledger signing key is looked up, to check its two halves belong together.
+_LEDGER_PAIR_PROBE = b"keyledger ledger signing key pair check"
 WRAP_MECHANISM = Mechanism.AES_KEY_WRAP_PAD  # 0x210A; 32-byte key -> 40-byte blob
 IV_LEN = 12
 TAG_LEN = 16
@@ -487,10 +517,11 @@ class _Login:
     pin_digest: bytes = field(repr=False)
     refs: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
-    # Serialises KEK lookup, creation and destruction on this token in this process.
-    # Lock order: kek_lock before lock.
+    # Serialises KEK and ledger signing key lookup, creation and destruction on this
+    # token in this process. Lock order: kek_lock before lock.
     kek_lock: threading.Lock = field(default_factory=threading.Lock)
-    # The open stores on this token, so destroy_kek can evict their caches.
+    # The open stores on this token, so destroy_kek (and destroy_ledger_signing_key)
+    # can evict their caches.
     stores: weakref.WeakSet[Pkcs11KeyStore] = field(default_factory=weakref.WeakSet)
 
 
@@ -637,6 +668,139 @@ def _find_keks(session: Any, label: str) -> list[tuple[bytes, int]]:
         found.append((bytes(attrs.get(Attribute.ID) or b""), int(key.handle)))
     found.sort()
     return found
+
+
+# --- ledger signing keys (Ed25519 token objects) --------------------------------------
+
+
+def check_ledger_signing_label(label: object) -> str:
+    """Return ``label`` if it is a valid ledger signing key label, else raise HsmError.
+
+    Valid: printable ASCII, at most 64 characters, ``keyledger-ledger-signing-``
+    followed by at least one character. The message never repeats the label.
+    """
+    if (
+        not isinstance(label, str)
+        or len(label) > LEDGER_SIGNING_LABEL_MAX_LEN
+        or len(label) <= len(LEDGER_SIGNING_LABEL_PREFIX)
+        or not label.startswith(LEDGER_SIGNING_LABEL_PREFIX)
+        or not (label.isascii() and label.isprintable())
+    ):
+        raise HsmError(
+            "invalid ledger signing key label: printable ASCII, at most "
+            f"{LEDGER_SIGNING_LABEL_MAX_LEN} characters, starting with "
+            f"{LEDGER_SIGNING_LABEL_PREFIX!r}"
+        )
+    return label
+
+
+def ed25519_public_key(ec_point: object) -> bytes:
+    """The raw 32-byte Ed25519 public key from a CKA_EC_POINT value: a DER OCTET STRING
+    (``04 20`` || key, as SoftHSM2 returns it) or the raw key. Raises HsmError."""
+    value = bytes(ec_point) if isinstance(ec_point, bytes | bytearray | memoryview) else b""
+    if len(value) == ED25519_PUBLIC_KEY_LEN + 2 and value[:2] == b"\x04\x20":
+        value = value[2:]
+    if len(value) != ED25519_PUBLIC_KEY_LEN:
+        raise HsmError("the HSM returned an invalid Ed25519 public key")
+    return value
+
+
+@dataclass(frozen=True)
+class _LedgerKey:
+    """A ledger signing key as a store caches it: the private key object's handle and
+    the raw public key."""
+
+    private: int
+    public_key: bytes
+
+
+def _find_ledger_objects(session: Any, label: str) -> tuple[list[Any], list[Any]]:
+    """``(private keys, public keys)`` on the token labelled ``label``."""
+    private = list(
+        session.get_objects({Attribute.CLASS: ObjectClass.PRIVATE_KEY, Attribute.LABEL: label})
+    )
+    public = list(
+        session.get_objects({Attribute.CLASS: ObjectClass.PUBLIC_KEY, Attribute.LABEL: label})
+    )
+    return private, public
+
+
+def _find_ledger_key(session: Any, label: str) -> _LedgerKey | None:
+    """The ledger signing key labelled ``label`` on the token, None when there is none.
+
+    Raises HsmError when the label names more or fewer than one private and one public
+    key, when the private key is not a sensitive, non-extractable Ed25519 key with SIGN,
+    or when the public key is not its Ed25519 public key (a probe signature must
+    verify). Lets PKCS11Error through (callers map it).
+    """
+    private, public = _find_ledger_objects(session, label)
+    if not private and not public:
+        return None
+    if len(private) != 1 or len(public) != 1:
+        raise HsmError(
+            "the token holds an incomplete or duplicated ledger signing key with that "
+            "label; destroy it"
+        )
+    attrs = private[0].get_attributes(
+        [
+            Attribute.KEY_TYPE,
+            Attribute.EC_PARAMS,
+            Attribute.SENSITIVE,
+            Attribute.EXTRACTABLE,
+            Attribute.SIGN,
+        ]
+    )
+    ok = (
+        attrs.get(Attribute.KEY_TYPE) == KeyType.EC_EDWARDS
+        and bytes(attrs.get(Attribute.EC_PARAMS) or b"") in _ED25519_EC_PARAMS_ACCEPTED
+        and attrs.get(Attribute.SENSITIVE) is True
+        and attrs.get(Attribute.EXTRACTABLE) is False
+        and attrs.get(Attribute.SIGN) is True
+    )
+    if not ok:
+        raise HsmError(
+            "a ledger signing key on the token is not a sensitive, non-extractable "
+            "Ed25519 key with SIGN"
+        )
+    public_attrs = public[0].get_attributes(
+        [Attribute.KEY_TYPE, Attribute.EC_PARAMS, Attribute.EC_POINT]
+    )
+    if not (
+        public_attrs.get(Attribute.KEY_TYPE) == KeyType.EC_EDWARDS
+        and bytes(public_attrs.get(Attribute.EC_PARAMS) or b"") in _ED25519_EC_PARAMS_ACCEPTED
+    ):
+        raise HsmError("a ledger signing public key on the token is not an Ed25519 key")
+    key = _LedgerKey(
+        int(private[0].handle), ed25519_public_key(public_attrs.get(Attribute.EC_POINT))
+    )
+    _check_ledger_pair(session, key)
+    return key
+
+
+def ed25519_sign(session: Any, handle: int, message: bytes) -> bytes:
+    """Pure Ed25519 (CKM_EDDSA without parameters) of ``message`` with the private key
+    object ``handle``, in the HSM through ``session``.
+
+    Raises HsmError for a signature of the wrong length; lets PKCS11Error through
+    (callers map it).
+    """
+    view = _PrivateKeyView(session, handle, KeyType.EC_EDWARDS)
+    signature: bytes = view.sign(bytes(message), mechanism=Mechanism.EDDSA)
+    if len(signature) != ED25519_SIGNATURE_LEN:
+        raise HsmError("the HSM returned a signature of the wrong length")
+    return bytes(signature)
+
+
+def _check_ledger_pair(session: Any, key: _LedgerKey) -> None:
+    """Sign a probe with the private key in the HSM and verify it on the host with the
+    public key. Raises HsmError when it does not verify; lets PKCS11Error through."""
+    signature = ed25519_sign(session, key.private, _LEDGER_PAIR_PROBE)
+    try:
+        Ed25519PublicKey.from_public_bytes(key.public_key).verify(signature, _LEDGER_PAIR_PROBE)
+    except (InvalidSignature, ValueError):
+        raise HsmError(
+            "the ledger signing public key on the token does not match its private key"
+        ) from None
 
 
 @dataclass
@@ -959,6 +1123,8 @@ class Pkcs11KeyStore:
         self._unwrapped: dict[str, _Unwrapped] = {}
         # KEK label -> handles of the KEK objects with that label (wrap under the first).
         self._keks: dict[str, tuple[int, ...]] = {}
+        # Ledger signing key label -> its private key handle and raw public key.
+        self._ledger_keys: dict[str, _LedgerKey] = {}
         # OAEP hashes the HSM refused in C_DecryptInit (then decoded on the host).
         self._oaep_refused: dict[str, bool] = {}
         try:
@@ -1913,6 +2079,173 @@ class Pkcs11KeyStore:
             for store in list(login.stores):
                 store._evict_kek(kek)
 
+    # -- ledger signing keys ---------------------------------------------------------
+
+    def generate_ledger_signing_key(self, label: str) -> bytes:
+        """Generate an Ed25519 key pair on the token (CKM_EC_EDWARDS_KEY_PAIR_GEN,
+        CKA_EC_PARAMS id-Ed25519): the private key a token object labelled ``label``,
+        private, sensitive, non-extractable, non-modifiable, SIGN only; the public key a
+        token object with the same label (VERIFY only) and the same random CKA_ID.
+        Returns the raw 32-byte public key; the pair is cached by this store.
+
+        The pair is checked (a probe signature must verify) before it is returned; if it
+        does not, both objects are destroyed. Raises HsmError when the label is invalid,
+        a key (private or public) with that label already exists on the token, the store
+        is closed, or the token cannot generate it.
+        """
+        check_ledger_signing_label(label)
+        self._check_open()
+        login = self._login
+        with login.kek_lock:
+            try:
+                session = self._rw_session()
+                try:
+                    private, public = _find_ledger_objects(session, label)
+                    if private or public:
+                        raise HsmError("a ledger signing key with that label already exists")
+                    params = session.create_domain_parameters(
+                        KeyType.EC_EDWARDS, {Attribute.EC_PARAMS: ED25519_EC_PARAMS}, local=True
+                    )
+                    public_obj, private_obj = params.generate_keypair(
+                        id=os.urandom(KEK_ID_LEN),
+                        label=label,
+                        store=True,
+                        mechanism=Mechanism.EC_EDWARDS_KEY_PAIR_GEN,
+                        capabilities=MechanismFlag.SIGN | MechanismFlag.VERIFY,
+                        public_template={
+                            Attribute.VERIFY_RECOVER: False,
+                            Attribute.MODIFIABLE: False,
+                        },
+                        private_template={
+                            Attribute.PRIVATE: True,
+                            Attribute.SENSITIVE: True,
+                            Attribute.EXTRACTABLE: False,
+                            Attribute.SIGN_RECOVER: False,
+                            Attribute.MODIFIABLE: False,
+                        },
+                    )
+                    try:
+                        key = _LedgerKey(
+                            int(private_obj.handle),
+                            ed25519_public_key(public_obj[Attribute.EC_POINT]),
+                        )
+                        _check_ledger_pair(session, key)
+                    except BaseException:
+                        for obj in (private_obj, public_obj):
+                            with suppress(p11e.PKCS11Error):
+                                obj.destroy()
+                        raise
+                finally:
+                    with suppress(p11e.PKCS11Error):
+                        session.close()
+            except p11e.PKCS11Error as exc:
+                raise HsmError(
+                    f"cannot generate the ledger signing key: {type(exc).__name__}"
+                ) from None
+            with self._cache_lock:
+                self._ledger_keys[label] = key
+        return key.public_key
+
+    def _ledger_key(self, label: str) -> _LedgerKey:
+        """The ledger signing key labelled ``label``: cached, else looked up (and
+        checked) once. Raises HsmError when the label is invalid, the store is closed,
+        there is no such key ("ledger signing key not found"), what the token holds under
+        the label is not a sound Ed25519 pair, or the HSM fails."""
+        check_ledger_signing_label(label)
+        self._check_open()
+        with self._cache_lock:
+            key = self._ledger_keys.get(label)
+        if key is not None:
+            return key
+        with self._login.kek_lock:
+            with self._cache_lock:
+                key = self._ledger_keys.get(label)
+            if key is not None:
+                return key
+            try:
+                with self._session() as session:
+                    found = _find_ledger_key(session, label)
+            except p11e.PKCS11Error as exc:
+                raise HsmError(
+                    f"cannot look up the ledger signing key: {type(exc).__name__}"
+                ) from None
+            if found is None:
+                raise HsmError("ledger signing key not found")
+            with self._cache_lock:
+                self._ledger_keys[label] = found
+        return found
+
+    def _evict_ledger_key(self, label: str, key: _LedgerKey | None = None) -> None:
+        """Drop the cached ledger signing key ``label`` (only if it is ``key``, when
+        given)."""
+        if self._pid != os.getpid():
+            return
+        with self._cache_lock:
+            if key is None or self._ledger_keys.get(label) == key:
+                self._ledger_keys.pop(label, None)
+
+    def ledger_public_key(self, label: str) -> bytes:
+        """The raw 32-byte Ed25519 public key of the ledger signing key ``label``
+        (cached after the first lookup).
+
+        Raises HsmError when the label is invalid, the key does not exist, the store is
+        closed, or the HSM fails.
+        """
+        return self._ledger_key(label).public_key
+
+    def ledger_sign(self, label: str, message: bytes) -> bytes:
+        """The 64-byte pure Ed25519 signature (CKM_EDDSA, RFC 8032: deterministic) of
+        ``message`` by the ledger signing key ``label``, computed in the HSM.
+
+        A cached handle the HSM no longer knows (the key was destroyed by another
+        process) is dropped and the key looked up again, once. Raises HsmError when the
+        label is invalid, ``message`` is not bytes, the key does not exist, the store is
+        closed, or the HSM fails.
+        """
+        if not isinstance(message, bytes | bytearray | memoryview):
+            raise HsmError("the message to sign must be bytes")
+        data = bytes(message)
+        for attempt in range(2):
+            key = self._ledger_key(label)
+            try:
+                with self._session() as session:
+                    return ed25519_sign(session, key.private, data)
+            except (p11e.KeyHandleInvalid, p11e.ObjectHandleInvalid) as exc:
+                self._evict_ledger_key(label, key)
+                if attempt:
+                    raise HsmError(f"ledger signing failed: {type(exc).__name__}") from None
+            except p11e.PKCS11Error as exc:
+                raise HsmError(f"ledger signing failed: {type(exc).__name__}") from None
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def destroy_ledger_signing_key(self, label: str) -> None:
+        """Destroy every private and public key object labelled ``label`` on the token,
+        then drop the label from the cache of every store of this process on the token.
+
+        Idempotent: a missing key is fine. Raises HsmError when the label is invalid,
+        the store is closed, or the HSM fails (the caches are dropped anyway; retry).
+        """
+        check_ledger_signing_label(label)
+        self._check_open()
+        login = self._login
+        with login.kek_lock:
+            try:
+                session = self._rw_session()
+                try:
+                    private, public = _find_ledger_objects(session, label)
+                    for obj in private + public:  # private first: never a key without its pair
+                        obj.destroy()
+                finally:
+                    with suppress(p11e.PKCS11Error):
+                        session.close()
+            except p11e.PKCS11Error as exc:
+                raise HsmError(
+                    f"cannot destroy the ledger signing key: {type(exc).__name__}"
+                ) from None
+            finally:
+                for store in list(login.stores):
+                    store._evict_ledger_key(label)
+
     def encrypt(self, material: MaterialRef, plaintext: bytes, aad: bytes) -> tuple[bytes, bytes]:
         """AES-256-GCM in the HSM with a random 96-bit IV; returns ``(iv, ct || tag)``.
 
@@ -2025,6 +2358,7 @@ class Pkcs11KeyStore:
                     cached.key.destroy()
             self._unwrapped.clear()
             self._keks.clear()
+            self._ledger_keys.clear()
         _release_login(self._module, self._token_label, self._login)
 
 
@@ -2087,6 +2421,9 @@ __all__ = [
     "DIGEST_INFO_PREFIXES",
     "DOMAIN_KEY_LABEL",
     "EC_CURVES",
+    "ED25519_EC_PARAMS",
+    "ED25519_PUBLIC_KEY_LEN",
+    "ED25519_SIGNATURE_LEN",
     "ENCRYPT_DECRYPT",
     "HMAC_KEY_BYTES",
     "HMAC_MECHANISMS",
@@ -2096,6 +2433,8 @@ __all__ = [
     "KEK_LABEL_PREFIX",
     "KEY_AGREEMENT",
     "KEY_USAGE_SPECS",
+    "LEDGER_SIGNING_LABEL_MAX_LEN",
+    "LEDGER_SIGNING_LABEL_PREFIX",
     "RSA_ENCRYPTION_ALGORITHMS",
     "RSA_KEY_BITS",
     "SIGNING_ALGORITHMS",
@@ -2104,7 +2443,10 @@ __all__ = [
     "SigningAlgorithm",
     "asymmetric_kind",
     "check_kek_label",
+    "check_ledger_signing_label",
     "check_signing_algorithm",
+    "ed25519_public_key",
+    "ed25519_sign",
     "hmac_mechanism",
     "hmac_sign",
     "import_wrapping_spec",

@@ -183,6 +183,42 @@ class KeyStore(Protocol):
         """
         ...
 
+    def generate_ledger_signing_key(self, label: str) -> bytes:
+        """Generate an Ed25519 key pair on the token: the private key a token object
+        labelled ``label``, sensitive, non-extractable, CKA_SIGN only; the public key also
+        a token object with the same label. Returns the raw 32-byte public key.
+
+        ``label``: printable ASCII, at most 64 characters, starting with
+        ``keyledger-ledger-signing-``. Unlike backing keys, the ledger's own signing key
+        (for checkpoints, C2SP signed notes) stays on the token and is never wrapped.
+        Raises HsmError if the label is invalid (the message does not repeat it), a key
+        with that label already exists, or the token cannot do it.
+        """
+        ...
+
+    def ledger_public_key(self, label: str) -> bytes:
+        """The raw 32-byte Ed25519 public key of the ledger signing key ``label``.
+
+        Raises HsmError if the label is invalid, the key does not exist, or the HSM fails.
+        """
+        ...
+
+    def ledger_sign(self, label: str, message: bytes) -> bytes:
+        """The 64-byte Ed25519 signature of ``message`` (pure Ed25519, RFC 8032, CKM_EDDSA;
+        deterministic) by the ledger signing key ``label``, computed in the HSM.
+
+        Raises HsmError if the label is invalid, the key does not exist, or the HSM fails.
+        """
+        ...
+
+    def destroy_ledger_signing_key(self, label: str) -> None:
+        """Destroy both objects of the ledger signing key ``label``. Idempotent: no error
+        if absent.
+
+        Raises HsmError if the label is invalid or the HSM fails.
+        """
+        ...
+
     def forget(self, material_id: str) -> None:
         """Destroy any unwrapped copy of this material held by the HSM session (after
         key deletion). The wrapped blob stays in the ledger's history; see the README's
