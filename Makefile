@@ -54,6 +54,7 @@ test: lint typecheck pytest
 bench: softhsm venv postgres
 	$(BIN)/python bench/encrypt.py
 	$(BIN)/python bench/api.py
+	$(BIN)/python bench/verify.py
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis

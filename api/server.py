@@ -75,6 +75,9 @@ def settings_env(settings: Settings) -> dict[str, str]:
         "KEYLEDGER_ACCOUNT_ID": settings.account_id,
         "KEYLEDGER_PRINCIPAL": settings.principal,
         "KEYLEDGER_ON_DEMAND_ROTATION_LIMIT": str(settings.on_demand_rotation_limit),
+        "KEYLEDGER_CHECKPOINT_EVERY_SECONDS": str(settings.checkpoint_every_seconds),
+        "KEYLEDGER_CHECKPOINT_EVERY_EVENTS": str(settings.checkpoint_every_events),
+        "KEYLEDGER_CHECKPOINT_HEARTBEAT_SECONDS": str(settings.checkpoint_heartbeat_seconds),
     }
     return {k: v for k, v in values.items() if v is not None}
 

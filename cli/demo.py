@@ -81,16 +81,25 @@ def run_demo(cli: CliContext, *, on_broker: Callable[[str], None] | None = None)
     _api_steps(ledger, caller, arn, context)
 
     db = ledger.db
+    from ledger import audit
+
+    cp = audit.make_checkpoint(ledger)
+    _step(
+        14,
+        f"signed checkpoint {cp.id} in the HSM (Ed25519, C2SP signed note): "
+        f"{cp.size} records, Merkle root {cp.root.hex()[:16]}...",
+    )
     result = verify_chain(db.iter_chain(), db.iter_events())
-    _step(14, f"audit verify: OK: {result.count} events, head {result.head_hex}")
+    _step(15, f"audit verify: OK: {result.count} events, head {result.head_hex}")
 
     records = db.read_records(0, result.count)
-    _step(15, f"audit trail ({len(records)} events):")
+    _step(16, f"audit trail ({len(records)} events):")
     for record in records:
         typer.echo("       " + trail_line(record.seq, record.event()))
+    _bundle_step(ledger)
 
     with TansuBroker() as broker:
-        _step(16, f"started a Kafka-protocol broker (Tansu) on {broker.bootstrap}")
+        _step(18, f"started a Kafka-protocol broker (Tansu) on {broker.bootstrap}")
         if on_broker is not None:
             on_broker(broker.bootstrap)
         with AuditRelay(
@@ -100,7 +109,7 @@ def run_demo(cli: CliContext, *, on_broker: Callable[[str], None] | None = None)
             again = relay.run_once()
             topic = relay.topic
         _step(
-            17, f"streamed {published} CloudTrail records to {topic} (a second pass sent {again})"
+            19, f"streamed {published} CloudTrail records to {topic} (a second pass sent {again})"
         )
         back = read_topic(broker.bootstrap, topic)
         seqs = sorted(orjson.loads(r.value)["seq"] for r in back)
@@ -108,12 +117,30 @@ def run_demo(cli: CliContext, *, on_broker: Callable[[str], None] | None = None)
         if seqs != list(range(1, result.count + 1)):
             raise RuntimeError("the audit topic does not hold every seq exactly once")
         _step(
-            18,
+            20,
             f"read back {len(back)} records, seq 1..{seqs[-1]} each once, "
             f"events: {', '.join(names)}",
         )
-    _step(19, "stopped the broker; demo complete")
+    _step(21, "stopped the broker; demo complete")
     return {"events": result.count, "published": published, "read_back": len(back)}
+
+
+def _bundle_step(ledger: Any) -> None:
+    """Export a bundle and verify it offline with only the public key."""
+    import tempfile
+    from pathlib import Path
+
+    from ledger import audit
+    from ledger.offline_verify import parse_verifier_keys, verify_bundle
+
+    with tempfile.TemporaryDirectory(prefix="keyledger-bundle-") as tmp:
+        bundle = Path(tmp) / "bundle"
+        audit.write_export(ledger, bundle, 1, None)
+        keys = parse_verifier_keys("".join(k.vkey + "\n" for k in audit.signing_keys(ledger.db)))
+        report = verify_bundle(bundle, keys)
+        if not report.ok:
+            raise RuntimeError("the exported bundle does not verify")
+        _step(17, f"exported an audit bundle; offline verify: {report.summary()}")
 
 
 APP_POLICY = {

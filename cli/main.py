@@ -17,6 +17,7 @@ import orjson
 import typer
 
 from cli.aliases import aliases_app
+from cli.audit_cmds import register as register_audit
 from cli.common import ctx_of as _ctx
 from cli.common import emit as _emit
 from cli.common import jsonable as _jsonable
@@ -29,7 +30,7 @@ from cli.maintenance import maintenance_app
 from cli.principals import principals_app
 from cli.serve import serve
 from cli.signing_cmds import derive_shared_secret, mac_app, public_key, sign, verify
-from ledger.errors import KeyLedgerError, TamperError, ValidationError
+from ledger.errors import KeyLedgerError, ValidationError
 from ledger.settings import Settings
 
 app = typer.Typer(
@@ -46,6 +47,7 @@ app.add_typer(aliases_app, name="aliases")
 app.add_typer(grants_app, name="grants")
 app.add_typer(maintenance_app, name="maintenance")
 app.add_typer(audit_app, name="audit")
+register_audit(audit_app)
 app.add_typer(projections_app, name="projections")
 app.add_typer(data_key_app, name="data-key")
 app.add_typer(envelope_app, name="envelope")
@@ -213,24 +215,32 @@ def audit_verify(
         str | None, typer.Option(help="Hex head hash a previous verify printed.")
     ] = None,
     expect_count: Annotated[int | None, typer.Option(help="Number of events expected.")] = None,
+    bundle: Annotated[
+        Path | None, typer.Option(help="Verify this export bundle offline (no DB, no HSM).")
+    ] = None,
+    public_key: Annotated[
+        Path | None, typer.Option(help="Trusted verifier key file (C2SP vkey lines).")
+    ] = None,
+    siem_copy: Annotated[
+        Path | None, typer.Option(help="With --bundle: SIEM copies (JSON lines) to check.")
+    ] = None,
+    checkpoint: Annotated[
+        list[Path] | None,
+        typer.Option(help="With --bundle: a signed checkpoint kept earlier (repeatable)."),
+    ] = None,
 ) -> None:
-    """Walk the whole log; exit 1 naming the first bad position."""
-    from ledger.chain import verify_chain
+    """Walk the whole log (chain, key chains, tree, checkpoints); exit 1 naming the first
+    bad position. With --bundle: verify an export offline with --public-key."""
+    from cli.audit_cmds import verify_bundle_cmd, verify_live
 
-    cli = _ctx(ctx)
-    db = cli.ledger_without_hsm.db
+    if bundle is not None:
+        verify_bundle_cmd(bundle, public_key, siem_copy, checkpoint or [])
+        return
     try:
         head = bytes.fromhex(expect_head) if expect_head else None
     except ValueError:
         raise ValidationError("--expect-head must be a hex SHA-256 hash.") from None
-    try:
-        result = verify_chain(
-            db.iter_chain(), db.iter_events(), expect_head=head, expect_count=expect_count
-        )
-    except TamperError as err:
-        typer.echo(f"FAIL: position {err.position}: {err.reason}")
-        raise typer.Exit(1) from None
-    typer.echo(f"OK: {result.count} events, head {result.head_hex}")
+    verify_live(ctx, head, expect_count, public_key)
 
 
 def trail_line(seq: int, event: dict[str, Any]) -> str:
@@ -308,8 +318,17 @@ def stream(
     if not bootstrap:
         raise ValidationError("--bootstrap (or KEYLEDGER_KAFKA_BOOTSTRAP) is required.")
     ledger = cli.ledger_without_hsm
+    from ledger import audit
+
+    def new_checkpoints(after_id: int) -> list[tuple[int, int, str]]:
+        return [(c.id, c.size, c.note) for c in audit.checkpoints(ledger.db) if c.id > after_id]
+
     relay = AuditRelay(
-        reader=ledger.db, positions=ledger.db, bootstrap=bootstrap, ledger_id=ledger.ledger_id
+        reader=ledger.db,
+        positions=ledger.db,
+        bootstrap=bootstrap,
+        ledger_id=ledger.ledger_id,
+        checkpoints=new_checkpoints,
     )
     try:
         if once:

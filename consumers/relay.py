@@ -153,6 +153,7 @@ class AuditRelay:
         crash_after_publish: Callable[[int], None] | None = None,
         send_timeout: float = 30.0,
         scan_timeout: float = 30.0,
+        checkpoints: Callable[[int], Sequence[tuple[int, int, str]]] | None = None,
     ) -> None:
         """Configure the relay; opens no connection.
 
@@ -160,6 +161,12 @@ class AuditRelay:
         when the relay creates the topic; an existing topic keeps its own count.
         ``crash_after_publish`` (for tests) is called with the batch's last ``seq``
         after the batch is confirmed and before the position is saved.
+
+        ``checkpoints(after_id)`` returns stored checkpoints ``(id, size, note)`` with
+        larger ids; each is published to ``checkpoint_topic`` (one partition, keyed by
+        the ledger id, header ``checkpoint``) once every record it covers is on the
+        audit topic. A crash between publishing and saving the position may publish a
+        checkpoint again; its ``id`` tells copies apart.
 
         Raises ValueError for a non-positive ``batch_size`` or ``partitions``.
         """
@@ -180,6 +187,7 @@ class AuditRelay:
         self._crash_after_publish = crash_after_publish
         self._send_timeout = send_timeout
         self._scan_timeout = scan_timeout
+        self._checkpoints = checkpoints
         self._producer: AuditProducer | None = None
         self._partitions: int | None = None
         # Highest seq already on each partition; None means "unknown, scan first".
@@ -211,6 +219,41 @@ class AuditRelay:
             raise
 
     def _run_once(self) -> int:
+        sent = self._publish_records()
+        if self._checkpoints is not None:
+            self._publish_checkpoints()
+        return sent
+
+    def _publish_checkpoints(self) -> None:
+        assert self._checkpoints is not None
+        name = f"{self._position_name}:checkpoints"
+        done = self._positions.get_position(name)
+        covered = self._positions.get_position(self._position_name)
+        todo = [c for c in self._checkpoints(done) if c[1] <= covered]
+        if not todo:
+            return
+        producer, _, _ = self._ensure_ready()
+        futures = []
+        for cp_id, size, note in todo:
+            value = orjson.dumps(
+                {"ledger": self._ledger_id, "id": cp_id, "size": size, "note": note},
+                option=orjson.OPT_SORT_KEYS,
+            )
+            futures.append(
+                producer.send(
+                    self._checkpoint_topic,
+                    value=value,
+                    key=self._ledger_id.encode(),
+                    headers=[("checkpoint", str(cp_id).encode())],
+                    partition=0,
+                )
+            )
+        producer.flush(timeout=self._send_timeout)
+        for future in futures:
+            future.get(timeout=self._send_timeout)
+        self._positions.set_position(name, todo[-1][0])
+
+    def _publish_records(self) -> int:
         head = self._reader.head_seq()
         position = self._positions.get_position(self._position_name)
         if position >= head:

@@ -23,6 +23,8 @@ from eventsourcing.persistence import Mapper, StoredEvent, Transcoder
 from eventsourcing.sqlite import SQLiteApplicationRecorder, SQLiteCursor
 from eventsourcing.utils import get_topic, resolve_topic
 
+from ledger import appendlog
+from ledger.appendlog import AppendIndexer
 from ledger.records import GENESIS, LedgerRecord, canonical
 
 try:  # psycopg is an optional dependency (PostgreSQL deployments only).
@@ -118,7 +120,16 @@ class ChainedSQLiteRecorder(SQLiteApplicationRecorder):
             f"CREATE TABLE IF NOT EXISTS {POSITIONS_TABLE} ("
             "name TEXT PRIMARY KEY, position INTEGER NOT NULL)"
         )
+        statements.extend(appendlog.create_statements("BLOB", "INTEGER"))
         return statements
+
+    @property
+    def indexer(self) -> AppendIndexer:
+        """The per-key chain and Merkle tree extender of this recorder."""
+        found: AppendIndexer | None = self.__dict__.get("_kl_indexer")
+        if found is None:
+            found = self.__dict__.setdefault("_kl_indexer", AppendIndexer())
+        return found
 
     def _insert_events(
         self, c: SQLiteCursor, stored_events: Sequence[StoredEvent], **kwargs: Any
@@ -128,11 +139,47 @@ class ChainedSQLiteRecorder(SQLiteApplicationRecorder):
         c.execute(f"SELECT seq, record_hash FROM {CHAIN_TABLE} ORDER BY seq DESC LIMIT 1")
         row = c.fetchone()
         head_seq, head_hash = (row[0], bytes(row[1])) if row else (0, GENESIS)
-        c.executemany(
-            f"INSERT INTO {CHAIN_TABLE} VALUES (?,?,?,?)",
-            chain_rows(head_seq, head_hash, ids, stored_events),
+        rows = chain_rows(head_seq, head_hash, ids, stored_events)
+        c.executemany(f"INSERT INTO {CHAIN_TABLE} VALUES (?,?,?,?)", rows)
+        self.indexer.extend(
+            _SqliteSql(c, self.events_table_name),
+            head_seq,
+            head_hash,
+            rows,
+            [ev.state for ev in stored_events],
         )
         return ids
+
+
+def _table_names(events: str, prefix: str, nid: str) -> dict[str, str]:
+    return {
+        "events": events,
+        "nid": nid,
+        "chain": prefix + CHAIN_TABLE,
+        "positions": prefix + POSITIONS_TABLE,
+        "tree": prefix + appendlog.TREE_TABLE,
+        "tree_head": prefix + appendlog.TREE_HEAD_TABLE,
+        "key_chain": prefix + appendlog.KEY_CHAIN_TABLE,
+        "key_heads": prefix + appendlog.KEY_HEADS_TABLE,
+        "checkpoints": prefix + appendlog.CHECKPOINTS_TABLE,
+        "signing_keys": prefix + appendlog.SIGNING_KEYS_TABLE,
+    }
+
+
+class _SqliteSql:
+    """``appendlog.Sql`` over the storing transaction's SQLite cursor."""
+
+    def __init__(self, cursor: Any, events_table: str) -> None:
+        self._c = cursor
+        self._names = _table_names(events_table, "", "rowid")
+
+    def rows(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        self._c.execute(sql.format(**self._names), tuple(params))
+        return [tuple(r) for r in self._c.fetchall()]
+
+    def many(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
+        if rows:
+            self._c.executemany(sql.format(**self._names), [tuple(r) for r in rows])
 
 
 if PostgresApplicationRecorder is not None:
@@ -162,6 +209,12 @@ if PostgresApplicationRecorder is not None:
                     "position bigint NOT NULL)"
                 ).format(schema, Identifier(POSITIONS_TABLE))
             )
+            prefix = '"' + self.datastore.schema.replace('"', '""') + '".'
+            for ddl in appendlog.create_statements("bytea", "bigint", prefix):
+                self.sql_create_statements.append(SQL(ddl))  # type: ignore[arg-type]
+            self._pg_names = _table_names(
+                prefix + '"' + self.events_table_name + '"', prefix, "notification_id"
+            )
             self._select_head = SQL(
                 "SELECT seq, record_hash FROM {}.{} ORDER BY seq DESC LIMIT 1"
             ).format(schema, Identifier(CHAIN_TABLE))
@@ -187,10 +240,43 @@ if PostgresApplicationRecorder is not None:
             curs.execute(self._select_head)
             row = curs.fetchone()
             head_seq, head_hash = (row["seq"], bytes(row["record_hash"])) if row else (0, GENESIS)
-            curs.executemany(
-                self._insert_chain, chain_rows(head_seq, head_hash, ids, stored_events)
+            rows = chain_rows(head_seq, head_hash, ids, stored_events)
+            curs.executemany(self._insert_chain, rows)
+            self.indexer.extend(
+                _PostgresSql(curs, self._pg_names),
+                head_seq,
+                head_hash,
+                rows,
+                [ev.state for ev in stored_events],
             )
             return ids
+
+        @property
+        def indexer(self) -> AppendIndexer:
+            """The per-key chain and Merkle tree extender of this recorder."""
+            found: AppendIndexer | None = self.__dict__.get("_kl_indexer")
+            if found is None:
+                found = self.__dict__.setdefault("_kl_indexer", AppendIndexer())
+            return found
+
+    class _PostgresSql:
+        """``appendlog.Sql`` over the storing transaction's psycopg cursor (dict rows)."""
+
+        def __init__(self, cursor: Any, names: dict[str, str]) -> None:
+            self._c = cursor
+            self._names = names
+
+        def _q(self, sql: str) -> Any:
+            return SQL(sql.format(**self._names).replace("?", "%s"))
+
+        def rows(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+            self._c.execute(self._q(sql), tuple(params))
+            got = self._c.fetchall()
+            return [tuple(r.values()) if isinstance(r, dict) else tuple(r) for r in got]
+
+        def many(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
+            if rows:
+                self._c.executemany(self._q(sql), [tuple(r) for r in rows])
 
 
 def sqlite_env(path: Path) -> dict[str, str]:
@@ -304,20 +390,16 @@ class LedgerDatabase:
         if self.is_postgres:
             schema = '"' + self.datastore.schema.replace('"', '""') + '"'
             self._names = {
-                "events": f'{schema}."{recorder.events_table_name}"',
-                "chain": f"{schema}.{CHAIN_TABLE}",
-                "positions": f"{schema}.{POSITIONS_TABLE}",
+                **_table_names(
+                    f'{schema}."{recorder.events_table_name}"', schema + ".", "notification_id"
+                ),
                 "schema": schema,
-                "nid": "notification_id",
                 "blob": "bytea",
             }
         else:
             self._names = {
-                "events": recorder.events_table_name,
-                "chain": CHAIN_TABLE,
-                "positions": POSITIONS_TABLE,
+                **_table_names(recorder.events_table_name, "", "rowid"),
                 "schema": "main",
-                "nid": "rowid",
                 "blob": "BLOB",
             }
 
@@ -390,19 +472,66 @@ class LedgerDatabase:
         )
 
     # Verification reads
-    def iter_chain(self, page: int = 5000) -> Iterator[Row]:
-        last = 0
-        while True:
+    def _pages(self, sql: str, after: int, upto: int | None, page: int) -> Iterator[Row]:
+        """Rows of ``sql`` (``... WHERE <seq> > ? AND <seq> <= ? ... LIMIT ?``, ordered by
+        a ``seq`` column) page by page, each page in its own read transaction."""
+        last = after
+        bound = upto if upto is not None else 2**62
+        while last < bound:
             with self.transaction(commit=False) as c:
-                rows = c.execute(
-                    "SELECT seq, notification_id, record_hash, prev FROM {chain} "
-                    "WHERE seq > ? ORDER BY seq LIMIT ?",
-                    (last, page),
-                ).fetchall()
+                rows = c.execute(sql, (last, bound, page)).fetchall()
             if not rows:
                 return
             yield from rows
             last = int(rows[-1]["seq"])
+
+    def iter_chain(self, page: int = 5000) -> Iterator[Row]:
+        return self._pages(
+            "SELECT seq, notification_id, record_hash, prev FROM {chain} "
+            "WHERE seq > ? AND seq <= ? ORDER BY seq LIMIT ?",
+            0,
+            None,
+            page,
+        )
+
+    def iter_chain_states(self, page: int = 5000) -> Iterator[bytes]:
+        """The stored bytes of every chained record, in seq order."""
+        for r in self._pages(
+            "SELECT c.seq AS seq, e.state AS state FROM {chain} c "
+            "JOIN {events} e ON e.{nid} = c.notification_id "
+            "WHERE c.seq > ? AND c.seq <= ? ORDER BY c.seq LIMIT ?",
+            0,
+            None,
+            page,
+        ):
+            yield bytes(r["state"])
+
+    def iter_records_with_keys(
+        self, first: int, last: int, page: int = 5000
+    ) -> Iterator[tuple[int, bytes, bytes, bytes, str | None, int | None, bytes | None]]:
+        """``(seq, data, record_hash, prev, key_arn, key_seq, key_prev)`` for records
+        ``first..last``, in order."""
+        for r in self._pages(
+            "SELECT c.seq AS seq, e.state AS state, c.record_hash AS record_hash, "
+            "c.prev AS prev, k.key_arn AS key_arn, k.key_seq AS key_seq, "
+            "k.key_prev AS key_prev FROM {chain} c "
+            "JOIN {events} e ON e.{nid} = c.notification_id "
+            "LEFT JOIN {key_chain} k ON k.seq = c.seq "
+            "WHERE c.seq > ? AND c.seq <= ? ORDER BY c.seq LIMIT ?",
+            first - 1,
+            last,
+            page,
+        ):
+            key_seq = r["key_seq"]
+            yield (
+                int(r["seq"]),
+                bytes(r["state"]),
+                bytes(r["record_hash"]),
+                bytes(r["prev"]),
+                r["key_arn"],
+                None if key_seq is None else int(key_seq),
+                None if r["key_prev"] is None else bytes(r["key_prev"]),
+            )
 
     def iter_events(self, page: int = 5000) -> Iterator[Row]:
         last = -1

@@ -42,6 +42,9 @@ class Settings:
     account_id: str = DEFAULT_ACCOUNT
     principal: str | None = None
     on_demand_rotation_limit: int = 25
+    checkpoint_every_seconds: int = 300
+    checkpoint_every_events: int = 10_000
+    checkpoint_heartbeat_seconds: int = 3600
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: object) -> Settings:
@@ -58,6 +61,11 @@ class Settings:
             account_id=e.get("KEYLEDGER_ACCOUNT_ID") or DEFAULT_ACCOUNT,
             principal=e.get("KEYLEDGER_PRINCIPAL") or None,
             on_demand_rotation_limit=int(e.get("KEYLEDGER_ON_DEMAND_ROTATION_LIMIT") or 25),
+            checkpoint_every_seconds=int(e.get("KEYLEDGER_CHECKPOINT_EVERY_SECONDS") or 300),
+            checkpoint_every_events=int(e.get("KEYLEDGER_CHECKPOINT_EVERY_EVENTS") or 10_000),
+            checkpoint_heartbeat_seconds=int(
+                e.get("KEYLEDGER_CHECKPOINT_HEARTBEAT_SECONDS") or 3600
+            ),
         )
         given = {k: v for k, v in overrides.items() if v is not None}
         if "data_dir" in given:
