@@ -7,7 +7,6 @@ bundle verify clean. Checkpoints are signed by the ledger's Ed25519 key in SoftH
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 from collections.abc import Callable
@@ -28,9 +27,16 @@ from ledger.offline_verify import (
     verify_consistency,
     verify_inclusion,
 )
-from ledger.records import GENESIS
 from ledger.service import Caller, KeyLedger
-from tests.integration.test_tamper import delete_row, flip_byte, insert_copy, nid_of, swap_rows
+from tests.integration.test_tamper import (
+    delete_row,
+    flip_byte,
+    insert_copy,
+    nid_of,
+    rebuild_index,
+    swap_rows,
+    truncate_tail,
+)
 
 pytestmark = pytest.mark.softhsm
 
@@ -91,58 +97,6 @@ def state_of(ledger: KeyLedger, seq: int) -> bytes:
 def set_state(ledger: KeyLedger, seq: int, state: bytes) -> None:
     with ledger.db.transaction(commit=True) as c:
         c.execute("UPDATE {events} SET state = ? WHERE {nid} = ?", (state, nid_of(ledger, seq)))
-
-
-def truncate_tail(ledger: KeyLedger) -> None:
-    """Drop records 7 and 8 with their chain, key-chain and tree rows: the chain alone
-    still verifies, only the checkpoint of size 8 shows the loss."""
-    with ledger.db.transaction(commit=True) as c:
-        for seq in (N, N - 1):
-            nid = nid_of(ledger, seq)
-            c.execute("DELETE FROM {events} WHERE {nid} = ?", (nid,))
-            c.execute("DELETE FROM {chain} WHERE seq = ?", (seq,))
-            c.execute("DELETE FROM {key_chain} WHERE seq = ?", (seq,))
-    rebuild_index(ledger)
-
-
-def rebuild_index(ledger: KeyLedger) -> None:
-    """What a careful forger does after editing records: recompute every chain row,
-    key-chain row and tree node so the database is self-consistent."""
-    from ledger.appendlog import MIN_STORED_LEVEL, Frontier
-
-    rows = list(ledger.db.iter_records_with_keys(1, ledger.db.head_seq()))
-    frontier = Frontier()
-    heads: dict[str, tuple[int, bytes]] = {}
-    prev = GENESIS
-    from ledger.offline_verify import key_of_record
-
-    with ledger.db.transaction(commit=True) as c:
-        c.execute("DELETE FROM {tree}")
-        c.execute("DELETE FROM {key_chain}")
-        c.execute("DELETE FROM {key_heads}")
-        for seq, data, _, _, _, _, _ in rows:
-            digest = hashlib.sha256(data).digest()
-            c.execute(
-                "UPDATE {chain} SET record_hash = ?, prev = ? WHERE seq = ?", (digest, prev, seq)
-            )
-            key = key_of_record(data)
-            if key is not None:
-                kseq, kprev = heads.get(key, (0, GENESIS))
-                c.execute(
-                    "INSERT INTO {key_chain} VALUES (?, ?, ?, ?)", (seq, key, kseq + 1, kprev)
-                )
-                heads[key] = (kseq + 1, digest)
-            for level, idx, h in frontier.append(leaf_hash(data)):
-                if level >= MIN_STORED_LEVEL:
-                    c.execute("INSERT INTO {tree} VALUES (?, ?, ?)", (level, idx, h))
-            prev = digest
-        for key, (kseq, h) in heads.items():
-            c.execute("INSERT INTO {key_heads} VALUES (?, ?, ?)", (key, kseq, h))
-        c.execute(
-            "UPDATE {tree_head} SET size = ?, last_hash = ?, frontier = ? WHERE id = 1",
-            (frontier.size, prev, frontier.packed()),
-        )
-    ledger.recorder.indexer.forget()
 
 
 TAMPERS: list[tuple[str, Callable[[KeyLedger], None], int, str, str]] = [
