@@ -42,6 +42,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 ZERO = bytes(32)
+_ZERO_HEX = ZERO.hex()
 EMPTY_ROOT = hashlib.sha256(b"").digest()
 BUNDLE_FORMAT = "keyledger-audit-bundle/1"
 INCLUSION_HEADER = "c2sp.org/tlog-proof@v1"
@@ -199,6 +200,33 @@ class _RangeBuilder:
             level, index = level + 1, index >> 1
         blocks.append((level, index, digest))
         self.end += 1
+
+    def extend(self, leaves: list[bytes]) -> None:
+        """Add many leaf hashes at once, one tree level at a time (the same blocks as
+        ``append`` for each; a level's node hashes are one list comprehension)."""
+        blocks, level, index, nodes = self.blocks, 0, self.end, leaves
+        self.end += len(leaves)
+        tails: list[tuple[int, int, bytes]] = []  # right-edge leftovers, low level first
+        node = _sha256
+        while nodes:
+            if index & 1:
+                if blocks and blocks[-1][0] == level:  # its left sibling is a block
+                    nodes = [blocks.pop()[2], *nodes]
+                    index -= 1
+                else:  # the sibling is before the range: a maximal block
+                    blocks.append((level, index, nodes[0]))
+                    nodes, index = nodes[1:], index + 1
+            if len(nodes) & 1:
+                tails.append((level, index + len(nodes) - 1, nodes[-1]))
+                nodes = nodes[:-1]
+            it = iter(nodes)
+            nodes = [node(b"\x01" + a + b).digest() for a, b in zip(it, it, strict=False)]
+            level, index = level + 1, index >> 1
+        blocks.extend(reversed(tails))
+
+    def root(self) -> bytes:
+        """The root of a builder that started at leaf 0."""
+        return _fold_right([b[2] for b in self.blocks]) if self.blocks else EMPTY_ROOT
 
 
 def range_root(
@@ -496,6 +524,7 @@ def parse_range_proof(text: str) -> tuple[int, int, int, list[bytes]]:
 # ---------------------------------------------------------------- records
 
 _KEY_MARK = b'"key_arn":'
+_NULL_MARK = b'"key_arn":null'
 
 
 def key_of_record(data: bytes) -> str | None:
@@ -576,21 +605,26 @@ class _Scan:
 
     last: int  # seq of the last record read
     roots: dict[int, bytes]  # full exports: the tree root at each wanted size reached
-    blocks: _RangeBuilder  # partial exports: the leaves, as aligned perfect subtrees
+    blocks: _RangeBuilder  # the leaves, as aligned perfect subtrees
     bad: list[int]  # seqs that failed a per-record check
     seen: dict[int, tuple[str, str, bytes]]  # wanted seqs: (record hash, prev, bytes)
     forked: int = 0  # records 1..forked disagree with a checkpoint the auditor kept
 
 
-def _chunks(f: BinaryIO) -> Iterator[list[bytes]]:
-    """The lines of ``f`` without their b"\\n", in lists of about 1 MiB."""
+def _chunks(f: BinaryIO, limit: int | None = None) -> Iterator[tuple[list[bytes], int]]:
+    """The lines of ``f`` (the next ``limit`` bytes; None: to the end) without their
+    b"\\n", in lists of about 1 MiB, each with the number of times ``"key_arn":``
+    occurs in them."""
     tail = b""
-    while chunk := f.read(1 << 20):
-        lines = (tail + chunk).split(b"\n")
+    left = -1 if limit is None else limit
+    while left and (chunk := f.read(1 << 20 if left < 0 else min(1 << 20, left))):
+        left = left - len(chunk) if left > 0 else left
+        buf = tail + chunk
+        lines = buf.split(b"\n")
         tail = lines.pop()
-        yield lines
+        yield lines, buf.count(_KEY_MARK) - tail.count(_KEY_MARK)
     if tail:
-        yield [tail]
+        yield [tail], tail.count(_KEY_MARK)
 
 
 class _Rows:
@@ -625,85 +659,360 @@ def _key_or_unreadable(data: bytes) -> str | None:
         return _UNREADABLE
 
 
+def _fast_key(data: bytes) -> str | None:
+    """``key_of_record`` for the scan: the same answer, the common case inlined."""
+    i = data.find(_KEY_MARK)
+    if i >= 0 and data.rfind(_KEY_MARK) == i:
+        if data[i + 10 : i + 11] == b'"':
+            j = data.find(b'"', i + 11)
+            if j > 0 and data.find(b"\\", i + 11, j) < 0:
+                return data[i + 11 : j].decode("utf-8", "replace")
+        elif data.startswith(b"null", i + 10):
+            return None
+    return _key_or_unreadable(data)
+
+
+_PARALLEL_MIN_BYTES = 64 << 20  # records.jsonl size from which two processes scan it
+
+
 def _scan(
     directory: Path, first: int, prev: str, sizes: set[int], wanted: set[int], out: _Problems
 ) -> _Scan:
-    """The record loop. Per record: one SHA-256 (record hash), one leaf hash, the tree
-    append, the key_arn fast path, and one string comparison with the chain.tsv row
-    it implies; only a record that fails goes through ``_diagnose``."""
-    zero_hex, sha, mark, full = ZERO.hex(), _sha256, _KEY_MARK, first == 1
-    seq = first - 1
-    heads: dict[str, tuple[int, str]] = {}  # key -> (key_seq, record hash) of its last
-    roots: dict[int, bytes] = {0: EMPTY_ROOT} if full else {}
-    stack: list[bytes] = []  # full exports: TreeBuilder's right edge, inlined for speed
-    blocks = _RangeBuilder(first - 1)
-    bad: list[int] = []
-    seen: dict[int, tuple[str, str, bytes]] = {}
-    misaligned = False
+    """Scan records.jsonl beside chain.tsv: per record the hash, the chain links and
+    the leaf; the tree roots at ``sizes``; the ``wanted`` records kept for the SIEM
+    check.
+
+    A full export of at least ``_PARALLEL_MIN_BYTES`` on Linux is scanned as two
+    halves, the second in a forked process (two cores: about twice as fast), and the
+    halves are joined at the seam: the second half's first prev and each key's first
+    keyPrev there must be what the first half ends with, and the tree is the first
+    half's blocks followed by the second's. Raises OSError when a file cannot be
+    read."""
+    if first == 1 and sys.platform == "linux":
+        split = _split_point(directory / "records.jsonl")
+        halves = _scan_halves(directory, split, prev, sizes, wanted) if split else None
+        if halves is not None:
+            return halves
+    part = _scan_part(directory, 0, None, 0, first, prev, first == 1, sizes, wanted)
+    for line in part.problems:
+        out.add(line)
+    return _Scan(part.last, part.roots, part.tree, part.bad, part.seen)
+
+
+def _scan_halves(
+    directory: Path, split: int, prev: str, sizes: set[int], wanted: set[int]
+) -> _Scan | None:
+    """A full export in two halves, the second from byte ``split`` in a forked
+    process. Returns None when either half or the seam shows any problem: the caller
+    then scans in one process, so that problems are named exactly as there."""
+    import concurrent.futures
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("fork")
+    with concurrent.futures.ProcessPoolExecutor(1, mp_context=ctx) as pool:
+        later = pool.submit(_scan_second_half, directory, split, sizes, wanted)
+        one = _scan_part(directory, 0, split, 0, 1, prev, True, sizes, wanted)
+        two = later.result()
+    if one.problems or one.bad or two.problems or two.bad:
+        return None
+    if two.s0 != one.last + 1 or two.prev_in != one.prev_out:
+        return None
+    for key, (_, key_seq, key_prev) in two.firsts.items():
+        head = one.heads.get(key, (0, _ZERO_HEX))
+        if (key_seq, key_prev) != (head[0] + 1, head[1]):
+            return None
+    tree = _RangeBuilder(0)
+    tree.blocks, tree.end = _join_blocks(one.tree.blocks, two.tree.blocks), two.tree.end
+    roots = {**one.roots}
+    for size, blocks in two.snaps.items():
+        roots[size] = _fold_right([b[2] for b in _join_blocks(one.tree.blocks, blocks)])
+    return _Scan(two.last, roots, tree, [], {**one.seen, **two.seen})
+
+
+def _split_point(rec: Path, min_bytes: int | None = None) -> int | None:
+    """The byte offset of the record line that starts nearest the middle of ``rec``,
+    or None when the file is smaller than ``min_bytes`` (``_PARALLEL_MIN_BYTES``)."""
+    size = rec.stat().st_size
+    if size < (_PARALLEL_MIN_BYTES if min_bytes is None else min_bytes):
+        return None
+    with rec.open("rb") as f:
+        f.seek(size // 2)
+        while chunk := f.read(1 << 16):
+            if (i := chunk.find(b"\n")) >= 0:
+                at = f.tell() - len(chunk) + i + 1
+                return at if at < size else None
+    return None
+
+
+def _line_offset(path: Path, lines: int) -> int:
+    """The byte offset just after the first ``lines`` newlines of ``path`` (its size
+    when it has fewer)."""
+    pos = 0
+    with path.open("rb") as f:
+        while lines and (chunk := f.read(1 << 20)):
+            n = chunk.count(b"\n")
+            if n < lines:
+                lines, pos = lines - n, pos + len(chunk)
+                continue
+            i = -1
+            for _ in range(lines):
+                i = chunk.find(b"\n", i + 1)
+            return pos + i + 1
+    return pos if not lines else path.stat().st_size
+
+
+def _scan_second_half(directory: Path, split: int, sizes: set[int], wanted: set[int]) -> _Part:
+    """In the forked process: the records from byte ``split`` to the end."""
+    with (directory / "records.jsonl").open("rb") as f:
+        before, left = 0, split
+        while left and (chunk := f.read(min(1 << 20, left))):
+            before, left = before + chunk.count(b"\n"), left - len(chunk)
+    tsv_at = _line_offset(directory / "chain.tsv", before)
+    return _scan_part(directory, split, None, tsv_at, before + 1, None, False, sizes, wanted)
+
+
+@dataclass
+class _Part:
+    """What scanning one stretch of records leaves behind."""
+
+    s0: int  # seq of its first record
+    prev_in: str  # the prev hash its first record had to name
+    known: bool  # whether every key's earlier records were seen (False: take the claims)
+    prev_out: str = ""  # the prev hash a next record must name
+    last: int = 0
+    heads: dict[str, tuple[int, str]] = field(default_factory=dict)  # key -> (keySeq, hash)
+    firsts: dict[str, tuple[int, int, str]] = field(default_factory=dict)  # unknown keys'
+    # first record here: key -> (seq, claimed keySeq, claimed keyPrev)
+    roots: dict[int, bytes] = field(default_factory=dict)  # known: tree root at sizes
+    snaps: dict[int, list[tuple[int, int, bytes]]] = field(default_factory=dict)  # else
+    tree: _RangeBuilder = field(default_factory=lambda: _RangeBuilder(0))
+    bad: list[int] = field(default_factory=list)
+    seen: dict[int, tuple[str, str, bytes]] = field(default_factory=dict)
+    problems: list[str] = field(default_factory=list)
+    misaligned: bool = False
+
+
+def _scan_part(
+    directory: Path,
+    rec_from: int,
+    rec_to: int | None,
+    tsv_from: int,
+    s0: int,
+    prev: str | None,
+    known: bool,
+    sizes: set[int],
+    wanted: set[int],
+) -> _Part:
+    """Records from byte ``rec_from`` to ``rec_to`` (None: the end) beside chain.tsv
+    from byte ``tsv_from``, the first being seq ``s0``. ``prev``: the prev hash the
+    first row must name (None: whatever it names). ``known``: every key's earlier
+    records are in this part (else a key's first row here is taken at its word and
+    listed in ``firsts``).
+
+    Fast path: a chunk's record hashes, then its chain.tsv rows checked column by
+    column (``_chunk_ok``), then its leaf hashes into the tree a level at a time. A
+    chunk that fails goes record by record through ``_slow_chunk``, which names each
+    bad record."""
+    sha = _sha256
+    tree = _RangeBuilder(s0 - 1)
+    cuts = sorted(sizes)
     with (directory / "records.jsonl").open("rb") as rf, (directory / "chain.tsv").open("rb") as tf:
+        rf.seek(rec_from)
+        tf.seek(tsv_from)
         tsv = _Rows(tf)
-        for lines in _chunks(rf):
+        part: _Part | None = None
+        seq = s0 - 1
+        for lines, marks in _chunks(rf, None if rec_to is None else rec_to - rec_from):
             rows = tsv.take(len(lines))
             rows += [""] * (len(lines) - len(rows))
-            for pos, data in enumerate(lines):
-                seq += 1
-                rh = sha(data).hexdigest()
-                leaf = sha(b"\x00" + data).digest()
-                key: str | None
-                i = data.find(mark)  # key_of_record's fast path, inlined
-                if i >= 0 and data.find(mark, i + 10) < 0:
-                    if data[i + 10 : i + 11] == b'"':
-                        j = data.find(b'"', i + 11)
-                        if j > 0 and data.find(b"\\", i + 11, j) < 0:
-                            key = data[i + 11 : j].decode("utf-8", "replace")
-                        else:
-                            key = _key_or_unreadable(data)
-                    elif data.startswith(b"null", i + 10):
-                        key = None
-                    else:
-                        key = _key_or_unreadable(data)
-                else:
-                    key = _key_or_unreadable(data)
-                row = rows[pos]
-                head = None if key is None else heads.get(key, (0, zero_hex) if full else None)
-                if key is None:
-                    ok = row == f"{seq}\t{rh}\t{prev}\t-\t-\t-"
-                elif head is not None:
-                    ok = row == f"{seq}\t{rh}\t{prev}\t{key}\t{head[0] + 1}\t{head[1]}"
-                else:  # partial export: the key's earlier records are not in the bundle
-                    ok = _first_of_key_ok(row, f"{seq}\t{rh}\t{prev}\t{key}\t")
-                if wanted and seq in wanted:
-                    seen[seq] = (rh, prev, data)
-                if ok:
-                    misaligned = False
-                    if key is not None:
-                        heads[key] = (head[0] + 1 if head else int(row.split("\t")[4]), rh)
-                    prev = rh
-                else:
-                    misaligned = _diagnose(
-                        seq, rh, prev, key, head, lines, rows, pos, misaligned, out
-                    )
-                    bad.append(seq)
-                    prev = _follow_claims(row, rh, heads)
-                if full:
-                    n, digest = seq - 1, leaf
-                    while n & 1:
-                        digest = sha(b"\x01" + stack.pop() + digest).digest()
-                        n >>= 1
-                    stack.append(digest)
-                    if seq in sizes:
-                        roots[seq] = _fold_right(stack)
-                else:
-                    blocks.append(leaf)
-        if tsv.take(1):
-            out.add(f"chain break at seq {seq + 1} (chain.tsv lists more records)")
-    return _Scan(seq, roots, blocks, bad, seen)
+            if part is None:
+                f = rows[0].split("\t") if rows else []
+                claimed = f[2] if len(f) == 6 else ""
+                part = _Part(s0, claimed if prev is None else prev, known, tree=tree)
+                part.prev_out = part.prev_in
+                part.roots = {0: EMPTY_ROOT} if known and s0 == 1 else {}
+            first = seq + 1
+            rhs = [sha(d).hexdigest() for d in lines]
+            new = _chunk_ok(lines, marks, rows, rhs, first, part)
+            if new is not None:
+                part.heads.update(new)
+                for i in range(len(lines)) if wanted else ():
+                    if first + i in wanted:
+                        part.seen[first + i] = (
+                            rhs[i],
+                            rhs[i - 1] if i else part.prev_out,
+                            lines[i],
+                        )
+                part.prev_out, part.misaligned = rhs[-1] if rhs else part.prev_out, False
+                leaves = [sha(b"\x00" + d).digest() for d in lines]
+                at, end = first - 1, first - 1 + len(lines)
+                for cut in [c for c in cuts if at < c <= end]:
+                    tree.extend(leaves[at - first + 1 : cut - first + 1])
+                    _at_size(part, cut)
+                    at = cut
+                tree.extend(leaves[at - first + 1 :])
+            else:
+                _slow_chunk(lines, rows, first, part, sizes, wanted)
+            seq = first + len(lines) - 1
+        if part is None:
+            part = _Part(s0, prev or "", known, prev_out=prev or "", tree=tree)
+            part.roots = {0: EMPTY_ROOT} if known and s0 == 1 else {}
+        part.last = seq
+        if rec_to is None and tsv.take(1):
+            part.problems.append(f"chain break at seq {seq + 1} (chain.tsv lists more records)")
+    return part
+
+
+def _at_size(part: _Part, size: int) -> None:
+    if part.known:
+        part.roots[size] = part.tree.root()
+    else:
+        part.snaps[size] = list(part.tree.blocks)
+
+
+def _join_blocks(
+    left: Sequence[tuple[int, int, bytes]], right: Sequence[tuple[int, int, bytes]]
+) -> list[tuple[int, int, bytes]]:
+    """The maximal aligned subtrees of two adjacent ranges' blocks put together."""
+    out = list(left)
+    for level, index, digest in right:
+        while index & 1 and out and out[-1][0] == level and out[-1][1] == index - 1:
+            digest = node_hash(out.pop()[2], digest)
+            level, index = level + 1, index >> 1
+        out.append((level, index, digest))
+    return out
+
+
+class _Needles(dict[str, bytes]):
+    """key -> the bytes ``"key_arn":"KEY"`` that confirm it in a record."""
+
+    def __missing__(self, key: str) -> bytes:
+        needle = _NULL_MARK if key == "-" else b'"key_arn":"' + key.encode() + b'"'
+        if len(self) < 100_000:
+            self[key] = needle
+        return needle
+
+
+_NEEDLES = _Needles()
+
+
+def _chunk_ok(
+    lines: list[bytes], marks: int, rows: list[str], rhs: list[str], s0: int, part: _Part
+) -> dict[str, tuple[int, str]] | None:
+    """Whether every chain.tsv row of a chunk is exactly the row its record implies
+    (what ``_slow_chunk`` checks one by one), column by column: the key heads the
+    chunk leaves behind, or None when anything differs.
+
+    A record's key is taken from its row and confirmed in the record: the row's key
+    (no quote or backslash in it) occurs as ``"key_arn":"KEY"`` (``"key_arn":null``
+    for ``-``), and ``"key_arn":`` occurs once per record (``marks``), so it is what
+    ``key_of_record`` returns."""
+    n = len(lines)
+    flat = "\t".join(rows).split("\t")
+    if marks != n or len(flat) != 6 * n or not n:
+        return None
+    if flat[1::6] != rhs or flat[2::6] != [part.prev_out, *rhs[:-1]]:
+        return None
+    if flat[0::6] != list(map(str, range(s0, s0 + n))):
+        return None
+    keys = flat[3::6]
+    joined = "".join(keys)
+    if '"' in joined or "\\" in joined:
+        return None
+    if not all(map(bytes.__contains__, lines, map(_NEEDLES.__getitem__, keys))):
+        return None
+    new: dict[str, tuple[int, str]] = {}
+    firsts: dict[str, tuple[int, int, str]] = {}
+    kseqs: list[str] = []
+    kprevs: list[str] = []
+    heads, zero = part.heads, (0, _ZERO_HEX)
+    for k, rh, i in zip(keys, rhs, range(n), strict=True):
+        if k == "-":
+            kseqs.append("-")
+            kprevs.append("-")
+            continue
+        h = new.get(k) or heads.get(k)
+        if h is None:
+            if part.known:
+                h = zero
+            else:  # the key's earlier records are not here: take the row's claim
+                claim = flat[6 * i + 4 : 6 * i + 6]
+                if not _claim_ok(claim[0], claim[1]):
+                    return None
+                h = (int(claim[0]) - 1, claim[1])
+                firsts[k] = (s0 + i, h[0] + 1, h[1])
+        kseqs.append(str(h[0] + 1))
+        kprevs.append(h[1])
+        new[k] = (h[0] + 1, rh)
+    if flat[4::6] != kseqs or flat[5::6] != kprevs:
+        return None
+    part.firsts.update(firsts)
+    return new
+
+
+def _slow_chunk(
+    lines: list[bytes], rows: list[str], s0: int, part: _Part, sizes: set[int], wanted: set[int]
+) -> None:
+    """One chunk record by record, naming each bad record in ``part.problems``."""
+    sha, zero_hex, heads, prev = _sha256, _ZERO_HEX, part.heads, part.prev_out
+    out = _ListProblems(part.problems)
+    for pos, data in enumerate(lines):
+        seq = s0 + pos
+        rh = sha(data).hexdigest()
+        key = _fast_key(data)
+        row = rows[pos]
+        head = None if key is None else heads.get(key, (0, zero_hex) if part.known else None)
+        if key is None:
+            ok = row == f"{seq}\t{rh}\t{prev}\t-\t-\t-"
+        elif head is not None:
+            ok = row == f"{seq}\t{rh}\t{prev}\t{key}\t{head[0] + 1}\t{head[1]}"
+        else:  # the key's earlier records are not here
+            ok = _first_of_key_ok(row, f"{seq}\t{rh}\t{prev}\t{key}\t")
+        if seq in wanted:
+            part.seen[seq] = (rh, prev, data)
+        if ok:
+            part.misaligned = False
+            if key is not None:
+                if head is None:
+                    f = row.split("\t")
+                    part.firsts[key] = (seq, int(f[4]), f[5])
+                heads[key] = (head[0] + 1 if head else int(row.split("\t")[4]), rh)
+            prev = rh
+        else:
+            part.misaligned = _diagnose(
+                seq, rh, prev, key, head, lines, rows, pos, part.misaligned, out
+            )
+            part.bad.append(seq)
+            prev = _follow_claims(row, rh, heads)
+        part.tree.append(sha(b"\x00" + data).digest())
+        if seq in sizes:
+            _at_size(part, seq)
+    part.prev_out = prev
+
+
+class _ListProblems:
+    """``_Problems.add`` into a plain list (a part's problems, capped when reported)."""
+
+    def __init__(self, lines: list[str]) -> None:
+        self.lines = lines
+
+    def add(self, text: str) -> None:
+        if len(self.lines) < 10_000:
+            self.lines.append(text)
 
 
 def _first_of_key_ok(row: str, prefix: str) -> bool:
     rest = row[len(prefix) :].split("\t") if row.startswith(prefix) else []
+    return len(rest) == 2 and _claim_ok(rest[0], rest[1])
+
+
+def _claim_ok(key_seq: str, key_prev: str) -> bool:
+    """A key's first row in a stretch that starts after its earlier records: any
+    keySeq from 1 and any hash (the seam or the range proof checks them)."""
     return (
-        len(rest) == 2 and rest[0].isdigit() and re.fullmatch(r"[0-9a-f]{64}", rest[1]) is not None
+        key_seq.isdigit()
+        and int(key_seq) >= 1
+        and re.fullmatch(r"[0-9a-f]{64}", key_prev) is not None
     )
 
 
@@ -727,7 +1036,7 @@ def _diagnose(
     rows: Sequence[str],
     pos: int,
     misaligned: bool,
-    out: _Problems,
+    out: _ListProblems,
 ) -> bool:
     """Name what is wrong with the record at ``seq`` whose chain.tsv row differs from
     the one it implies. Returns whether the records and rows are out of step (then the
@@ -791,10 +1100,14 @@ def _read_manifest(directory: Path, out: _Problems) -> dict[str, Any] | None:
 
 
 def _check_files(directory: Path, files: dict[str, str], out: _Problems) -> None:
+    """Every listed file is there and, but for the two the scan checks line by line
+    (a whole-file hash would be a third pass over every record's bytes), unchanged."""
     for name, want in sorted(files.items()):
         path = directory / name
         if ".." in Path(name).parts or not path.is_file():
             out.add(f"file {name} is missing")
+            continue
+        if name in ("records.jsonl", "chain.tsv"):
             continue
         h = _sha256()
         with path.open("rb") as f:
