@@ -3,11 +3,24 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
 from consumers.broker import BrokerStartError, TansuBroker
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Let the CLI and server subprocesses the tests start cache their bytecode.
+
+    With PYTHONDONTWRITEBYTECODE set (as on these machines) every subprocess recompiled
+    the project's modules; the cache goes to a temp dir, never into the checkout.
+    """
+    os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
+    cache = Path(tempfile.gettempdir()) / f"keyledger-test-pycache-{os.getuid()}"
+    os.environ.setdefault("PYTHONPYCACHEPREFIX", str(cache))
 
 
 @pytest.fixture(scope="session")

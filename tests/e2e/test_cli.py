@@ -121,6 +121,34 @@ def test_cli_key_lifecycle_and_round_trip_through_files_and_pipes(cli: Cli, tmp_
     )
 
 
+@pytest.fixture(scope="module")
+def bad_input_ledger(tmp_path_factory: pytest.TempPathFactory) -> tuple[Cli, dict[str, str]]:
+    """One ledger with the keys and files every bad-input case refers to."""
+    tmp_path = tmp_path_factory.mktemp("bad-input")
+    cli = Cli(tmp_path / "data")
+    key = cli("keys", "create").stdout.decode().strip().rsplit("/", 1)[1]
+    other = cli("keys", "create").stdout.decode().strip()
+    disabled = cli("keys", "create").stdout.decode().strip()
+    cli("keys", "disable", disabled)
+    plain = tmp_path / "p"
+    plain.write_bytes(b"hello")
+    blob = tmp_path / "blob"
+    cli("encrypt", "--key", key, "--context", "app=e2e", "--in", str(plain), "--out", str(blob))
+    raw = blob.read_bytes()
+    files = {
+        "flipped": raw[:30] + bytes([raw[30] ^ 1]) + raw[31:],
+        "truncated": raw[:-3],
+        "big": b"x" * 4097,
+        "empty": b"",
+        "plain": b"hello",
+    }
+    for fname, data in files.items():
+        (tmp_path / fname).write_bytes(data)
+    values = {"key": key, "other": other, "disabled": disabled, "blob": str(blob)}
+    values.update({f: str(tmp_path / f) for f in files})
+    return cli, values
+
+
 @pytest.mark.parametrize(
     ("name", "args", "error"),
     [
@@ -170,30 +198,12 @@ def test_cli_key_lifecycle_and_round_trip_through_files_and_pipes(cli: Cli, tmp_
     ids=lambda v: v if isinstance(v, str) and " " in v else None,
 )
 def test_cli_bad_input_prints_one_aws_error_line_exits_1_and_adds_one_failure_record(
-    cli: Cli, tmp_path: Path, name: str, args: list[str], error: str
+    bad_input_ledger: tuple[Cli, dict[str, str]], name: str, args: list[str], error: str
 ) -> None:
-    key = cli("keys", "create").stdout.decode().strip().rsplit("/", 1)[1]
-    other = cli("keys", "create").stdout.decode().strip()
-    disabled = cli("keys", "create").stdout.decode().strip()
-    cli("keys", "disable", disabled)
-    plain = tmp_path / "p"
-    plain.write_bytes(b"hello")
-    blob = tmp_path / "blob"
-    cli("encrypt", "--key", key, "--context", "app=e2e", "--in", str(plain), "--out", str(blob))
-    raw = blob.read_bytes()
-    files = {
-        "flipped": raw[:30] + bytes([raw[30] ^ 1]) + raw[31:],
-        "truncated": raw[:-3],
-        "big": b"x" * 4097,
-        "empty": b"",
-    }
-    for fname, data in files.items():
-        (tmp_path / fname).write_bytes(data)
-    values = {"key": key, "other": other, "disabled": disabled, "blob": str(blob)}
-    values.update({f: str(tmp_path / f) for f in files})
+    cli, values = bad_input_ledger
     full = [a.format(**values) for a in args]
     if "--in" not in full:
-        full += ["--in", str(plain)]
+        full += ["--in", values["plain"]]
     before = cli.head_count()
     keys_before = cli("--json", "keys", "list").stdout
 
