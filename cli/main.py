@@ -24,6 +24,7 @@ from cli.common import jsonable as _jsonable
 from cli.common import parse_pairs
 from cli.context import CliContext
 from cli.crypto_cmds import data_key_app, envelope_app, random_bytes, reencrypt
+from cli.forensics import register as register_forensics
 from cli.grants import grants_app
 from cli.keys import keys_app
 from cli.maintenance import maintenance_app
@@ -48,6 +49,7 @@ app.add_typer(grants_app, name="grants")
 app.add_typer(maintenance_app, name="maintenance")
 app.add_typer(audit_app, name="audit")
 register_audit(audit_app)
+register_forensics(audit_app, projections_app)
 app.add_typer(projections_app, name="projections")
 app.add_typer(data_key_app, name="data-key")
 app.add_typer(envelope_app, name="envelope")
@@ -255,47 +257,6 @@ def trail_line(seq: int, event: dict[str, Any]) -> str:
     )
 
 
-@audit_app.command("trail")
-def audit_trail(
-    ctx: typer.Context,
-    key: Annotated[str | None, typer.Option(help="Only events of this key (id or ARN).")] = None,
-    limit: Annotated[int, typer.Option(help="Show at most the last N matching events.")] = 50,
-) -> None:
-    """Who did what to which key, when, and with what outcome (incl. failures)."""
-    cli = _ctx(ctx)
-    ledger = cli.ledger_without_hsm
-    arn = ledger.settings.key_arn(str(ledger.resolve_key_id(key))) if key else None
-    lines: list[str] = []
-    rows: list[dict[str, Any]] = []
-    position = 0
-    while True:
-        records = ledger.db.read_records(position, 2000)
-        if not records:
-            break
-        for record in records:
-            event = record.event()
-            if arn is None or event.get("key_arn") == arn:
-                lines.append(trail_line(record.seq, event))
-                rows.append({"seq": record.seq, **_trail_json(event)})
-        position = records[-1].seq
-        lines, rows = lines[-limit:], rows[-limit:]
-    if cli.json_output:
-        typer.echo(orjson.dumps(rows, option=orjson.OPT_INDENT_2).decode())
-    else:
-        typer.echo("\n".join(lines) if lines else "(no events)")
-
-
-def _trail_json(event: dict[str, Any]) -> dict[str, Any]:
-    return {
-        "time": event.get("timestamp"),
-        "operation": event.get("call", {}).get("operation"),
-        "principal": event.get("call", {}).get("principal"),
-        "keyArn": event.get("key_arn"),
-        "errorCode": event.get("error_code"),
-        "requestParameters": event.get("request"),
-    }
-
-
 # ---------------------------------------------------------------- stream, projections
 
 
@@ -342,17 +303,6 @@ def stream(
                 stop.set()
     finally:
         relay.close()
-
-
-@projections_app.command("rebuild")
-def projections_rebuild(ctx: typer.Context) -> None:
-    """Rebuild the key and alias catalog from the whole log."""
-    cli = _ctx(ctx)
-    n = cli.catalog.rebuild()
-    docs = [orjson.loads(doc) for _, doc in cli.catalog.snapshot()]
-    keys = sum(1 for d in docs if "key_id" in d and not d["deleted"])
-    aliases = sum(1 for d in docs if "key_id" not in d and d.get("target") is not None)
-    typer.echo(f"rebuilt catalog from {n} events ({keys} keys, {aliases} aliases)")
 
 
 @app.command("demo")

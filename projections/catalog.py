@@ -132,6 +132,10 @@ class KeyCatalog:
             rows = c.execute(f"SELECT doc FROM {table} ORDER BY id").fetchall()
         return [orjson.loads(r["doc"]) for r in rows]
 
+    def key_docs(self) -> list[dict[str, Any]]:
+        """Every key document (deleted keys included), caught up first."""
+        return self._docs(self.keys_table)
+
     def key_doc(self, key_uuid: UUID, arn_for_errors: str) -> dict[str, Any]:
         """A live key's document; raises NotFoundError for unknown or deleted keys."""
         self.catch_up()

@@ -213,7 +213,7 @@ def test_cli_bad_input_prints_one_aws_error_line_exits_1_and_adds_one_failure_re
     assert lines[0].startswith(f"error: {error}"), lines
     assert proc.stdout == b""
     assert cli.head_count() == before + 1
-    last = json.loads(self_json(cli, "audit", "trail", "--limit", "1"))[-1]
+    last = json.loads(self_json(cli, "audit", "trail", "--limit", "1"))["record"]
     assert last["errorCode"] == error
     assert cli("--json", "keys", "list").stdout == keys_before
 

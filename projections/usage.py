@@ -1,0 +1,538 @@
+"""The usage index: one row per recorded call (successful or failed), with the alias
+history that resolves ``--key alias/...`` as the alias was at each call's time.
+
+Tables (each in the ledger's database, beside the log):
+
+- ``kl_usage``: seq, time, key ARN (resolved), the source key of a ReEncrypt, KeyId as
+  sent, operation, event kind, principal, account, region, source IP, user agent,
+  encryption context, algorithm, error code, request id;
+- ``kl_usage_ctx``: one row per encryption-context pair of a call, for ``k=v`` lookups;
+- ``kl_alias_hist``: which key each alias ARN named from one seq up to the next.
+
+Rows and the tracked position are written in one transaction per batch, so a crash
+leaves a consistent prefix; inserts ignore rows already there, so applying a record
+twice changes nothing. Only request fields AWS logs reach the index (no plaintext,
+ciphertext or token ever does: the stored events do not hold them).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import orjson
+
+from ledger.persistence import LedgerDatabase, SqlCursor
+from ledger.records import LedgerRecord
+
+USAGE = "kl_usage"
+CONTEXT = "kl_usage_ctx"
+ALIAS_HISTORY = "kl_alias_hist"
+POSITION_NAME = "projection:usage:v1"
+
+#: Operations GetKeyLastUsage counts (botocore's KeyLastUsageTrackingOperation).
+CRYPTO_OPERATIONS = frozenset(
+    {
+        "Decrypt",
+        "DeriveSharedSecret",
+        "Encrypt",
+        "GenerateDataKey",
+        "GenerateDataKeyPair",
+        "GenerateDataKeyPairWithoutPlaintext",
+        "GenerateDataKeyWithoutPlaintext",
+        "GenerateMac",
+        "ReEncrypt",
+        "Sign",
+        "Verify",
+        "VerifyMac",
+        "Encapsulate",
+        "Decapsulate",
+    }
+)
+_KEY_SENT_FIELDS = ("keyId", "destinationKeyId", "targetKeyId")
+_CONTEXT_FIELDS = ("encryptionContext", "destinationEncryptionContext")
+_ALGORITHM_FIELDS = (
+    "encryptionAlgorithm",
+    "destinationEncryptionAlgorithm",
+    "signingAlgorithm",
+    "macAlgorithm",
+    "keyAgreementAlgorithm",
+    "keyPairSpec",
+    "keySpec",
+)
+_TOPIC_PREFIX = "ledger.domain.model:"
+COLUMNS = (
+    "seq",
+    "ts",
+    "time",
+    "kind",
+    "operation",
+    "principal",
+    "account",
+    "region",
+    "source_ip",
+    "user_agent",
+    "key_arn",
+    "source_key_arn",
+    "key_sent",
+    "context",
+    "algorithm",
+    "error_code",
+    "request_id",
+)
+_INDEXES = {
+    "kl_usage_key": "key_arn, seq",
+    "kl_usage_src": "source_key_arn, seq",
+    "kl_usage_sent": "key_sent, seq",
+    "kl_usage_principal": "principal, seq",
+    "kl_usage_op": "operation, seq",
+    "kl_usage_error": "error_code, seq",
+    "kl_usage_ip": "source_ip, seq",
+    "kl_usage_ts": "ts",
+}
+
+
+def epoch_us(iso: str) -> int:
+    """Microseconds since the epoch of an ISO 8601 timestamp with an offset."""
+    d = datetime.fromisoformat(iso)
+    return int(d.timestamp()) * 1_000_000 + d.microsecond
+
+
+def _first(request: dict[str, Any], names: Sequence[str]) -> Any:
+    for name in names:
+        value = request.get(name)
+        if value is not None:
+            return value
+    return None
+
+
+def usage_row(seq: int, event: dict[str, Any]) -> tuple[Any, ...]:
+    """The index row of one decoded stored event (columns as ``COLUMNS``)."""
+    call = event.get("call") or {}
+    request = event.get("request") or {}
+    additional = event.get("additional") or {}
+    topic = str(event.get("topic", ""))
+    ctx = _first(request, _CONTEXT_FIELDS)
+    sent = _first(request, _KEY_SENT_FIELDS)
+    algorithm = _first(request, _ALGORITHM_FIELDS)
+    return (
+        seq,
+        epoch_us(event["timestamp"]),
+        event["timestamp"],
+        topic[len(_TOPIC_PREFIX) :] if topic.startswith(_TOPIC_PREFIX) else topic,
+        call.get("operation"),
+        call.get("principal"),
+        call.get("account_id"),
+        call.get("region"),
+        call.get("source_ip"),
+        call.get("user_agent"),
+        event.get("key_arn"),
+        additional.get("sourceKeyArn") if isinstance(additional, dict) else None,
+        sent if isinstance(sent, str) else None,
+        orjson.dumps(ctx, option=orjson.OPT_SORT_KEYS).decode() if ctx else None,
+        algorithm if isinstance(algorithm, str) else None,
+        event.get("error_code"),
+        call.get("request_id"),
+    )
+
+
+def _key_prefix(alias_arn: str) -> str:
+    return alias_arn.split(":alias/", 1)[0] + ":key/"
+
+
+@dataclass
+class Filters:
+    """``audit trail`` filters; every given one must match (``operations``: any of)."""
+
+    key_arns: Sequence[str] = ()  # resolved keys (any of); matches the ReEncrypt source too
+    alias_arn: str | None = None  # the key the alias named at each call's time
+    key_sent: str | None = None  # KeyId as sent (also finds calls on unknown keys)
+    principal: str | None = None
+    operations: Sequence[str] = ()
+    since_us: int | None = None
+    until_us: int | None = None
+    error: bool = False
+    error_code: str | None = None
+    context: Sequence[tuple[str, str]] = ()
+    source_ip: str | None = None
+    limit: int | None = None  # the last N matches
+
+
+class UsageIndex:
+    """The usage index and alias history over a ledger database."""
+
+    name = "usage"
+
+    def __init__(self, db: LedgerDatabase, *, batch_size: int = 5000) -> None:
+        self.db = db
+        self.usage = db.table(USAGE)
+        self.context = db.table(CONTEXT)
+        self.aliases = db.table(ALIAS_HISTORY)
+        self.batch_size = batch_size
+        self._lock = threading.Lock()
+        cols = ", ".join(
+            f"{c} BIGINT NOT NULL" if c in ("seq", "ts") else f"{c} TEXT" for c in COLUMNS
+        )
+        with db.ddl_transaction() as c:
+            c.execute(f"CREATE TABLE IF NOT EXISTS {self.usage} ({cols}, PRIMARY KEY (seq))")
+            c.execute(
+                f"CREATE TABLE IF NOT EXISTS {self.context} (k TEXT NOT NULL, v TEXT NOT NULL, "
+                "seq BIGINT NOT NULL, PRIMARY KEY (k, v, seq))"
+            )
+            c.execute(
+                f"CREATE TABLE IF NOT EXISTS {self.aliases} (alias_id TEXT NOT NULL, "
+                "alias_arn TEXT NOT NULL, "
+                "key_arn TEXT, from_seq BIGINT NOT NULL, to_seq BIGINT, "
+                "PRIMARY KEY (alias_id, from_seq))"
+            )
+            self._create_indexes(c)
+
+    def _create_indexes(self, c: SqlCursor) -> None:
+        for name, columns in _INDEXES.items():
+            c.execute(f"CREATE INDEX IF NOT EXISTS {name} ON {self.usage} ({columns})")
+        c.execute(f"CREATE INDEX IF NOT EXISTS kl_alias_hist_key ON {self.aliases} (key_arn)")
+        c.execute(f"CREATE INDEX IF NOT EXISTS kl_alias_hist_arn ON {self.aliases} (alias_arn)")
+
+    @property
+    def position(self) -> int:
+        return self.db.get_position(POSITION_NAME)
+
+    # ---------------------------------------------------------------- building
+
+    def catch_up(self, progress: Callable[[int, int], None] | None = None) -> int:
+        """Index every record after the tracked position; return how many were read.
+
+        ``progress(done, head)`` is called after each batch.
+        """
+        done = 0
+        head = self.db.head_seq() if progress is not None else 0
+        with self._lock:
+            position = self.db.get_position(POSITION_NAME)
+            while True:
+                records = self.db.read_records(position, self.batch_size)
+                if not records:
+                    return done
+                with self.db.transaction(commit=True) as c:
+                    self._apply(c, records)
+                    c.execute(
+                        "INSERT INTO {positions} (name, position) VALUES (?, ?) "
+                        "ON CONFLICT (name) DO UPDATE SET position = excluded.position "
+                        "WHERE {positions}.position < excluded.position",
+                        (POSITION_NAME, records[-1].seq),
+                    )
+                position = records[-1].seq
+                done += len(records)
+                if progress is not None:
+                    progress(position, max(head, position))
+
+    def rebuild(self, progress: Callable[[int, int], None] | None = None) -> int:
+        """Drop the index and rebuild it from the whole log; return records read.
+
+        Secondary indexes are dropped for the bulk load and made again at the end; a
+        rebuild killed midway leaves rows consistent with the saved position, and the
+        next rebuild (or catch-up) completes it to the same tables.
+        """
+        with self._lock, self.db.transaction(commit=True) as c:
+            for table in (self.usage, self.context, self.aliases):
+                c.execute(f"DELETE FROM {table}")
+            for name in (*_INDEXES, "kl_alias_hist_key", "kl_alias_hist_arn"):
+                c.execute(self._drop_index(name))
+            c.execute("DELETE FROM {positions} WHERE name = ?", (POSITION_NAME,))
+        n = self.catch_up(progress)
+        with self.db.ddl_transaction() as c:
+            self._create_indexes(c)
+        return n
+
+    def _drop_index(self, name: str) -> str:
+        if self.db.is_postgres:
+            schema = self.usage.rsplit(".", 1)[0]
+            return f"DROP INDEX IF EXISTS {schema}.{name}"
+        return f"DROP INDEX IF EXISTS {name}"
+
+    def _apply(self, c: SqlCursor, records: Sequence[LedgerRecord]) -> None:
+        rows: list[tuple[Any, ...]] = []
+        pairs: list[tuple[str, str, int]] = []
+        alias_events: list[tuple[int, dict[str, Any]]] = []
+        for record in records:
+            event = record.event()
+            row = usage_row(record.seq, event)
+            rows.append(row)
+            request = event.get("request") or {}
+            for name in _CONTEXT_FIELDS:
+                ctx = request.get(name)
+                if isinstance(ctx, dict):
+                    pairs.extend((str(k), str(v), record.seq) for k, v in ctx.items())
+            topic = row[3]
+            if topic.startswith("Alias.") or topic == "Key.Deleted":
+                alias_events.append((record.seq, event))
+        placeholders = ", ".join("?" for _ in COLUMNS)
+        c.executemany(
+            f"INSERT INTO {self.usage} ({', '.join(COLUMNS)}) VALUES ({placeholders}) "
+            "ON CONFLICT (seq) DO NOTHING",
+            rows,
+        )
+        if pairs:
+            c.executemany(
+                f"INSERT INTO {self.context} (k, v, seq) VALUES (?, ?, ?) ON CONFLICT DO NOTHING",
+                list(dict.fromkeys(pairs)),
+            )
+        for seq, event in alias_events:
+            self._apply_alias(c, seq, event)
+
+    def _apply_alias(self, c: SqlCursor, seq: int, event: dict[str, Any]) -> None:
+        topic = str(event["topic"])
+        if topic.endswith("Key.Deleted"):
+            c.execute(
+                f"UPDATE {self.aliases} SET to_seq = ? WHERE key_arn = ? AND to_seq IS NULL "
+                "AND from_seq < ?",
+                (seq, event["key_arn"], seq),
+            )
+            return
+        alias_id = str(event["originator_id"])
+        alias_arn = event.get("alias_arn")  # only Alias.Created names it
+        if alias_arn is None:
+            row = c.execute(
+                f"SELECT alias_arn FROM {self.aliases} WHERE alias_id = ? LIMIT 1", (alias_id,)
+            ).fetchone()
+            if row is None:
+                return
+            alias_arn = row["alias_arn"]
+        c.execute(
+            f"UPDATE {self.aliases} SET to_seq = ? WHERE alias_id = ? AND to_seq IS NULL "
+            "AND from_seq < ?",
+            (seq, alias_id, seq),
+        )
+        target = event.get("target_key_id")
+        if not topic.endswith(".Deleted") and target:
+            c.execute(
+                f"INSERT INTO {self.aliases} (alias_id, alias_arn, key_arn, from_seq, to_seq) "
+                "VALUES (?, ?, ?, ?, NULL) ON CONFLICT DO NOTHING",
+                (alias_id, alias_arn, _key_prefix(alias_arn) + str(target), seq),
+            )
+
+    def snapshot(self) -> list[tuple[Any, ...]]:
+        """Every row of the three tables, in a fixed order, for comparing rebuilds."""
+        with self.db.transaction(commit=False) as c:
+            out: list[tuple[Any, ...]] = []
+            for table, order in (
+                (self.usage, "seq"),
+                (self.context, "k, v, seq"),
+                (self.aliases, "alias_id, from_seq"),
+            ):
+                rows = c.execute(f"SELECT * FROM {table} ORDER BY {order}").fetchall()
+                out.extend((table.rsplit(".", 1)[-1], *dict(r).values()) for r in rows)
+        return out
+
+    # ---------------------------------------------------------------- queries
+
+    def _where(self, f: Filters) -> tuple[str, list[Any]]:
+        clauses: list[str] = []
+        params: list[Any] = []
+        keys: list[str] = []
+        if f.key_arns or f.alias_arn or f.key_sent:
+            parts: list[str] = []
+            if f.key_arns:
+                marks = ", ".join("?" for _ in f.key_arns)
+                parts.append(f"u.key_arn IN ({marks}) OR u.source_key_arn IN ({marks})")
+                keys.extend([*f.key_arns, *f.key_arns])
+            if f.alias_arn:
+                parts.append(
+                    f"EXISTS (SELECT 1 FROM {self.aliases} h WHERE h.alias_arn = ? "
+                    "AND h.key_arn = u.key_arn AND h.from_seq < u.seq "
+                    "AND (h.to_seq IS NULL OR u.seq <= h.to_seq))"
+                )
+                keys.append(f.alias_arn)
+            if f.key_sent:
+                parts.append("u.key_sent = ?")
+                keys.append(f.key_sent)
+            clauses.append("(" + " OR ".join(f"({p})" for p in parts) + ")")
+            params.extend(keys)
+        if f.principal:
+            clauses.append("u.principal = ?")
+            params.append(f.principal)
+        if f.operations:
+            clauses.append(f"u.operation IN ({', '.join('?' for _ in f.operations)})")
+            params.extend(f.operations)
+        if f.since_us is not None:
+            clauses.append("u.ts >= ?")
+            params.append(f.since_us)
+        if f.until_us is not None:
+            clauses.append("u.ts <= ?")
+            params.append(f.until_us)
+        if f.error_code:
+            clauses.append("u.error_code = ?")
+            params.append(f.error_code)
+        elif f.error:
+            clauses.append("u.error_code IS NOT NULL")
+        for k, v in f.context:
+            clauses.append(
+                f"u.seq IN (SELECT x.seq FROM {self.context} x WHERE x.k = ? AND x.v = ?)"
+            )
+            params.extend([k, v])
+        if f.source_ip:
+            clauses.append("u.source_ip = ?")
+            params.append(f.source_ip)
+        return (" WHERE " + " AND ".join(clauses)) if clauses else "", params
+
+    def trail(self, f: Filters) -> list[dict[str, Any]]:
+        """The matching rows in seq order (the last ``f.limit`` when given)."""
+        self.catch_up()
+        where, params = self._where(f)
+        sql = f"SELECT u.* FROM {self.usage} u{where} ORDER BY u.seq"
+        if f.limit is not None:
+            sql = f"SELECT * FROM (SELECT u.* FROM {self.usage} u{where} "
+            sql += "ORDER BY u.seq DESC LIMIT ?) t ORDER BY seq"
+            params.append(f.limit)
+        with self.db.transaction(commit=False) as c:
+            return [dict(r) for r in c.execute(sql, params).fetchall()]
+
+    def stats(
+        self, f: Filters, by: str, bucket: str | None = None, top: int | None = None
+    ) -> list[dict[str, Any]]:
+        """Counts per ``by`` (key, principal, operation, error, source_ip) and, with
+        ``bucket`` ("day" or "hour"), per period; first and last use of each group;
+        ordered by count (descending), then group. Raises ValueError on a bad ``by``."""
+        column = {
+            "key": "u.key_arn",
+            "principal": "u.principal",
+            "operation": "u.operation",
+            "error": "u.error_code",
+            "source_ip": "u.source_ip",
+        }.get(by)
+        if column is None:
+            raise ValueError(f"unknown grouping {by!r}")
+        self.catch_up()
+        where, params = self._where(f)
+        period = "''"
+        if bucket == "day":
+            period = "substr(u.time, 1, 10)"
+        elif bucket == "hour":
+            period = "substr(u.time, 1, 13)"
+        elif bucket is not None:
+            raise ValueError(f"unknown bucket {bucket!r}")
+        sql = (
+            f"SELECT {column} AS grp, {period} AS period, COUNT(*) AS n, "
+            f"MIN(u.seq) AS first_seq, MAX(u.seq) AS last_seq FROM {self.usage} u{where} "
+            f"GROUP BY {column}" + (f", {period}" if bucket is not None else "")
+        )
+        with self.db.transaction(commit=False) as c:
+            rows = [dict(r) for r in c.execute(sql, params).fetchall()]
+            seqs = {r["first_seq"] for r in rows} | {r["last_seq"] for r in rows}
+            times = self._times(c, seqs)
+        for r in rows:
+            r["first"] = times[r.pop("first_seq")]
+            r["last"] = times[r.pop("last_seq")]
+            if bucket is None:
+                del r["period"]
+        rows.sort(key=lambda r: (-r["n"], str(r["grp"]), r.get("period", "")))
+        return rows[:top] if top is not None else rows
+
+    def _times(self, c: SqlCursor, seqs: Iterable[int]) -> dict[int, str]:
+        out: dict[int, str] = {}
+        wanted = sorted(seqs)
+        for i in range(0, len(wanted), 500):
+            chunk = wanted[i : i + 500]
+            q = f"SELECT seq, time FROM {self.usage} WHERE seq IN ({', '.join('?' * len(chunk))})"
+            for r in c.execute(q, chunk).fetchall():
+                out[int(r["seq"])] = r["time"]
+        return out
+
+    def last_used(self, key_arn: str) -> dict[str, Any] | None:
+        """The last successful cryptographic call with the key (GetKeyLastUsage), as
+        a row, or None."""
+        self.catch_up()
+        ops = sorted(CRYPTO_OPERATIONS)
+        marks = ", ".join("?" for _ in ops)
+        found: list[dict[str, Any]] = []
+        with self.db.transaction(commit=False) as c:
+            for column in ("key_arn", "source_key_arn"):
+                row = c.execute(
+                    f"SELECT * FROM {self.usage} WHERE {column} = ? AND error_code IS NULL "
+                    f"AND operation IN ({marks}) ORDER BY seq DESC LIMIT 1",
+                    [key_arn, *ops],
+                ).fetchone()
+                if row is not None:
+                    found.append(dict(row))
+        return max(found, key=lambda r: int(r["seq"])) if found else None
+
+    def denied_bursts(
+        self, f: Filters, *, window_s: int = 300, threshold: int = 5
+    ) -> list[dict[str, Any]]:
+        """AccessDenied bursts: per (principal, source IP), runs of denials in which
+        each is at most ``window_s`` after the previous, with at least ``threshold``."""
+        denied = Filters(**{**f.__dict__, "error_code": "AccessDeniedException", "limit": None})
+        self.catch_up()
+        where, params = self._where(denied)
+        sql = (
+            f"SELECT u.seq, u.ts, u.time, u.principal, u.source_ip FROM {self.usage} u{where} "
+            "ORDER BY u.principal, u.source_ip, u.seq"
+        )
+        with self.db.transaction(commit=False) as c:
+            rows = [dict(r) for r in c.execute(sql, params).fetchall()]
+        return group_bursts(rows, window_s=window_s, threshold=threshold)
+
+
+def group_bursts(
+    rows: Sequence[dict[str, Any]], *, window_s: int, threshold: int
+) -> list[dict[str, Any]]:
+    """Runs of denials per (principal, source IP), rows given in that order, then seq."""
+    out: list[dict[str, Any]] = []
+    run: list[dict[str, Any]] = []
+
+    def close() -> None:
+        if len(run) >= threshold:
+            out.append(
+                {
+                    "principal": run[0]["principal"],
+                    "source_ip": run[0]["source_ip"],
+                    "count": len(run),
+                    "first": run[0]["time"],
+                    "last": run[-1]["time"],
+                    "first_seq": run[0]["seq"],
+                    "last_seq": run[-1]["seq"],
+                }
+            )
+
+    for r in rows:
+        same = run and (run[-1]["principal"], run[-1]["source_ip"]) == (
+            r["principal"],
+            r["source_ip"],
+        )
+        if same and int(r["ts"]) - int(run[-1]["ts"]) <= window_s * 1_000_000:
+            run.append(r)
+            continue
+        close()
+        run = [r]
+    close()
+    out.sort(key=lambda b: (-b["count"], b["first_seq"]))
+    return out
+
+
+def stored_records(db: LedgerDatabase, seqs: Sequence[int]) -> list[LedgerRecord]:
+    """The chained records at ``seqs`` (in seq order), read in chunks."""
+    out: list[LedgerRecord] = []
+    wanted = sorted(set(seqs))
+    with db.transaction(commit=False) as c:
+        for i in range(0, len(wanted), 500):
+            chunk = wanted[i : i + 500]
+            rows = c.execute(
+                "SELECT c.seq AS seq, c.record_hash AS record_hash, c.prev AS prev, "
+                "e.state AS state FROM {chain} c JOIN {events} e "
+                "ON e.{nid} = c.notification_id WHERE c.seq IN ("
+                + ", ".join("?" for _ in chunk)
+                + ") ORDER BY c.seq",
+                chunk,
+            ).fetchall()
+            out.extend(
+                LedgerRecord(
+                    seq=int(r["seq"]),
+                    data=bytes(r["state"]),
+                    record_hash=bytes(r["record_hash"]),
+                    prev=bytes(r["prev"]),
+                )
+                for r in rows
+            )
+    return out
