@@ -15,6 +15,7 @@ import argparse
 import json
 import random
 import sys
+import threading
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -46,7 +47,10 @@ class Generator:
     ) -> None:
         self.ledger = ledger
         self.clock = clock
-        self.rng = random.Random(seed)
+        self.seed = seed
+        self._local = threading.local()
+        self._local.rng = random.Random(seed)
+        self._clock_lock = threading.Lock()
         self.target = events
         self.step = timedelta(days=days) / max(events, 1)
         self.keys: list[str] = []  # key ARNs
@@ -57,15 +61,27 @@ class Generator:
         self.grants: list[tuple[str, str]] = []
         self.failures = 0
 
+    @property
+    def rng(self) -> random.Random:
+        """This thread's random source (the main thread's is seeded with ``seed``)."""
+        rng: random.Random | None = getattr(self._local, "rng", None)
+        if rng is None:
+            rng = self._local.rng = random.Random(f"{self.seed}-{threading.get_ident()}")
+        return rng
+
     def written(self) -> int:
         return self.ledger.db.head_seq()
 
     def tick(self) -> None:
-        self.clock.advance(self.step * self.rng.uniform(0.5, 1.5))
+        step = self.step * self.rng.uniform(0.5, 1.5)
+        with self._clock_lock:
+            self.clock.advance(step)
 
     def call(self, fn: Any, *, burst: bool = False, **kwargs: Any) -> Any:
         if burst:  # calls in quick succession
-            self.clock.advance(timedelta(seconds=self.rng.uniform(0.5, 5)))
+            step = timedelta(seconds=self.rng.uniform(0.5, 5))
+            with self._clock_lock:
+                self.clock.advance(step)
         else:
             self.tick()
         try:
@@ -262,16 +278,30 @@ class Generator:
                 self.ledger.encrypt, caller=denied, key_id=self.keys[0], plaintext=b"x", burst=True
             )
 
-    def run(self) -> int:
-        wound_down = False
-        while self.written() < self.target:
-            if not wound_down and self.written() >= self.target * 0.97:
-                self.wind_down()
-                wound_down = True
-            elif self.rng.random() < 0.01:
+    def _loop(self, until: int) -> None:
+        while self.written() < until:
+            if self.rng.random() < 0.01:
                 self.lifecycle()
             else:
                 self.use()
+
+    def run(self, threads: int = 1) -> int:
+        """Write until the target; with ``threads`` > 1 the bulk is written by that many
+        threads at once (the ledger's group commit), so the order is not reproducible."""
+        bulk = int(self.target * 0.97)
+        if threads <= 1:
+            self._loop(bulk)
+        else:
+            workers = [
+                threading.Thread(target=self._loop, args=(bulk,), daemon=True)
+                for _ in range(threads)
+            ]
+            for w in workers:
+                w.start()
+            for w in workers:
+                w.join()
+        self.wind_down()
+        self._loop(self.target)
         return self.written()
 
 
@@ -284,11 +314,12 @@ def generate(
     principals: int = 50,
     days: int = 30,
     seed: int = 7,
+    threads: int = 1,
 ) -> Generator:
     """Fill ``ledger`` (whose clock is ``clock``) up to about ``events`` records."""
     gen = Generator(ledger, clock, seed=seed, events=events, days=days)
     gen.setup(keys, principals)
-    gen.run()
+    gen.run(threads)
     return gen
 
 
@@ -299,6 +330,7 @@ def main() -> None:
     parser.add_argument("--principals", type=int, default=50)
     parser.add_argument("--days", type=int, default=30)
     parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--threads", type=int, default=1, help="Writers at once (faster).")
     parser.add_argument("--data-dir", type=Path, default=None)
     parser.add_argument("--database-url", default=None)
     args = parser.parse_args()
@@ -324,6 +356,7 @@ def main() -> None:
             principals=args.principals,
             days=args.days,
             seed=args.seed,
+            threads=args.threads,
         )
         dt = time.perf_counter() - t0
         n = gen.written()

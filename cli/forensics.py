@@ -12,6 +12,7 @@ import io
 import re
 import sys
 import time
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any
 
@@ -328,10 +329,9 @@ def investigate_key(
     cli = ctx_of(ctx)
     index = _index(cli)
     f = build_filters(cli, key=key)
-    rows = index.trail(f)
-    lifecycle = [r for r in rows if not str(r["kind"]).startswith("ApiCall.")]
-    access = [r for r in rows if r["operation"] in MANAGEMENT_OF_ACCESS]
-    denied = [r for r in rows if r["error_code"] == "AccessDeniedException"]
+    lifecycle = index.trail(replace(f, lifecycle=True))
+    access = index.trail(replace(f, operations=list(MANAGEMENT_OF_ACCESS)))
+    denied = index.trail(replace(f, error_code="AccessDeniedException"))
     usage = index.stats(f, "operation")
     report = {
         "lifecycle": lifecycle,
@@ -375,9 +375,12 @@ def investigate_principal(
             typer.echo(f"{r['n']:>9}  {r['grp'] or '-'}  first {r['first']}  last {r['last']}")
 
 
-def pending_deletion_use(cli: CliContext, days: int, now: datetime) -> list[dict[str, Any]]:
+def pending_deletion_use(
+    cli: CliContext, days: int, now: datetime, limit: int = 50
+) -> dict[str, Any]:
     """Calls (any outcome) in the ``days`` before ``now`` on keys that are now pending
-    deletion or disabled."""
+    deletion or disabled: counts per key with first and last call, and the last
+    ``limit`` calls."""
     from projections.usage import Filters
 
     keys = sorted(
@@ -386,35 +389,33 @@ def pending_deletion_use(cli: CliContext, days: int, now: datetime) -> list[dict
         if not d["deleted"] and d["state"] in ("PendingDeletion", "Disabled")
     )
     if not keys:
-        return []
+        return {"keys": [], "calls": []}
     since = now - timedelta(days=days)
     f = Filters(key_arns=keys, since_us=int(since.timestamp() * 1_000_000))
-    return list(_index(cli).trail(f))
+    index = _index(cli)
+    return {"keys": index.stats(f, "key"), "calls": index.trail(replace(f, limit=limit))}
 
 
 def investigate_pending_deletion(
     ctx: typer.Context,
     days: Annotated[int, typer.Option(min=1, help="Look back this many days.")] = 30,
     now: Annotated[str | None, typer.Option(help="Count back from this RFC 3339 time.")] = None,
+    limit: Annotated[int, typer.Option(min=1, help="Show the last N calls.")] = 50,
 ) -> None:
     """Keys pending deletion or disabled that anyone used or tried to use in the last N
     days: the check AWS recommends before deleting a key."""
     cli = ctx_of(ctx)
     at = parse_time(now, "--now") if now else datetime.now(tz=UTC)
-    rows = pending_deletion_use(cli, days, at)
+    found = pending_deletion_use(cli, days, at, limit)
     if cli.json_output:
-        typer.echo(orjson.dumps(rows, option=orjson.OPT_INDENT_2).decode())
+        typer.echo(orjson.dumps(found, option=orjson.OPT_INDENT_2).decode())
         return
-    by_key: dict[str, int] = {}
-    for r in rows:
-        arn = str(r["key_arn"] if r["key_arn"] else r["source_key_arn"])
-        by_key[arn] = by_key.get(arn, 0) + 1
-    if not rows:
+    if not found["keys"]:
         typer.echo(f"no use of keys pending deletion or disabled in the last {days} days")
         return
-    for arn, n in sorted(by_key.items(), key=lambda kv: (-kv[1], kv[0])):
-        typer.echo(f"{n:>7} calls  {arn}")
-    emit_rows(cli, rows, "table")
+    for r in found["keys"]:
+        typer.echo(f"{r['n']:>7} calls  {r['grp']}  first {r['first']}  last {r['last']}")
+    emit_rows(cli, found["calls"], "table")
 
 
 def investigate_denied(

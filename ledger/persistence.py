@@ -265,6 +265,12 @@ class SqlCursor:
     def fetchall(self) -> list[Row]:
         return [Row(self._as_dict(r)) for r in self._raw.fetchall()]
 
+    def fetchall_values(self) -> list[tuple[Any, ...]]:
+        """The rows as plain tuples in column order (no per-row mapping: bulk reads)."""
+        return [
+            tuple(r.values()) if isinstance(r, dict) else tuple(r) for r in self._raw.fetchall()
+        ]
+
     def fetchone(self) -> Row | None:
         r = self._raw.fetchone()
         return None if r is None else Row(self._as_dict(r))

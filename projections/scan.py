@@ -85,6 +85,8 @@ def scan_trail(db: LedgerDatabase, f: Filters) -> list[int]:
                 ok = False
         if f.source_ip and call.get("source_ip") != f.source_ip:
             ok = False
+        if f.lifecycle and topic.split(":", 1)[-1].startswith("ApiCall."):
+            ok = False
         if ok:
             out.append(seq)
         # Alias changes take effect after the event that makes them.

@@ -29,7 +29,7 @@ from ledger.persistence import LedgerDatabase, SqlCursor
 from ledger.records import LedgerRecord
 
 USAGE = "kl_usage"
-CONTEXT = "kl_usage_ctx"
+CONTEXT = "kl_usage_ctx"  # (pair, seq), pair as context_pair() writes it
 ALIAS_HISTORY = "kl_alias_hist"
 POSITION_NAME = "projection:usage:v1"
 
@@ -64,6 +64,10 @@ _ALGORITHM_FIELDS = (
     "keySpec",
 )
 _TOPIC_PREFIX = "ledger.domain.model:"
+_READ = (
+    "SELECT c.seq, e.state FROM {chain} c JOIN {events} e ON e.{nid} = c.notification_id "
+    "WHERE c.seq > ? ORDER BY c.seq LIMIT ?"
+)
 COLUMNS = (
     "seq",
     "ts",
@@ -99,6 +103,13 @@ def epoch_us(iso: str) -> int:
     """Microseconds since the epoch of an ISO 8601 timestamp with an offset."""
     d = datetime.fromisoformat(iso)
     return int(d.timestamp()) * 1_000_000 + d.microsecond
+
+
+def context_pair(key: object, value: object) -> str:
+    """The index form of one encryption-context pair: ``<len(key)>:<key>=<value>``
+    (the length prefix keeps ``=`` in keys unambiguous)."""
+    k = str(key)
+    return f"{len(k)}:{k}={value}"
 
 
 def _first(request: dict[str, Any], names: Sequence[str]) -> Any:
@@ -158,6 +169,7 @@ class Filters:
     error_code: str | None = None
     context: Sequence[tuple[str, str]] = ()
     source_ip: str | None = None
+    lifecycle: bool = False  # only events that change state (not ApiCall records)
     limit: int | None = None  # the last N matches
 
 
@@ -173,14 +185,18 @@ class UsageIndex:
         self.aliases = db.table(ALIAS_HISTORY)
         self.batch_size = batch_size
         self._lock = threading.Lock()
+        # On SQLite seq is the rowid (no separate primary-key index).
+        seq_type = "BIGINT PRIMARY KEY" if db.is_postgres else "INTEGER PRIMARY KEY"
         cols = ", ".join(
-            f"{c} BIGINT NOT NULL" if c in ("seq", "ts") else f"{c} TEXT" for c in COLUMNS
+            f"seq {seq_type}" if c == "seq" else "ts BIGINT NOT NULL" if c == "ts" else f"{c} TEXT"
+            for c in COLUMNS
         )
         with db.ddl_transaction() as c:
-            c.execute(f"CREATE TABLE IF NOT EXISTS {self.usage} ({cols}, PRIMARY KEY (seq))")
+            c.execute(f"CREATE TABLE IF NOT EXISTS {self.usage} ({cols})")
             c.execute(
-                f"CREATE TABLE IF NOT EXISTS {self.context} (k TEXT NOT NULL, v TEXT NOT NULL, "
-                "seq BIGINT NOT NULL, PRIMARY KEY (k, v, seq))"
+                f"CREATE TABLE IF NOT EXISTS {self.context} (pair TEXT NOT NULL, "
+                "seq BIGINT NOT NULL, PRIMARY KEY (pair, seq))"
+                + ("" if db.is_postgres else " WITHOUT ROWID")
             )
             c.execute(
                 f"CREATE TABLE IF NOT EXISTS {self.aliases} (alias_id TEXT NOT NULL, "
@@ -212,18 +228,20 @@ class UsageIndex:
         with self._lock:
             position = self.db.get_position(POSITION_NAME)
             while True:
-                records = self.db.read_records(position, self.batch_size)
+                with self.db.transaction(commit=False) as c:
+                    records = c.execute(_READ, (position, self.batch_size)).fetchall_values()
                 if not records:
                     return done
+                last = int(records[-1][0])
                 with self.db.transaction(commit=True) as c:
                     self._apply(c, records)
                     c.execute(
                         "INSERT INTO {positions} (name, position) VALUES (?, ?) "
                         "ON CONFLICT (name) DO UPDATE SET position = excluded.position "
                         "WHERE {positions}.position < excluded.position",
-                        (POSITION_NAME, records[-1].seq),
+                        (POSITION_NAME, last),
                     )
-                position = records[-1].seq
+                position = last
                 done += len(records)
                 if progress is not None:
                     progress(position, max(head, position))
@@ -252,22 +270,25 @@ class UsageIndex:
             return f"DROP INDEX IF EXISTS {schema}.{name}"
         return f"DROP INDEX IF EXISTS {name}"
 
-    def _apply(self, c: SqlCursor, records: Sequence[LedgerRecord]) -> None:
+    def _apply(self, c: SqlCursor, records: Sequence[tuple[Any, Any]]) -> None:
+        """Index ``(seq, stored bytes)`` records inside the caller's transaction."""
         rows: list[tuple[Any, ...]] = []
-        pairs: list[tuple[str, str, int]] = []
+        pairs: list[tuple[str, int]] = []
         alias_events: list[tuple[int, dict[str, Any]]] = []
-        for record in records:
-            event = record.event()
-            row = usage_row(record.seq, event)
+        loads = orjson.loads
+        for seq, data in records:
+            event = loads(bytes(data) if isinstance(data, memoryview) else data)
+            row = usage_row(seq, event)
             rows.append(row)
-            request = event.get("request") or {}
-            for name in _CONTEXT_FIELDS:
-                ctx = request.get(name)
-                if isinstance(ctx, dict):
-                    pairs.extend((str(k), str(v), record.seq) for k, v in ctx.items())
+            request = event.get("request")
+            if request:
+                for name in _CONTEXT_FIELDS:
+                    ctx = request.get(name)
+                    if ctx and isinstance(ctx, dict):
+                        pairs.extend((context_pair(k, v), seq) for k, v in ctx.items())
             topic = row[3]
             if topic.startswith("Alias.") or topic == "Key.Deleted":
-                alias_events.append((record.seq, event))
+                alias_events.append((seq, event))
         placeholders = ", ".join("?" for _ in COLUMNS)
         c.executemany(
             f"INSERT INTO {self.usage} ({', '.join(COLUMNS)}) VALUES ({placeholders}) "
@@ -276,7 +297,7 @@ class UsageIndex:
         )
         if pairs:
             c.executemany(
-                f"INSERT INTO {self.context} (k, v, seq) VALUES (?, ?, ?) ON CONFLICT DO NOTHING",
+                f"INSERT INTO {self.context} (pair, seq) VALUES (?, ?) ON CONFLICT DO NOTHING",
                 list(dict.fromkeys(pairs)),
             )
         for seq, event in alias_events:
@@ -319,7 +340,7 @@ class UsageIndex:
             out: list[tuple[Any, ...]] = []
             for table, order in (
                 (self.usage, "seq"),
-                (self.context, "k, v, seq"),
+                (self.context, "pair, seq"),
                 (self.aliases, "alias_id, from_seq"),
             ):
                 rows = c.execute(f"SELECT * FROM {table} ORDER BY {order}").fetchall()
@@ -339,10 +360,11 @@ class UsageIndex:
                 parts.append(f"u.key_arn IN ({marks}) OR u.source_key_arn IN ({marks})")
                 keys.extend([*f.key_arns, *f.key_arns])
             if f.alias_arn:
+                # Each period the alias named a key, then that key's calls in it.
                 parts.append(
-                    f"EXISTS (SELECT 1 FROM {self.aliases} h WHERE h.alias_arn = ? "
-                    "AND h.key_arn = u.key_arn AND h.from_seq < u.seq "
-                    "AND (h.to_seq IS NULL OR u.seq <= h.to_seq))"
+                    f"u.seq IN (SELECT a.seq FROM {self.aliases} h JOIN {self.usage} a "
+                    "ON a.key_arn = h.key_arn AND a.seq > h.from_seq "
+                    "AND (h.to_seq IS NULL OR a.seq <= h.to_seq) WHERE h.alias_arn = ?)"
                 )
                 keys.append(f.alias_arn)
             if f.key_sent:
@@ -368,13 +390,13 @@ class UsageIndex:
         elif f.error:
             clauses.append("u.error_code IS NOT NULL")
         for k, v in f.context:
-            clauses.append(
-                f"u.seq IN (SELECT x.seq FROM {self.context} x WHERE x.k = ? AND x.v = ?)"
-            )
-            params.extend([k, v])
+            clauses.append(f"u.seq IN (SELECT x.seq FROM {self.context} x WHERE x.pair = ?)")
+            params.append(context_pair(k, v))
         if f.source_ip:
             clauses.append("u.source_ip = ?")
             params.append(f.source_ip)
+        if f.lifecycle:
+            clauses.append("substr(u.kind, 1, 8) <> 'ApiCall.'")
         return (" WHERE " + " AND ".join(clauses)) if clauses else "", params
 
     def trail(self, f: Filters) -> list[dict[str, Any]]:
@@ -462,17 +484,43 @@ class UsageIndex:
         self, f: Filters, *, window_s: int = 300, threshold: int = 5
     ) -> list[dict[str, Any]]:
         """AccessDenied bursts: per (principal, source IP), runs of denials in which
-        each is at most ``window_s`` after the previous, with at least ``threshold``."""
+        each is at most ``window_s`` after the previous, with at least ``threshold``;
+        largest first. Grouped in SQL (window functions), so only bursts leave the
+        database."""
         denied = Filters(**{**f.__dict__, "error_code": "AccessDeniedException", "limit": None})
         self.catch_up()
         where, params = self._where(denied)
+        part = "PARTITION BY u.principal, u.source_ip ORDER BY u.seq"
         sql = (
-            f"SELECT u.seq, u.ts, u.time, u.principal, u.source_ip FROM {self.usage} u{where} "
-            "ORDER BY u.principal, u.source_ip, u.seq"
+            "WITH d AS (SELECT u.seq AS seq, u.principal AS principal, "
+            "u.source_ip AS source_ip, CASE WHEN u.ts - LAG(u.ts) OVER "
+            f"({part}) <= ? THEN 0 ELSE 1 END AS brk FROM {self.usage} u{where}), "
+            "g AS (SELECT seq, principal, source_ip, SUM(brk) OVER (PARTITION BY principal, "
+            "source_ip ORDER BY seq ROWS UNBOUNDED PRECEDING) AS run FROM d) "
+            "SELECT principal, source_ip, COUNT(*) AS n, MIN(seq) AS first_seq, "
+            "MAX(seq) AS last_seq FROM g GROUP BY principal, source_ip, run "
+            "HAVING COUNT(*) >= ?"
         )
         with self.db.transaction(commit=False) as c:
-            rows = [dict(r) for r in c.execute(sql, params).fetchall()]
-        return group_bursts(rows, window_s=window_s, threshold=threshold)
+            rows = [
+                dict(r)
+                for r in c.execute(sql, [window_s * 1_000_000, *params, threshold]).fetchall()
+            ]
+            times = self._times(c, {r["first_seq"] for r in rows} | {r["last_seq"] for r in rows})
+        out = [
+            {
+                "principal": r["principal"],
+                "source_ip": r["source_ip"],
+                "count": int(r["n"]),
+                "first": times[int(r["first_seq"])],
+                "last": times[int(r["last_seq"])],
+                "first_seq": int(r["first_seq"]),
+                "last_seq": int(r["last_seq"]),
+            }
+            for r in rows
+        ]
+        out.sort(key=lambda b: (-b["count"], b["first_seq"]))
+        return out
 
 
 def group_bursts(

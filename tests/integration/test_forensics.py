@@ -128,9 +128,12 @@ def random_filters(g: Generated, rng: random.Random) -> Filters:
     if rng.random() < 0.2:
         fields["context"] = [
             rng.choice([("app", f"app-{rng.randrange(20)}"), ("tenant", f"t{rng.randrange(50)}")])
+            for _ in range(rng.randint(1, 2))
         ]
     if rng.random() < 0.1:
         fields["source_ip"] = rng.choice(["10.1.0.1", "10.2.0.1", "10.0.0.1"])
+    if rng.random() < 0.1:
+        fields["lifecycle"] = True
     if rng.random() < 0.2:
         fields["limit"] = rng.randint(1, 30)
     return Filters(**fields)
@@ -274,7 +277,7 @@ def test_applying_records_twice_changes_nothing(generated: Generated) -> None:
     index.catch_up()
     before = index.snapshot()
     with generated.db.transaction(commit=True) as c:
-        index._apply(c, generated.db.read_records(0, 400))
+        index._apply(c, [(r.seq, r.data) for r in generated.db.read_records(0, 400)])
     generated.db.set_position("projection:usage:v1", 0)
     index.catch_up()
     assert index.snapshot() == before
