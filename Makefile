@@ -6,7 +6,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 SOFTHSM_MODULE ?= /usr/lib/softhsm/libsofthsm2.so
 
-.PHONY: demo test lint typecheck pytest bench softhsm postgres venv clean
+.PHONY: demo test lint typecheck pytest bench softhsm chromium postgres venv clean
 
 venv: $(VENV)/.installed
 
@@ -28,6 +28,15 @@ softhsm:
 	{ $$SUDO apt-get update -qq && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq softhsm2 openssl >/dev/null; } || \
 	  { echo "apt-get could not install softhsm2: install the Debian/Ubuntu package softhsm2, then retry."; exit 1; }
 
+# Debian's chromium renders the HTML audit report in a test (headless, no network).
+chromium:
+	@if command -v chromium >/dev/null || command -v chromium-browser >/dev/null; then exit 0; fi; \
+	echo "chromium (for the HTML report test) is missing: installing with apt-get"; \
+	if [ "$$(id -u)" = 0 ]; then SUDO=; elif command -v sudo >/dev/null; then SUDO=sudo; \
+	else echo "Cannot install chromium (not root, no sudo): run 'apt-get install chromium' as root, then retry."; exit 1; fi; \
+	{ $$SUDO apt-get update -qq && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } || \
+	  { echo "apt-get could not install chromium: install the Debian package chromium, then retry."; exit 1; }
+
 # PostgreSQL for the test suite (127.0.0.1:5432, trust auth); start it if it is down.
 postgres:
 	@if command -v pg_isready >/dev/null && ! pg_isready -q -h 127.0.0.1 -p 5432; then \
@@ -46,7 +55,7 @@ lint: venv
 typecheck: venv
 	$(BIN)/mypy
 
-pytest: softhsm venv postgres
+pytest: softhsm chromium venv postgres
 	$(BIN)/pytest
 
 test: lint typecheck pytest
@@ -55,6 +64,7 @@ bench: softhsm venv postgres
 	$(BIN)/python bench/encrypt.py
 	$(BIN)/python bench/api.py
 	$(BIN)/python bench/verify.py
+	$(BIN)/python bench/forensics.py
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis

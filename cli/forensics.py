@@ -14,6 +14,7 @@ import sys
 import time
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Annotated, Any
 
 import orjson
@@ -441,6 +442,38 @@ def investigate_denied(
         )
 
 
+def audit_report(
+    ctx: typer.Context,
+    out: Annotated[Path, typer.Option("--out", help="The HTML file to write.")],
+    key: KeyOpt = None,
+    principal: PrincipalOpt = None,
+    all_calls: Annotated[bool, typer.Option("--all", help="Every call in the ledger.")] = False,
+    since: SinceOpt = None,
+    until: UntilOpt = None,
+) -> None:
+    """A self-contained HTML report (charts as inline SVG, no network fetches): usage
+    over time, the lifecycle timeline, and the tables behind them."""
+    from cli.report import build_report
+
+    cli = ctx_of(ctx)
+    chosen = [x for x in (key, principal, all_calls or None) if x]
+    if len(chosen) != 1:
+        raise ValidationError("Give exactly one of --key K, --principal P or --all.")
+    f = build_filters(cli, key=key, principal=principal, since=since, until=until)
+    if key:
+        title, by = f"KeyLedger report: key {key}", "operation"
+    elif principal:
+        title, by = f"KeyLedger report: principal {principal}", "key"
+    else:
+        title, by = "KeyLedger report: all calls", "operation"
+    page = build_report(_index(cli), title, f, by=by)
+    try:
+        out.write_text(page, encoding="utf-8")
+    except OSError as err:
+        raise ValidationError(f"--out {out}: {err.strerror}.") from None
+    typer.echo(f"wrote {out} ({len(page.encode()):,} bytes)")
+
+
 # ---------------------------------------------------------------- projections
 
 
@@ -490,6 +523,7 @@ def register(audit_app: typer.Typer, projections_app: typer.Typer) -> None:
     audit_app.command("trail")(audit_trail)
     audit_app.command("stats")(audit_stats)
     audit_app.command("last-used")(audit_last_used)
+    audit_app.command("report")(audit_report)
     investigate_app.command("key")(investigate_key)
     investigate_app.command("principal")(investigate_principal)
     investigate_app.command("pending-deletion")(investigate_pending_deletion)

@@ -351,3 +351,82 @@ def test_a_rebuild_killed_midway_then_rerun_gives_the_same_tables(
     assert 0 < index.position < generated.db.head_seq()
     UsageIndex(generated.db).catch_up()
     assert index.snapshot() == clean
+
+
+def chromium() -> str:
+    import shutil
+
+    found = shutil.which("chromium") or shutil.which("chromium-browser")
+    if found is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("Debian chromium is required under CI (make test installs it)")
+        pytest.skip("chromium is not installed")
+    return found
+
+
+def test_the_html_report_renders_its_charts_in_headless_chromium(
+    generated: Generated, tmp_path: Path
+) -> None:
+    import re
+
+    from PIL import Image
+
+    from cli.report import build_report
+
+    index = UsageIndex(generated.db)
+    page = build_report(index, "all calls", Filters(), by="operation")
+    report = tmp_path / "report.html"
+    report.write_text(page, encoding="utf-8")
+    # Self-contained: nothing to fetch (only in-page references such as url(#clip)).
+    assert not re.search(r"<script|<link|<img|<iframe|@import|url\((?!#)", page)
+    assert not re.search(r"""(?:src|href)\s*=\s*["']?(?!#)""", page.replace("xlink:href", "x"))
+    daily = index.stats(Filters(), "operation", "day")
+    days = {r["period"] for r in daily}
+    assert len(days) >= 4
+
+    browser = chromium()
+    common = [
+        browser,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--host-resolver-rules=MAP * ~NOTFOUND",  # no network, should the page try
+        "--window-size=1200,1000",
+    ]
+    dom = subprocess.run(
+        [*common, "--dump-dom", report.as_uri()],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    ).stdout
+    # The browser built the SVG charts: one marker per day for each drawn series.
+    assert dom.count("<svg") >= 2 and 'id="usage-chart"' in dom
+    series = re.findall(r'<g id="series-([A-Za-z0-9_-]+)">(.*?)</g>\s*</g>', dom, re.S)
+    usage = {name: body for name, body in series if not name.startswith("lifecycle-")}
+    assert "Encrypt" in usage and "Decrypt" in usage
+    first, last = min(days), max(days)
+    from datetime import date
+
+    n_days = (date.fromisoformat(last) - date.fromisoformat(first)).days + 1
+    for name, body in usage.items():
+        assert body.count("<use ") == n_days, name
+    assert any(name.startswith("lifecycle-") and "<use " in body for name, body in series)
+
+    shot = tmp_path / "report.png"
+    subprocess.run(
+        [*common, f"--screenshot={shot}", report.as_uri()],
+        capture_output=True,
+        timeout=120,
+        check=True,
+    )
+    with Image.open(shot) as img:
+        rgb = img.convert("RGB")
+        w, h = rgb.size
+        chart = rgb.crop((0, h // 8, w * 3 // 4, h // 2))  # where the usage chart sits
+        colours = chart.getcolors(maxcolors=1 << 20) or []
+    inked = sum(n for n, c in colours if c != (255, 255, 255))
+    assert inked > 0.02 * chart.width * chart.height  # drawn lines, not a blank page
+    # matplotlib's series colours (tab10 blue and orange) are on screen.
+    assert any(abs(c[0] - 31) + abs(c[1] - 119) + abs(c[2] - 180) < 30 for _, c in colours)
+    assert any(abs(c[0] - 255) + abs(c[1] - 127) + abs(c[2] - 14) < 30 for _, c in colours)
