@@ -272,6 +272,20 @@ class Generator:
             for alias in [a for a, k in self.aliases.items() if k == arn]:
                 self.aliases[alias] = ""
         self.aliases = {a: k for a, k in self.aliases.items() if k}
+        key = self.keys[0]
+        for end in ("retire", "revoke", None):  # grants that end each way, and one that stays
+            g = self.call(
+                self.ledger.create_grant,
+                caller=ROOT,
+                key_id=key,
+                grantee_principal=self.principals[0].principal,
+                retiring_principal=ROOT.principal,
+                operations=["Decrypt"],
+            )
+            if g and end == "retire":
+                self.call(self.ledger.retire_grant, caller=ROOT, key_id=key, grant_id=g["GrantId"])
+            elif g and end == "revoke":
+                self.call(self.ledger.revoke_grant, caller=ROOT, key_id=key, grant_id=g["GrantId"])
         denied = self.rng.choice(self.principals[4::5])
         for _ in range(6):
             self.call(

@@ -480,13 +480,14 @@ def audit_report(
 def projections_rebuild(
     ctx: typer.Context,
     name: Annotated[
-        str | None, typer.Option("--name", help="Only this projection: catalog or usage.")
+        str | None,
+        typer.Option("--name", help="Only this projection: catalog, usage or history."),
     ] = None,
 ) -> None:
     """Rebuild read models from the whole log, with progress and events/s."""
     cli = ctx_of(ctx)
-    if name not in (None, "catalog", "usage"):
-        raise ValidationError(f"--name must be catalog or usage, not '{name}'.")
+    if name not in (None, "catalog", "usage", "history"):
+        raise ValidationError(f"--name must be catalog, usage or history, not '{name}'.")
     if name in (None, "catalog"):
         t0 = time.perf_counter()
         n = cli.catalog.rebuild()
@@ -515,6 +516,19 @@ def projections_rebuild(
         typer.echo(
             f"rebuilt usage index from {n} events in {dt:.2f} s "
             f"({n / dt if dt else 0:,.0f} events/s)"
+        )
+    if name in (None, "history"):
+        from projections.views import HistoryViews
+
+        t0 = time.perf_counter()
+        views = HistoryViews(cli.ledger_without_hsm.db)
+        n = views.rebuild()
+        dt = time.perf_counter() - t0
+        counts = {v: len(rows) for v, rows in views.rows().items()}
+        typer.echo(
+            f"rebuilt history views from {n} events in {dt:.2f} s "
+            f"({n / dt if dt else 0:,.0f} events/s): {counts['kl_grants_view']} grants, "
+            f"{counts['kl_key_versions']} key versions, {counts['kl_principals_view']} principals"
         )
 
 

@@ -70,8 +70,16 @@ def test_forensic_commands_answer_from_the_usage_index(tmp_path: Path) -> None:
     rebuilt = cli("projections", "rebuild", "--name", "usage").stdout.decode()
     assert rebuilt.startswith("rebuilt usage index from 9 events") and "events/s" in rebuilt
 
+    page = tmp_path / "report.html"
+    assert cli("audit", "report", "--key", "alias/pay", "--out", str(page)).stdout.startswith(
+        f"wrote {page}".encode()
+    )
+    html = page.read_text()
+    assert html.count("<svg") == 2 and "KeyLedger report: key alias/pay" in html
+
     before = cli.head_count()
     for args, message in [
+        (("audit", "report", "--out", str(page)), "exactly one of --key"),
         (("audit", "trail", "--key", "nonsense"), "--key must be"),
         (("audit", "trail", "--since", "yesterday"), "--since must be an RFC 3339 time"),
         (("audit", "trail", "--context", "novalue"), "--context must be k=v"),
