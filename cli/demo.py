@@ -96,10 +96,11 @@ def run_demo(cli: CliContext, *, on_broker: Callable[[str], None] | None = None)
     _step(16, f"audit trail ({len(records)} events):")
     for record in records:
         typer.echo("       " + trail_line(record.seq, record.event()))
+    _forensics_step(db, arn)
     _bundle_step(ledger)
 
     with TansuBroker() as broker:
-        _step(18, f"started a Kafka-protocol broker (Tansu) on {broker.bootstrap}")
+        _step(19, f"started a Kafka-protocol broker (Tansu) on {broker.bootstrap}")
         if on_broker is not None:
             on_broker(broker.bootstrap)
         with AuditRelay(
@@ -109,7 +110,7 @@ def run_demo(cli: CliContext, *, on_broker: Callable[[str], None] | None = None)
             again = relay.run_once()
             topic = relay.topic
         _step(
-            19, f"streamed {published} CloudTrail records to {topic} (a second pass sent {again})"
+            20, f"streamed {published} CloudTrail records to {topic} (a second pass sent {again})"
         )
         back = read_topic(broker.bootstrap, topic)
         seqs = sorted(orjson.loads(r.value)["seq"] for r in back)
@@ -117,12 +118,25 @@ def run_demo(cli: CliContext, *, on_broker: Callable[[str], None] | None = None)
         if seqs != list(range(1, result.count + 1)):
             raise RuntimeError("the audit topic does not hold every seq exactly once")
         _step(
-            20,
+            21,
             f"read back {len(back)} records, seq 1..{seqs[-1]} each once, "
             f"events: {', '.join(names)}",
         )
-    _step(21, "stopped the broker; demo complete")
+    _step(22, "stopped the broker; demo complete")
     return {"events": result.count, "published": published, "read_back": len(back)}
+
+
+def _forensics_step(db: Any, arn: str) -> None:
+    """The usage index: the key's calls by outcome, and its last successful use."""
+    from projections.usage import Filters, UsageIndex
+
+    index = UsageIndex(db)
+    n = index.rebuild()
+    by_error = index.stats(Filters(key_arns=[arn]), "error")
+    outcomes = ", ".join(f"{r['grp'] or 'OK'} {r['n']}" for r in by_error)
+    last = index.last_used(arn)
+    used = f"last used: {last['operation']} at seq {last['seq']}" if last else "never used"
+    _step(17, f"usage index over {n} events: the key's calls {outcomes}; {used}")
 
 
 def _bundle_step(ledger: Any) -> None:
@@ -140,7 +154,7 @@ def _bundle_step(ledger: Any) -> None:
         report = verify_bundle(bundle, keys)
         if not report.ok:
             raise RuntimeError("the exported bundle does not verify")
-        _step(17, f"exported an audit bundle; offline verify: {report.summary()}")
+        _step(18, f"exported an audit bundle; offline verify: {report.summary()}")
 
 
 APP_POLICY = {

@@ -229,6 +229,7 @@ def test_demo_runs_end_to_end(cli: Cli) -> None:
     assert "Encrypt without an identity policy refused: AccessDeniedException" in out
     assert "Encrypt and Decrypt over HTTP (botocore, SigV4): plaintext matches" in out
     assert "audit verify: OK: 13 events" in out
+    assert "usage index over 13 events: the key's calls OK 7, AccessDeniedException 1" in out
     assert "signed checkpoint 1 in the HSM (Ed25519, C2SP signed note): 13 records" in out
     assert "offline verify: 13 records valid, 1 checkpoints valid" in out
     assert "streamed 13 CloudTrail records to keyledger.audit.v1 (a second pass sent 0)" in out
