@@ -63,7 +63,7 @@ def scan_trail(db: LedgerDatabase, f: Filters) -> list[int]:
             hit = bool(f.key_arns) and (key_arn in f.key_arns or source in f.key_arns)
             if f.alias_arn and key_arn is not None and aliases.get(f.alias_arn) == key_arn:
                 hit = True
-            if f.key_sent and _sent(request) == f.key_sent:
+            if f.key_sent and key_arn is None and _sent(request) == f.key_sent:
                 hit = True
             ok = hit
         if f.principal and call.get("principal") != f.principal:

@@ -17,7 +17,9 @@ ciphertext or token ever does: the stored events do not hold them).
 
 from __future__ import annotations
 
+import os
 import threading
+from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -32,6 +34,8 @@ USAGE = "kl_usage"
 CONTEXT = "kl_usage_ctx"  # (pair, seq), pair as context_pair() writes it
 ALIAS_HISTORY = "kl_alias_hist"
 POSITION_NAME = "projection:usage:v1"
+#: A rebuild of at least this many records decodes them in a forked worker process.
+PARALLEL_MIN_RECORDS = 50_000
 
 #: Operations GetKeyLastUsage counts (botocore's KeyLastUsageTrackingOperation).
 CRYPTO_OPERATIONS = frozenset(
@@ -87,16 +91,27 @@ COLUMNS = (
     "error_code",
     "request_id",
 )
+# (columns, partial-index condition); few indexes keep the rebuild fast.
 _INDEXES = {
-    "kl_usage_key": "key_arn, seq",
-    "kl_usage_src": "source_key_arn, seq",
-    "kl_usage_sent": "key_sent, seq",
-    "kl_usage_principal": "principal, seq",
-    "kl_usage_op": "operation, seq",
-    "kl_usage_error": "error_code, seq",
-    "kl_usage_ip": "source_ip, seq",
-    "kl_usage_ts": "ts",
+    "kl_usage_key": ("key_arn, seq", None),
+    "kl_usage_src": ("source_key_arn, seq", "source_key_arn IS NOT NULL"),
+    "kl_usage_sent": ("key_sent, seq", "key_arn IS NULL"),  # calls on unknown keys
+    "kl_usage_principal": ("principal, seq", None),
+    "kl_usage_error": ("error_code, seq", "error_code IS NOT NULL"),
+    "kl_usage_ip": ("source_ip, seq", None),
 }
+
+
+def _fork_pool(workers: int) -> Any:
+    """A pool of ``workers`` forked processes, or None (0 workers, or no fork here)."""
+    if workers <= 0:
+        return None
+    import multiprocessing
+
+    try:
+        return multiprocessing.get_context("fork").Pool(workers)
+    except ValueError:  # pragma: no cover - platforms without fork
+        return None
 
 
 def epoch_us(iso: str) -> int:
@@ -150,6 +165,38 @@ def usage_row(seq: int, event: dict[str, Any]) -> tuple[Any, ...]:
     )
 
 
+_UNIQUE_COLUMNS = frozenset({0, 1, 2, 16})  # seq, ts, time, request id
+
+Prepared = tuple[list[tuple[Any, ...]], list[tuple[str, int]], list[tuple[int, dict[str, Any]]]]
+
+
+def prepare(records: Sequence[tuple[Any, Any]]) -> Prepared:
+    """Index rows, context pairs and alias-changing events of ``(seq, bytes)``
+    records: the CPU half of indexing, which a worker process can do."""
+    rows: list[tuple[Any, ...]] = []
+    pairs: list[tuple[str, int]] = []
+    alias_events: list[tuple[int, dict[str, Any]]] = []
+    loads = orjson.loads
+    shared: dict[Any, Any] = {}
+    share = shared.setdefault
+    for seq, data in records:
+        event = loads(bytes(data) if isinstance(data, memoryview) else data)
+        row = usage_row(seq, event)
+        # One object per repeated value: a worker's result pickles by reference.
+        row = tuple(v if i in _UNIQUE_COLUMNS else share(v, v) for i, v in enumerate(row))
+        rows.append(row)
+        request = event.get("request")
+        if request:
+            for name in _CONTEXT_FIELDS:
+                ctx = request.get(name)
+                if ctx and isinstance(ctx, dict):
+                    pairs.extend((context_pair(k, v), seq) for k, v in ctx.items())
+        topic = row[3]
+        if topic.startswith("Alias.") or topic == "Key.Deleted":
+            alias_events.append((seq, event))
+    return rows, list(dict.fromkeys(pairs)), alias_events
+
+
 def _key_prefix(alias_arn: str) -> str:
     return alias_arn.split(":alias/", 1)[0] + ":key/"
 
@@ -160,7 +207,7 @@ class Filters:
 
     key_arns: Sequence[str] = ()  # resolved keys (any of); matches the ReEncrypt source too
     alias_arn: str | None = None  # the key the alias named at each call's time
-    key_sent: str | None = None  # KeyId as sent (also finds calls on unknown keys)
+    key_sent: str | None = None  # KeyId as sent, for calls that resolved to no key
     principal: str | None = None
     operations: Sequence[str] = ()
     since_us: int | None = None
@@ -207,8 +254,9 @@ class UsageIndex:
             self._create_indexes(c)
 
     def _create_indexes(self, c: SqlCursor) -> None:
-        for name, columns in _INDEXES.items():
-            c.execute(f"CREATE INDEX IF NOT EXISTS {name} ON {self.usage} ({columns})")
+        for name, (columns, where) in _INDEXES.items():
+            partial = f" WHERE {where}" if where else ""
+            c.execute(f"CREATE INDEX IF NOT EXISTS {name} ON {self.usage} ({columns}){partial}")
         c.execute(f"CREATE INDEX IF NOT EXISTS kl_alias_hist_key ON {self.aliases} (key_arn)")
         c.execute(f"CREATE INDEX IF NOT EXISTS kl_alias_hist_arn ON {self.aliases} (alias_arn)")
 
@@ -218,33 +266,51 @@ class UsageIndex:
 
     # ---------------------------------------------------------------- building
 
-    def catch_up(self, progress: Callable[[int, int], None] | None = None) -> int:
+    def catch_up(
+        self, progress: Callable[[int, int], None] | None = None, *, workers: int = 0
+    ) -> int:
         """Index every record after the tracked position; return how many were read.
 
-        ``progress(done, head)`` is called after each batch.
+        ``progress(done, head)`` is called after each batch. With ``workers`` > 0,
+        that many forked processes decode records while this one reads and writes
+        (batches stay in order; at most ``workers + 2`` are in flight).
         """
         done = 0
         head = self.db.head_seq() if progress is not None else 0
         with self._lock:
             position = self.db.get_position(POSITION_NAME)
-            while True:
-                with self.db.transaction(commit=False) as c:
-                    records = c.execute(_READ, (position, self.batch_size)).fetchall_values()
-                if not records:
-                    return done
-                last = int(records[-1][0])
-                with self.db.transaction(commit=True) as c:
-                    self._apply(c, records)
-                    c.execute(
-                        "INSERT INTO {positions} (name, position) VALUES (?, ?) "
-                        "ON CONFLICT (name) DO UPDATE SET position = excluded.position "
-                        "WHERE {positions}.position < excluded.position",
-                        (POSITION_NAME, last),
-                    )
-                position = last
-                done += len(records)
-                if progress is not None:
-                    progress(position, max(head, position))
+            pool = _fork_pool(workers)
+            in_flight: deque[tuple[int, int, Any]] = deque()
+            try:
+                while True:
+                    with self.db.transaction(commit=False) as c:
+                        records = c.execute(_READ, (position, self.batch_size)).fetchall_values()
+                    if records:
+                        last = int(records[-1][0])
+                        data = [(int(q), bytes(b)) for q, b in records]
+                        job = pool.apply_async(prepare, (data,)) if pool else prepare(data)
+                        in_flight.append((last, len(records), job))
+                        position = last
+                    if not in_flight:
+                        return done
+                    if records and pool and len(in_flight) <= workers + 1:
+                        continue  # read ahead while the workers decode
+                    last, n, job = in_flight.popleft()
+                    prepared = job.get() if pool else job
+                    with self.db.transaction(commit=True) as c:
+                        self._write(c, prepared)
+                        c.execute(
+                            "INSERT INTO {positions} (name, position) VALUES (?, ?) "
+                            "ON CONFLICT (name) DO UPDATE SET position = excluded.position "
+                            "WHERE {positions}.position < excluded.position",
+                            (POSITION_NAME, last),
+                        )
+                    done += n
+                    if progress is not None:
+                        progress(last, max(head, last))
+            finally:
+                if pool is not None:
+                    pool.terminate()
 
     def rebuild(self, progress: Callable[[int, int], None] | None = None) -> int:
         """Drop the index and rebuild it from the whole log; return records read.
@@ -259,7 +325,10 @@ class UsageIndex:
             for name in (*_INDEXES, "kl_alias_hist_key", "kl_alias_hist_arn"):
                 c.execute(self._drop_index(name))
             c.execute("DELETE FROM {positions} WHERE name = ?", (POSITION_NAME,))
-        n = self.catch_up(progress)
+        workers = 0
+        if (os.cpu_count() or 1) > 1 and self.db.head_seq() >= PARALLEL_MIN_RECORDS:
+            workers = 1
+        n = self.catch_up(progress, workers=workers)
         with self.db.ddl_transaction() as c:
             self._create_indexes(c)
         return n
@@ -272,23 +341,10 @@ class UsageIndex:
 
     def _apply(self, c: SqlCursor, records: Sequence[tuple[Any, Any]]) -> None:
         """Index ``(seq, stored bytes)`` records inside the caller's transaction."""
-        rows: list[tuple[Any, ...]] = []
-        pairs: list[tuple[str, int]] = []
-        alias_events: list[tuple[int, dict[str, Any]]] = []
-        loads = orjson.loads
-        for seq, data in records:
-            event = loads(bytes(data) if isinstance(data, memoryview) else data)
-            row = usage_row(seq, event)
-            rows.append(row)
-            request = event.get("request")
-            if request:
-                for name in _CONTEXT_FIELDS:
-                    ctx = request.get(name)
-                    if ctx and isinstance(ctx, dict):
-                        pairs.extend((context_pair(k, v), seq) for k, v in ctx.items())
-            topic = row[3]
-            if topic.startswith("Alias.") or topic == "Key.Deleted":
-                alias_events.append((seq, event))
+        self._write(c, prepare(records))
+
+    def _write(self, c: SqlCursor, prepared: Prepared) -> None:
+        rows, pairs, alias_events = prepared
         placeholders = ", ".join("?" for _ in COLUMNS)
         c.executemany(
             f"INSERT INTO {self.usage} ({', '.join(COLUMNS)}) VALUES ({placeholders}) "
@@ -298,7 +354,7 @@ class UsageIndex:
         if pairs:
             c.executemany(
                 f"INSERT INTO {self.context} (pair, seq) VALUES (?, ?) ON CONFLICT DO NOTHING",
-                list(dict.fromkeys(pairs)),
+                pairs,
             )
         for seq, event in alias_events:
             self._apply_alias(c, seq, event)
@@ -368,7 +424,9 @@ class UsageIndex:
                 )
                 keys.append(f.alias_arn)
             if f.key_sent:
-                parts.append("u.key_sent = ?")
+                # KeyId as sent finds calls that resolved to no key (unknown ids,
+                # aliases); calls that resolved are found by their key.
+                parts.append("u.key_sent = ? AND u.key_arn IS NULL")
                 keys.append(f.key_sent)
             clauses.append("(" + " OR ".join(f"({p})" for p in parts) + ")")
             params.extend(keys)

@@ -456,3 +456,18 @@ def test_history_views_equal_a_replay_and_resume_anywhere(generated: Generated) 
     stopped = HistoryViews(generated.db, batch_size=50)
     stopped.rebuild()
     assert stopped.rows() == expected
+
+
+def test_a_rebuild_decoded_by_a_worker_process_gives_the_same_tables(
+    generated: Generated, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import projections.usage as usage
+
+    index = UsageIndex(generated.db, batch_size=64)
+    index.rebuild()
+    serial = index.snapshot()
+    monkeypatch.setattr(usage, "PARALLEL_MIN_RECORDS", 0)
+    seen: list[int] = []
+    assert index.rebuild(lambda done, head: seen.append(done)) == generated.db.head_seq()
+    assert index.snapshot() == serial
+    assert seen == sorted(seen) and seen[-1] == generated.db.head_seq()  # batches in order
