@@ -133,6 +133,22 @@ class Generator:
             if i % 3 == 0:
                 self.call(self.ledger.enable_key_rotation, caller=ROOT, key_id=arn)
 
+    def retire_key(self, arn: str) -> None:
+        """Stop using a key (disabled or pending deletion); its aliases are dropped."""
+        self.keys.remove(arn)
+        self.aliases = {a: k for a, k in self.aliases.items() if k != arn}
+
+    def add_key(self, i: int) -> None:
+        md = self.call(self.ledger.create_key, caller=ROOT, description=f"app {i}")
+        if md is None:
+            return
+        arn = md["KeyMetadata"]["Arn"]
+        self.keys.append(arn)
+        alias = f"alias/app-{i:03d}"
+        if alias not in self.aliases:
+            self.call(self.ledger.create_alias, caller=ROOT, alias_name=alias, target_key_id=arn)
+            self.aliases[alias] = arn
+
     def who(self) -> Caller:
         # Principals without an identity policy (every fifth) call rarely: denied.
         if self.rng.random() < 0.02:
@@ -246,9 +262,12 @@ class Generator:
             self.call(self.ledger.schedule_key_deletion, caller=ROOT, key_id=arn)
             for _ in range(self.rng.randrange(1, 3)):  # someone still uses it
                 self.call(self.ledger.encrypt, caller=self.who(), key_id=arn, plaintext=b"x")
-            if self.rng.random() < 0.8:
+            if self.rng.random() < 0.8 or len(self.keys) <= 10:
                 self.call(self.ledger.cancel_key_deletion, caller=ROOT, key_id=arn)
                 self.call(self.ledger.enable_key, caller=ROOT, key_id=arn)
+            else:  # it stays pending deletion: a new key takes its place
+                self.retire_key(arn)
+                self.add_key(len(self.keys) + len(self.aliases))
         else:  # a denied burst from one principal without a policy
             denied = [p for i, p in enumerate(self.principals) if i % 5 == 4]
             p = self.rng.choice(denied)
@@ -268,10 +287,7 @@ class Generator:
             for _ in range(3):
                 self.call(self.ledger.encrypt, caller=self.who(), key_id=arn, plaintext=b"x")
         for arn in picked:  # no more use of these keys
-            self.keys.remove(arn)
-            for alias in [a for a, k in self.aliases.items() if k == arn]:
-                self.aliases[alias] = ""
-        self.aliases = {a: k for a, k in self.aliases.items() if k}
+            self.retire_key(arn)
         key = self.keys[0]
         for end in ("retire", "revoke", None):  # grants that end each way, and one that stays
             g = self.call(
