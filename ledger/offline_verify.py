@@ -31,6 +31,7 @@ import binascii
 import hashlib
 import itertools
 import json
+import os
 import re
 import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -676,23 +677,40 @@ _PARALLEL_MIN_BYTES = 64 << 20  # records.jsonl size from which two processes sc
 
 
 def _scan(
-    directory: Path, first: int, prev: str, sizes: set[int], wanted: set[int], out: _Problems
+    directory: Path,
+    first: int,
+    prev: str,
+    sizes: set[int],
+    wanted: set[int],
+    out: _Problems,
+    seek: Any = None,
 ) -> _Scan:
     """Scan records.jsonl beside chain.tsv: per record the hash, the chain links and
     the leaf; the tree roots at ``sizes``; the ``wanted`` records kept for the SIEM
     check.
 
-    A full export of at least ``_PARALLEL_MIN_BYTES`` on Linux is scanned as two
-    halves, the second in a forked process (two cores: about twice as fast), and the
-    halves are joined at the seam: the second half's first prev and each key's first
-    keyPrev there must be what the first half ends with, and the tree is the first
-    half's blocks followed by the second's. Raises OSError when a file cannot be
-    read."""
-    if first == 1 and sys.platform == "linux":
-        split = _split_point(directory / "records.jsonl")
-        halves = _scan_halves(directory, split, prev, sizes, wanted) if split else None
-        if halves is not None:
-            return halves
+    A full export of at least ``_PARALLEL_MIN_BYTES`` on Linux with more than one CPU
+    is scanned in pieces by forked processes, and the pieces are joined at each seam:
+    a piece's first prev and each key's first keyPrev there must be what the pieces
+    before it end with, and the tree is their blocks put together. The pieces start
+    at the manifest's ``seek`` hints (several pieces per process, so that a slow one
+    does not hold the rest up); a bundle without hints is scanned as two halves, the
+    second starting where a line starts nearest the middle, after counting the lines
+    before it. Any problem in a piece or at a seam makes it scan again in one
+    process, so problems are named exactly as there. Raises OSError when a file
+    cannot be read."""
+    cpus = os.cpu_count() or 1
+    if first == 1 and sys.platform == "linux" and cpus > 1:
+        rec = directory / "records.jsonl"
+        size = rec.stat().st_size
+        cuts = _seek_cuts(seek, size, 3 * min(cpus, 8))
+        if cuts:
+            pieces = _scan_pieces(directory, cuts, prev, sizes, wanted, min(cpus, 8))
+        else:
+            split = _split_point(rec)
+            pieces = _scan_halves(directory, split, prev, sizes, wanted) if split else None
+        if pieces is not None:
+            return pieces
     part = _scan_part(directory, 0, None, 0, first, prev, first == 1, sizes, wanted)
     for line in part.problems:
         out.add(line)
@@ -713,20 +731,93 @@ def _scan_halves(
         later = pool.submit(_scan_second_half, directory, split, sizes, wanted)
         one = _scan_part(directory, 0, split, 0, 1, prev, True, sizes, wanted)
         two = later.result()
-    if one.problems or one.bad or two.problems or two.bad:
+    return _join_parts([one, two])
+
+
+def _scan_pieces(
+    directory: Path,
+    cuts: list[tuple[int, int, int]],
+    prev: str,
+    sizes: set[int],
+    wanted: set[int],
+    workers: int,
+) -> _Scan | None:
+    """A full export in pieces starting at ``cuts`` (seq, records offset, chain.tsv
+    offset: hints, checked at the seams), scanned by ``workers`` forked processes.
+    Returns None on any problem, as ``_scan_halves``."""
+    import concurrent.futures
+    import multiprocessing
+
+    starts = [(0, 0, 1), *((r, t, s) for s, r, t in cuts)]
+    jobs = [
+        (r, starts[i + 1][0] if i + 1 < len(starts) else None, t, s, i == 0)
+        for i, (r, t, s) in enumerate(starts)
+    ]
+    ctx = multiprocessing.get_context("fork")
+    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx) as pool:
+        futures = [
+            pool.submit(
+                _scan_part, directory, r, r_to, t, s, prev if known else None, known, sizes, wanted
+            )
+            for r, r_to, t, s, known in jobs
+        ]
+        parts = [f.result() for f in futures]
+    for part, (_, _, t, _, known) in zip(parts, jobs, strict=True):
+        part.tsv_start = -1 if known else t
+    return _join_parts(parts)
+
+
+def _join_parts(parts: list[_Part]) -> _Scan | None:
+    """Consecutive parts (the first from seq 1) joined into one scan, or None when any
+    part or seam shows a problem: a part's first seq, prev, chain.tsv offset (when
+    it started at a hint) and each key's first keyPrev must follow from the parts
+    before it."""
+    if any(p.problems or p.bad for p in parts):
         return None
-    if two.s0 != one.last + 1 or two.prev_in != one.prev_out:
-        return None
-    for key, (_, key_seq, key_prev) in two.firsts.items():
-        head = one.heads.get(key, (0, _ZERO_HEX))
-        if (key_seq, key_prev) != (head[0] + 1, head[1]):
+    acc = parts[0]
+    blocks = acc.tree.blocks
+    roots = {**acc.roots}
+    seen = {**acc.seen}
+    heads = dict(acc.heads)
+    for two in parts[1:]:
+        if two.s0 != acc.last + 1 or two.prev_in != acc.prev_out:
             return None
+        if two.tsv_start >= 0 and acc.tsv_end != two.tsv_start:
+            return None
+        for key, (_, key_seq, key_prev) in two.firsts.items():
+            head = heads.get(key, (0, _ZERO_HEX))
+            if (key_seq, key_prev) != (head[0] + 1, head[1]):
+                return None
+        for size, snap in two.snaps.items():
+            roots[size] = _fold_right([b[2] for b in _join_blocks(blocks, snap)])
+        blocks = _join_blocks(blocks, two.tree.blocks)
+        heads.update(two.heads)
+        seen.update(two.seen)
+        acc = two
     tree = _RangeBuilder(0)
-    tree.blocks, tree.end = _join_blocks(one.tree.blocks, two.tree.blocks), two.tree.end
-    roots = {**one.roots}
-    for size, blocks in two.snaps.items():
-        roots[size] = _fold_right([b[2] for b in _join_blocks(one.tree.blocks, blocks)])
-    return _Scan(two.last, roots, tree, [], {**one.seen, **two.seen})
+    tree.blocks, tree.end = blocks, acc.tree.end
+    return _Scan(acc.last, roots, tree, [], seen)
+
+
+def _seek_cuts(seek: Any, size: int, pieces: int) -> list[tuple[int, int, int]]:
+    """Up to ``pieces - 1`` of the manifest's ``seek`` entries ``[seq, records
+    offset, chain.tsv offset]``, those nearest ``size * i / pieces``, in order; none
+    when the file is under ``_PARALLEL_MIN_BYTES`` or the hints are malformed or out
+    of order. Hints are not trusted: ``_join_parts`` checks each at its seam."""
+    if size < _PARALLEL_MIN_BYTES or not isinstance(seek, list):
+        return []
+    good = [
+        (e[0], e[1], e[2])
+        for e in seek
+        if isinstance(e, list) and len(e) == 3 and all(type(v) is int for v in e)
+    ]
+    if len(good) != len(seek) or not good:
+        return []
+    for (s1, r1, t1), (s2, r2, t2) in itertools.pairwise([(1, 0, 0), *good, (0, size, 0)]):
+        if not (s1 < s2 or s2 == 0) or not r1 < r2 or (t2 and not t1 < t2):
+            return []
+    chosen = {min(good, key=lambda e: abs(e[1] * pieces - size * i)) for i in range(1, pieces)}
+    return sorted(chosen)
 
 
 def _split_point(rec: Path, min_bytes: int | None = None) -> int | None:
@@ -790,6 +881,8 @@ class _Part:
     seen: dict[int, tuple[str, str, bytes]] = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)
     misaligned: bool = False
+    tsv_end: int = 0  # chain.tsv offset after the rows read (-1: not known exactly)
+    tsv_start: int = -1  # chain.tsv offset it started at, when a hint (to check)
 
 
 def _scan_part(
@@ -829,7 +922,7 @@ def _scan_part(
                 f = rows[0].split("\t") if rows else []
                 claimed = f[2] if len(f) == 6 else ""
                 part = _Part(s0, claimed if prev is None else prev, known, tree=tree)
-                part.prev_out = part.prev_in
+                part.prev_out, part.tsv_end = part.prev_in, tsv_from
                 part.roots = {0: EMPTY_ROOT} if known and s0 == 1 else {}
             first = seq + 1
             rhs = [sha(d).hexdigest() for d in lines]
@@ -844,7 +937,7 @@ def _scan_part(
                             lines[i],
                         )
                 part.prev_out, part.misaligned = rhs[-1] if rhs else part.prev_out, False
-                leaves = [sha(b"\x00" + d).digest() for d in lines]
+                leaves = _leaf_hashes(lines)
                 at, end = first - 1, first - 1 + len(lines)
                 for cut in [c for c in cuts if at < c <= end]:
                     tree.extend(leaves[at - first + 1 : cut - first + 1])
@@ -853,6 +946,10 @@ def _scan_part(
                 tree.extend(leaves[at - first + 1 :])
             else:
                 _slow_chunk(lines, rows, first, part, sizes, wanted)
+                exact = part.tsv_end >= 0 and not any("\ufffd" in r for r in rows)
+                part.tsv_end = (
+                    part.tsv_end + sum(len(r.encode()) + 1 for r in rows) if exact else -1
+                )
             seq = first + len(lines) - 1
         if part is None:
             part = _Part(s0, prev or "", known, prev_out=prev or "", tree=tree)
@@ -861,6 +958,22 @@ def _scan_part(
         if rec_to is None and tsv.take(1):
             part.problems.append(f"chain break at seq {seq + 1} (chain.tsv lists more records)")
     return part
+
+
+_LEAF_PREFIX = _sha256(b"\x00")
+
+
+def _leaf_hashes(lines: list[bytes]) -> list[bytes]:
+    """RFC 9162 leaf hashes H(0x00 || line), from a copy of the hashed prefix (no
+    concatenation of each line)."""
+    out: list[bytes] = []
+    fresh = _LEAF_PREFIX.copy
+    add = out.append
+    for d in lines:
+        h = fresh()
+        h.update(d)
+        add(h.digest())
+    return out
 
 
 def _at_size(part: _Part, size: int) -> None:
@@ -908,7 +1021,8 @@ def _chunk_ok(
     for ``-``), and ``"key_arn":`` occurs once per record (``marks``), so it is what
     ``key_of_record`` returns."""
     n = len(lines)
-    flat = "\t".join(rows).split("\t")
+    text = "\t".join(rows)
+    flat = text.split("\t")
     if marks != n or len(flat) != 6 * n or not n:
         return None
     if flat[1::6] != rhs or flat[2::6] != [part.prev_out, *rhs[:-1]]:
@@ -947,6 +1061,8 @@ def _chunk_ok(
     if flat[4::6] != kseqs or flat[5::6] != kprevs:
         return None
     part.firsts.update(firsts)
+    if part.tsv_end >= 0:  # each row and its newline: one byte per character if ASCII
+        part.tsv_end = part.tsv_end + len(text) + 1 if text.isascii() else -1
     return new
 
 
@@ -1329,7 +1445,7 @@ def _verify(
     wanted = {c["seq"] for _, c in copies if isinstance(c, dict) and isinstance(c.get("seq"), int)}
     sizes = {cp.checkpoint.size for cp in cps} | {k.size for k in kept}
     try:
-        scan = _scan(directory, first, prev, sizes, wanted, out)
+        scan = _scan(directory, first, prev, sizes, wanted, out, manifest.get("seek"))
     except OSError as err:
         out.add(f"records cannot be read ({err.strerror or err})")
         scan = _Scan(first - 1, {}, _RangeBuilder(first - 1), [], {})

@@ -1,15 +1,18 @@
-"""The two-process bundle scan (a big export's second half in a forked process) reports
-exactly what the one-process scan reports: clean, and under every tamper at every
-position, the seam between the halves included."""
+"""The parallel bundle scans (a big export's second half in a forked process; or pieces
+starting at the manifest's seek hints, in a pool of processes) report exactly what the
+one-process scan reports: clean, and under every tamper at every position, the seams
+included, and whatever the hints say."""
 
 from __future__ import annotations
 
+import json
 import shutil
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
+import ledger.bundle as ledger_bundle
 import ledger.offline_verify as ov
 from ledger import audit
 from ledger.service import Caller, KeyLedger
@@ -20,8 +23,29 @@ CALLER = Caller(principal="arn:aws:iam::111122223333:root")
 N = 30
 
 
+@pytest.fixture(params=["halves", "pieces"])
+def bundle(
+    request: pytest.FixtureRequest,
+    ledger: KeyLedger,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> tuple[Path, list[ov.VerifierKey]]:
+    """A bundle of N records; "pieces": with a seek hint every 4 records (else none,
+    so the parallel scan counts its way to the middle)."""
+    return make_bundle(ledger, tmp_path, monkeypatch, request.param == "pieces")
+
+
 @pytest.fixture
-def bundle(ledger: KeyLedger, tmp_path: Path) -> tuple[Path, list[ov.VerifierKey]]:
+def hinted(
+    ledger: KeyLedger, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> tuple[Path, list[ov.VerifierKey]]:
+    return make_bundle(ledger, tmp_path, monkeypatch, True)
+
+
+def make_bundle(
+    ledger: KeyLedger, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, hints: bool
+) -> tuple[Path, list[ov.VerifierKey]]:
+    monkeypatch.setattr(ledger_bundle, "SEEK_EVERY", 4 if hints else 1 << 16)
     keys = [ledger.create_key(caller=CALLER)["KeyMetadata"]["KeyId"] for _ in range(3)]
     while ledger.db.head_seq() < N:
         n = ledger.db.head_seq()
@@ -31,6 +55,8 @@ def bundle(ledger: KeyLedger, tmp_path: Path) -> tuple[Path, list[ov.VerifierKey
     audit.make_checkpoint(ledger)
     out = tmp_path / "bundle"
     audit.write_export(ledger, out, 1, None)
+    seek = json.loads((out / "manifest.json").read_bytes())["seek"]
+    assert len(seek) == (7 if hints else 0)
     vkeys = ov.parse_verifier_keys("".join(k.vkey + "\n" for k in audit.signing_keys(ledger.db)))
     return out, vkeys
 
@@ -141,3 +167,68 @@ def test_every_tamper_at_every_position_reports_the_same_in_two_processes(
         one, two = both(copy, keys, monkeypatch)
         assert one[-1] != f"{N} records valid, 3 checkpoints valid", (i, one)
         assert one == two, (tamper.__name__, i)
+
+
+def set_seek(directory: Path, seek: object) -> None:
+    path = directory / "manifest.json"
+    manifest = json.loads(path.read_bytes())
+    manifest["seek"] = seek
+    path.write_text(json.dumps(manifest))
+
+
+def test_the_pieces_start_at_the_hints_and_join_to_the_one_process_scan(
+    hinted: tuple[Path, list[ov.VerifierKey]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    directory, _ = hinted
+    seek = json.loads((directory / "manifest.json").read_bytes())["seek"]
+    size = (directory / "records.jsonl").stat().st_size
+    monkeypatch.setattr(ov, "_PARALLEL_MIN_BYTES", 1)
+    cuts = ov._seek_cuts(seek, size, 6)
+    assert len(cuts) == 5 and cuts == sorted(cuts)
+    rec, tsv = (directory / "records.jsonl").read_bytes(), (directory / "chain.tsv").read_bytes()
+    for seq, r, t in cuts:  # each hint is where record seq's line and row start
+        assert rec[:r].count(b"\n") == seq - 1 and tsv[:t].count(b"\n") == seq - 1
+    sizes = set(range(N + 1))
+    scan = ov._scan_pieces(directory, cuts, ov._ZERO_HEX, sizes, set(range(1, N + 1)), 2)
+    single = ov._scan_part(
+        directory, 0, None, 0, 1, ov._ZERO_HEX, True, sizes, set(range(1, N + 1))
+    )
+    assert scan is not None and scan.last == single.last == N
+    assert scan.roots == single.roots and len(scan.roots) == N + 1
+    assert scan.blocks.blocks == single.tree.blocks and scan.seen == single.seen
+
+
+def shift(e: list[int], i: int, by: int) -> list[int]:
+    return [v + by if j == i else v for j, v in enumerate(e)]
+
+
+WRONG_HINTS: list[Callable[[list[list[int]]], object]] = [
+    lambda s: [shift(e, 0, 1) for e in s],  # seq off by one
+    lambda s: [shift(e, 1, 1) for e in s],  # mid-line in records.jsonl
+    lambda s: [shift(e, 1, -5) for e in s],
+    lambda s: [shift(e, 2, 1) for e in s],  # mid-row in chain.tsv
+    lambda s: [shift(e, 2, -1) for e in s],
+    lambda s: [s[1], s[0], *s[2:]],  # out of order
+    lambda s: [[e[0], e[1], s[-1][2]] for e in s],  # every piece on one row
+    lambda s: [*s, [10**9, 10**12, 10**12]],  # beyond the end
+    lambda s: "garbage",
+    lambda s: [["1", "2", "3"]],
+]
+
+
+@pytest.mark.parametrize("wrong", WRONG_HINTS)
+def test_wrong_seek_hints_change_nothing_but_speed(
+    hinted: tuple[Path, list[ov.VerifierKey]],
+    monkeypatch: pytest.MonkeyPatch,
+    wrong: Callable[[list[list[int]]], object],
+) -> None:
+    directory, keys = hinted
+    seek = json.loads((directory / "manifest.json").read_bytes())["seek"]
+    set_seek(directory, wrong(seek))
+    one, two = both(directory, keys, monkeypatch)
+    assert one == two == [f"{N} records valid, 3 checkpoints valid"]
+    # And with a tampered record under the same wrong hints: the same report.
+    flip_record(directory, N // 2)
+    one, two = both(directory, keys, monkeypatch)
+    assert one[-1] != f"{N} records valid, 3 checkpoints valid"
+    assert one == two
