@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from cli.common import ctx_of, emit
+from cli.common import AsOfOpt, AtSeqOpt, ctx_of, emit, point_in_time
 
 principals_app = typer.Typer(
     help="Create, disable, delete principals; attach identity policies.", no_args_is_help=True
@@ -45,10 +45,22 @@ def principals_create(
 
 
 @principals_app.command("list")
-def principals_list(ctx: typer.Context, account: AccountOpt = None) -> None:
-    """Live principals, optionally of one account."""
+def principals_list(
+    ctx: typer.Context,
+    account: AccountOpt = None,
+    as_of: AsOfOpt = None,
+    at_seq: AtSeqOpt = None,
+) -> None:
+    """Live principals, optionally of one account; with --as-of/--at-seq, as they were
+    then (replayed from the log)."""
     cli = ctx_of(ctx)
-    rows = cli.ledger_without_hsm.list_principals(account=account)
+    state = point_in_time(cli, as_of, at_seq)
+    if state is not None:
+        from projections.catalog import principals_at
+
+        rows = principals_at(state, account)
+    else:
+        rows = cli.ledger_without_hsm.list_principals(account=account)
     if cli.json_output:
         emit(cli, {"Principals": rows}, "")
         return
@@ -58,12 +70,24 @@ def principals_list(ctx: typer.Context, account: AccountOpt = None) -> None:
 
 
 @principals_app.command("describe")
-def principals_describe(ctx: typer.Context, name: NameArg, account: AccountOpt = None) -> None:
-    """A principal with its access key ids and identity policies."""
+def principals_describe(
+    ctx: typer.Context,
+    name: NameArg,
+    account: AccountOpt = None,
+    as_of: AsOfOpt = None,
+    at_seq: AtSeqOpt = None,
+) -> None:
+    """A principal with its access key ids and identity policies; with
+    --as-of/--at-seq, as it was then (replayed from the log)."""
     cli = ctx_of(ctx)
-    doc = cli.ledger_without_hsm.describe_principal(
-        name=name, account=account or cli.settings.account_id
-    )
+    acct = account or cli.settings.account_id
+    state = point_in_time(cli, as_of, at_seq)
+    if state is not None:
+        from projections.catalog import describe_principal_at
+
+        doc = describe_principal_at(state, name, acct)
+    else:
+        doc = cli.ledger_without_hsm.describe_principal(name=name, account=acct)
     emit(cli, doc, "\n".join(f"{k}: {v}" for k, v in doc.items() if k != "PolicyDocuments"))
 
 

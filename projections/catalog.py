@@ -276,6 +276,26 @@ def describe_key_at(state: LedgerState, key_uuid: UUID, arn_for_errors: str) -> 
     return {"KeyMetadata": key_metadata(doc)}
 
 
+def principals_at(state: LedgerState, account: str | None = None) -> list[dict[str, Any]]:
+    """ListPrincipals as of ``state``: the live ones (optionally of one account), by ARN,
+    in ``list_principals``' shape."""
+    docs = [d for d in state.principals.values() if not d["deleted"]]
+    docs = [d for d in docs if account is None or d["Account"] == account]
+    drop = ("deleted", "PolicyDocuments")
+    return [
+        {k: v for k, v in d.items() if k not in drop} for d in sorted(docs, key=lambda d: d["Arn"])
+    ]
+
+
+def describe_principal_at(state: LedgerState, name: str, account: str) -> dict[str, Any]:
+    """``describe_principal`` as of ``state`` (a user before a role of that name);
+    raises NotFoundError if no such principal was live then."""
+    for d in sorted(state.principals.values(), key=lambda d: d["Type"] != "user"):
+        if d["Name"] == name and d["Account"] == account and not d["deleted"]:
+            return {k: v for k, v in d.items() if k != "deleted"}
+    raise NotFoundError(f"The principal with name {name} cannot be found.")
+
+
 def list_aliases_at(state: LedgerState, key_uuid: UUID | None = None) -> dict[str, Any]:
     docs = [d for d in state.aliases.values() if d["target"] is not None]
     if key_uuid is not None:

@@ -17,6 +17,7 @@ from ledger.domain.key_specs import key_algorithms
 
 JSON = dict[str, Any]
 TOPIC_PREFIX = "ledger.domain.model:"
+PRINCIPAL_PREFIX = "ledger.domain.principals:Principal."
 
 
 def epoch(iso: str) -> float:
@@ -156,6 +157,41 @@ def apply_alias_event(doc: JSON | None, event: JSON) -> JSON | None:
     return d
 
 
+def apply_principal_event(doc: JSON | None, kind: str, event: JSON) -> JSON | None:
+    """The principal document (``describe_principal``'s shape, plus ``deleted``) after
+    ``event``, a decoded Principal.``kind`` stored event."""
+    if kind == "Created":
+        from ledger.domain.model import iso
+
+        return {
+            "Arn": event["arn"],
+            "Name": event["name"],
+            "Account": event["account"],
+            "Type": event["principal_type"],
+            "Enabled": True,
+            "AccessKeyIds": [event["access_key_id"]],
+            "Policies": [],
+            "CreateDate": iso(datetime.fromisoformat(event["timestamp"])),
+            "PolicyDocuments": {},
+            "deleted": False,
+        }
+    if doc is None:
+        return None
+    d = copy.deepcopy(doc)
+    if kind == "Disabled":
+        d["Enabled"] = False
+    elif kind == "Enabled":
+        d["Enabled"] = True
+    elif kind == "Deleted":
+        d.update(Enabled=False, deleted=True)
+    elif kind == "PolicyAttached":
+        d["PolicyDocuments"][event["policy_name"]] = event["policy"]
+    elif kind == "PolicyDetached":
+        d["PolicyDocuments"].pop(event["policy_name"], None)
+    d["Policies"] = sorted(d["PolicyDocuments"])
+    return d
+
+
 def drop_alias(doc: JSON, timestamp: str) -> JSON:
     """The alias document after the key it names was deleted."""
     return {**doc, "target": None, "updated": timestamp}
@@ -225,10 +261,12 @@ def key_policy(doc: JSON) -> str:
 
 @dataclass
 class LedgerState:
-    """Every key and alias document, folded from the log in memory (point in time)."""
+    """Every key, alias and principal document, folded from the log in memory (point
+    in time)."""
 
     keys: dict[str, JSON] = field(default_factory=dict)  # by key id
     aliases: dict[str, JSON] = field(default_factory=dict)  # by alias stream id
+    principals: dict[str, JSON] = field(default_factory=dict)  # by stream id
     seq: int = 0
     time: str | None = None
 
@@ -247,5 +285,10 @@ class LedgerState:
             doc = apply_alias_event(self.aliases.get(oid), event)
             if doc is not None:
                 self.aliases[oid] = doc
+        elif str(event.get("topic", "")).startswith(PRINCIPAL_PREFIX):
+            kind = str(event["topic"])[len(PRINCIPAL_PREFIX) :]
+            pdoc = apply_principal_event(self.principals.get(oid), kind, event)
+            if pdoc is not None:
+                self.principals[oid] = pdoc
         self.seq = seq
         self.time = event.get("timestamp")

@@ -56,6 +56,7 @@ def test_principal_lifecycle_and_acting_as_it(tmp_path: Path) -> None:
     assert [p["Arn"] for p in listed] == ["arn:aws:iam::111122223333:user/alice"]
     assert listed[0]["Policies"] == ["kms"]
 
+    before_disable = int(cli("audit", "verify").stdout.split()[1])  # "OK: N events, ..."
     cli("principals", "disable", "alice")
     disabled = cli("--as", "alice", "keys", "create", expect=1)
     assert "AccessDeniedException" in disabled.stderr.decode()
@@ -63,6 +64,15 @@ def test_principal_lifecycle_and_acting_as_it(tmp_path: Path) -> None:
     gone = cli("--as", "alice", "keys", "create", expect=1)
     assert "NotFoundException" in gone.stderr.decode()
     cli("principals", "create", "alice", expect=1)  # a deleted name is not reused
+    # As it was: enabled with its policy before the disable, gone now.
+    then = json.loads(
+        cli("--json", "principals", "describe", "alice", "--at-seq", str(before_disable)).stdout
+    )
+    assert then["Enabled"] is True and then["PolicyDocuments"] == {"kms": json.dumps(ALLOW_CREATE)}
+    past = cli("--json", "principals", "list", "--at-seq", str(before_disable)).stdout
+    assert [p["Arn"] for p in json.loads(past)["Principals"]] == [created["Principal"]["Arn"]]
+    assert json.loads(cli("--json", "principals", "list").stdout)["Principals"] == []
+    cli("principals", "describe", "alice", expect=1)
 
     # The secret was printed once and is stored nowhere in clear.
     for f in (tmp_path / "data").rglob("*"):
