@@ -56,10 +56,21 @@ def backend_paths(work: Path, backend: str, events: int) -> tuple[Path, str | No
 
 
 def ensure_generated(work: Path, backend: str, events: int) -> None:
+    """Generate the backend's ledger unless it is there. PostgreSQL gets a record-for-
+    record copy of the SQLite ledger when that exists (``bench/copy_ledger.py``: the
+    same bytes, chain and head, appended through the PostgreSQL recorder)."""
     marker = work / backend / f"done-{events}"
     if marker.exists():
         return
     data_dir, url = backend_paths(work, backend, events)
+    if backend == "postgres" and (work / "sqlite" / f"done-{events}").exists():
+        src, _ = backend_paths(work, "sqlite", events)
+        print(f"[postgres] copying the SQLite ledger of {events:,} events ...", flush=True)
+        cmd = [sys.executable, str(ROOT / "bench" / "copy_ledger.py"), "--from-data-dir"]
+        cmd += [str(src), "--to-data-dir", str(data_dir), "--to-database-url", str(url)]
+        subprocess.run(cmd, check=True)
+        marker.touch()
+        return
     cmd = [sys.executable, str(ROOT / "bench" / "generate.py"), "--events", str(events)]
     cmd += ["--data-dir", str(data_dir)] + (["--database-url", url] if url else [])
     print(f"[{backend}] generating {events:,} events through the service ...", flush=True)
