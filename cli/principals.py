@@ -65,8 +65,8 @@ def principals_list(
         emit(cli, {"Principals": rows}, "")
         return
     for r in rows:
-        state = "enabled" if r["Enabled"] else "disabled"
-        typer.echo(f"{r['Arn']}  {state}  policies={','.join(r['Policies']) or '-'}")
+        enabled = "enabled" if r["Enabled"] else "disabled"
+        typer.echo(f"{r['Arn']}  {enabled}  policies={','.join(r['Policies']) or '-'}")
 
 
 @principals_app.command("describe")
