@@ -816,6 +816,8 @@ class KeyLedger(Application[UUID]):
         }
         if tags:
             request["tags"] = tags
+        if policy is not None:  # AWS logs a given policy (detections read it)
+            request["policy"] = policy
 
         def body(call: CallContext, attempt: _Attempt) -> JSON:
             self._authorize_identity(attempt, "kms:CreateKey")

@@ -486,7 +486,7 @@ def test_every_successful_action_adds_one_event_with_the_aws_event_name(
     assert details["previousKeyMaterialId"] == on_demand_material["id"]
     assert details["currentKeyMaterialId"] != on_demand_material["id"]
     assert views["RotateKeyOnDemand"]["additionalEventData"]["rotationType"] == "ON_DEMAND"
-    assert views["CreateGrant"]["responseElements"] == {"grantId": issued["GrantId"]}
+    assert views["CreateGrant"]["responseElements"] == {"grantId": issued["GrantId"], "keyId": arn}
     verify(env)
 
 

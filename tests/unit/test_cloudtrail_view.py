@@ -24,6 +24,7 @@ from tests.fakes_relay import (
     key_arn,
     key_created,
     key_deleted_by_service,
+    key_disabled,
     mixed_events,
 )
 
@@ -208,3 +209,142 @@ def test_automatic_rotation_matches_aws_rotatekey_service_event() -> None:
     assert record["requestParameters"] is None and "requestID" not in record
     assert "additionalEventData" not in record
     assert set(record["serviceEventDetails"]) == set(reference["serviceEventDetails"])
+
+
+# ------------------------------------------------------------ per-operation shaping
+# Stored events are immutable: these shapes are made by the view, so events stored
+# before the shaping existed render exactly like new ones.
+
+
+def _key_event(operation: str, **fields: Any) -> dict[str, Any]:
+    event = key_disabled(KEY_ID)
+    event["call"] = {**event["call"], "operation": operation}
+    event.update(fields)
+    return event
+
+
+def test_create_grant_response_names_the_grant_and_key_and_never_the_token() -> None:
+    event = _key_event(
+        "CreateGrant",
+        request={"keyId": KEY_ID, "granteePrincipal": PRINCIPAL, "operations": ["Decrypt"]},
+        response={"grantId": "g" * 64, "grantToken": "c2VjcmV0LXRva2Vu"},
+    )
+    record = _view(event)["record"]
+    assert record["responseElements"] == {"grantId": "g" * 64, "keyId": key_arn(KEY_ID)}
+    assert b"c2VjcmV0LXRva2Vu" not in orjson.dumps(record)
+
+
+def test_schedule_key_deletion_response_has_only_the_members_aws_logs() -> None:
+    event = _key_event(
+        "ScheduleKeyDeletion",
+        request={"keyId": KEY_ID, "pendingWindowInDays": 20},
+        response={
+            "keyId": key_arn(KEY_ID),
+            "deletionDate": "Apr 12, 2021, 6:58:30 PM",
+            "keyState": "PendingDeletion",
+            "pendingWindowInDays": 20,
+        },
+    )
+    record = _view(event)["record"]
+    reference = _reference("schedulekeydeletion-1.08.json")
+    assert set(record["responseElements"]) == set(reference["responseElements"])
+    assert record["requestParameters"] == {"keyId": KEY_ID, "pendingWindowInDays": 20}
+
+
+def test_create_key_logs_the_deprecated_key_spec_twin_and_camel_case_tags() -> None:
+    event = key_created(KEY_ID)
+    event["request"] = {**event["request"], "tags": [{"TagKey": "team", "TagValue": "pay"}]}
+    params = _view(event)["record"]["requestParameters"]
+    assert params["customerMasterKeySpec"] == params["keySpec"] == "SYMMETRIC_DEFAULT"
+    assert params["tags"] == [{"tagKey": "team", "tagValue": "pay"}]
+    reference = _reference("createkey-1.08.json")
+    assert set(params) - {"tags"} == set(reference["requestParameters"])
+
+
+def test_create_alias_lists_the_key_and_the_alias_as_resources() -> None:
+    event = _key_event(
+        "CreateAlias", request={"aliasName": "alias/ExampleAlias", "targetKeyId": KEY_ID}
+    )
+    resources = _view(event)["record"]["resources"]
+    alias = f"arn:aws:kms:{REGION}:{ACCOUNT}:alias/ExampleAlias"
+    assert [r["ARN"] for r in resources] == [key_arn(KEY_ID), alias]
+    assert {r["type"] for r in resources} == {"AWS::KMS::Key"}
+
+
+def test_reencrypt_lists_the_source_key_first_and_both_material_ids() -> None:
+    source = "0987dcba-09fe-87dc-65ba-ab0987654321"
+    event = crypto_used(KEY_ID, "ReEncrypt")
+    event["additional"] = {
+        "sourceKeyArn": key_arn(source),
+        "sourceKeyMaterialId": "a" * 64,
+        "keyMaterialId": "b" * 64,
+    }
+    record = _view(event)["record"]
+    assert [r["ARN"] for r in record["resources"]] == [key_arn(source), key_arn(KEY_ID)]
+    assert record["additionalEventData"] == {
+        "sourceKeyMaterialId": "a" * 64,
+        "destinationKeyMaterialId": "b" * 64,
+    }
+
+
+def test_generate_random_logs_no_bytes_and_an_empty_resource_list() -> None:
+    event = crypto_used(KEY_ID, "GenerateRandom")
+    event.update(key_arn=None, request={"numberOfBytes": 32}, additional=None)
+    record = _view(event)["record"]
+    assert record["requestParameters"] == {"numberOfBytes": 32}
+    assert record["responseElements"] is None and record["resources"] == []
+    event["request"] = {}  # nothing sent: null, as AWS's GenerateRandom example
+    assert _view(event)["record"]["requestParameters"] is None
+
+
+def test_import_key_material_logs_the_key_and_new_material_in_the_response() -> None:
+    event = _key_event(
+        "ImportKeyMaterial",
+        request={"keyId": KEY_ID, "expirationModel": "KEY_MATERIAL_DOES_NOT_EXPIRE"},
+        additional={"keyMaterialId": MATERIAL_ID},
+    )
+    record = _view(event)["record"]
+    assert record["responseElements"] == {"keyId": key_arn(KEY_ID), "keyMaterialId": MATERIAL_ID}
+    assert "additionalEventData" not in record
+
+
+def test_sign_and_mac_records_carry_no_additional_event_data() -> None:
+    for operation in ("Sign", "Verify", "GenerateMac", "VerifyMac", "DeriveSharedSecret"):
+        record = _view(crypto_used(KEY_ID, operation))["record"]
+        assert "additionalEventData" not in record, operation
+
+
+def test_delete_key_service_event_has_no_service_event_details() -> None:
+    event = key_deleted_by_service(KEY_ID)
+    event["additional"] = {"keyMaterialIds": [MATERIAL_ID]}
+    record = _view(event)["record"]
+    assert "serviceEventDetails" not in record
+    assert MATERIAL_ID.encode() not in orjson.dumps(record)
+
+
+def test_expired_material_is_a_service_event_naming_key_and_material() -> None:
+    event = key_deleted_by_service(KEY_ID)
+    event["call"] = {**event["call"], "operation": "DeleteExpiredKeyMaterial"}
+    event.update(request={"keyId": KEY_ID}, additional={"keyMaterialId": MATERIAL_ID})
+    record = _view(event)["record"]
+    assert record["eventType"] == "AwsServiceEvent"
+    assert record["requestParameters"] is None and record["responseElements"] is None
+    assert record["serviceEventDetails"] == {"keyId": KEY_ID, "keyMaterialId": MATERIAL_ID}
+
+
+def test_members_aws_never_logs_are_dropped_even_from_a_stored_event() -> None:
+    event = crypto_used(KEY_ID, "Decrypt")
+    event["request"] = {**event["request"], "ciphertextBlob": "QkxPQg==", "grantTokens": ["t"]}
+    event["additional"] = {"keyMaterialId": MATERIAL_ID, "plaintext": "UFQ="}
+    record = _view(event)["record"]
+    assert set(record["requestParameters"]) == {"keyId", "encryptionContext", "encryptionAlgorithm"}
+    assert record["additionalEventData"] == {"keyMaterialId": MATERIAL_ID}
+    policy = _key_event("GetKeyPolicy", response={"policy": "{}", "policyName": "default"})
+    assert _view(policy)["record"]["responseElements"] is None
+
+
+def test_caller_context_keys_are_logged_as_sent_even_when_named_like_secrets() -> None:
+    event = crypto_used(KEY_ID, "Encrypt")
+    event["request"] = {**event["request"], "encryptionContext": {"plaintext": "no", "mac": "x"}}
+    params = _view(event)["record"]["requestParameters"]
+    assert params["encryptionContext"] == {"plaintext": "no", "mac": "x"}
