@@ -14,6 +14,7 @@ from typing import Annotated, Any
 import orjson
 import typer
 
+from cli.archive_cmds import validate_archive_cmd
 from cli.common import ctx_of
 from ledger.errors import TamperError, ValidationError
 
@@ -137,6 +138,7 @@ def register(audit_app: typer.Typer) -> None:
     audit_app.command("history")(history)
     audit_app.command("export")(export)
     audit_app.command("public-key")(public_key_cmd)
+    audit_app.command("validate-archive")(validate_archive_cmd)
     audit_app.add_typer(signing_key_app, name="signing-key")
 
 

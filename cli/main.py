@@ -22,6 +22,7 @@ from cli.common import ctx_of as _ctx
 from cli.common import emit as _emit
 from cli.common import jsonable as _jsonable
 from cli.common import parse_pairs
+from cli.consume import consume_app
 from cli.context import CliContext
 from cli.crypto_cmds import data_key_app, envelope_app, random_bytes, reencrypt
 from cli.forensics import register as register_forensics
@@ -51,6 +52,7 @@ app.add_typer(audit_app, name="audit")
 register_audit(audit_app)
 register_forensics(audit_app, projections_app)
 app.add_typer(projections_app, name="projections")
+app.add_typer(consume_app, name="consume")
 app.add_typer(data_key_app, name="data-key")
 app.add_typer(envelope_app, name="envelope")
 app.add_typer(mac_app, name="mac")
