@@ -57,7 +57,7 @@ class Generator:
         self.sign_keys: list[str] = []
         self.aliases: dict[str, str] = {}
         self.principals: list[Caller] = []
-        self.blobs: list[tuple[bytes, dict[str, str]]] = []
+        self.blobs: list[tuple[bytes, dict[str, str], str]] = []  # blob, context, key ARN
         self.grants: list[tuple[str, str]] = []
         self.failures = 0
 
@@ -137,6 +137,10 @@ class Generator:
         """Stop using a key (disabled or pending deletion); its aliases are dropped."""
         self.keys.remove(arn)
         self.aliases = {a: k for a, k in self.aliases.items() if k != arn}
+        # Its ciphertexts are still tried now and then (the pending-deletion check sees
+        # them), but most are dropped from the pool.
+        mine = [b for b in self.blobs if b[2] == arn]
+        self.blobs = [b for b in self.blobs if b[2] != arn] + mine[:1]
 
     def add_key(self, i: int) -> None:
         md = self.call(self.ledger.create_key, caller=ROOT, description=f"app {i}")
@@ -189,16 +193,19 @@ class Generator:
                 encryption_context=ctx,
             )
             if out and len(self.blobs) < 200:
-                self.blobs.append((out["CiphertextBlob"], ctx))
+                self.blobs.append((out["CiphertextBlob"], ctx, out["KeyId"]))
+            elif out:  # the pool stays fresh: new ciphertexts replace old ones
+                pool = self.blobs  # retire_key swaps in a new list, never shrinks this one
+                pool[self.rng.randrange(len(pool))] = (out["CiphertextBlob"], ctx, out["KeyId"])
         elif r < 0.6 and self.blobs:
-            blob, ctx = self.rng.choice(self.blobs)
+            blob, ctx, _ = self.rng.choice(self.blobs)
             if self.rng.random() < 0.02:
                 ctx = {**ctx, "app": "wrong"}  # InvalidCiphertextException
             self.call(
                 self.ledger.decrypt, caller=caller, ciphertext_blob=blob, encryption_context=ctx
             )
         elif r < 0.63 and self.blobs:
-            blob, ctx = self.rng.choice(self.blobs)
+            blob, ctx, _ = self.rng.choice(self.blobs)
             self.call(
                 self.ledger.re_encrypt,
                 caller=caller,
