@@ -262,7 +262,23 @@ def trail_line(seq: int, event: dict[str, Any]) -> str:
 # ---------------------------------------------------------------- stream, projections
 
 
-@app.command("stream")
+stream_app = typer.Typer(
+    help="Relay ledger events to Kafka (CloudTrail, or an OCSF/ECS/HEC view), exactly once."
+)
+app.add_typer(stream_app, name="stream")
+
+_VIEW_HELP = "cloudtrail (keyledger.audit.v1), ocsf, ecs or hec (keyledger.audit.<view>.v1)."
+
+
+def _check_view(view: str) -> str:
+    from consumers.relay import VIEW_TOPICS
+
+    if view not in VIEW_TOPICS:
+        raise ValidationError(f"--view must be one of {', '.join(VIEW_TOPICS)}; got {view!r}.")
+    return view
+
+
+@stream_app.callback(invoke_without_command=True)
 def stream(
     ctx: typer.Context,
     bootstrap: Annotated[
@@ -271,15 +287,47 @@ def stream(
     ] = None,
     once: Annotated[bool, typer.Option(help="Publish up to the head, then exit.")] = False,
     poll_interval: Annotated[float, typer.Option(help="Seconds between polls.")] = 0.5,
+    view: Annotated[
+        str, typer.Option(envvar="KEYLEDGER_STREAM_VIEW", help=_VIEW_HELP)
+    ] = "cloudtrail",
+    topic: Annotated[
+        str | None,
+        typer.Option(envvar="KEYLEDGER_STREAM_TOPIC", help="Topic (default: the view's)."),
+    ] = None,
+    partitions: Annotated[
+        int,
+        typer.Option(
+            envvar="KEYLEDGER_STREAM_PARTITIONS",
+            min=1,
+            help="Partitions when the relay creates the topic.",
+        ),
+    ] = 3,
+    batch_size: Annotated[
+        int, typer.Option(min=1, help="Records per confirmed batch (bounds memory).")
+    ] = 1000,
+    max_batch_bytes: Annotated[
+        int, typer.Option(min=1, help="Value bytes per confirmed batch (bounds memory).")
+    ] = 8 * 1024 * 1024,
+    max_backoff: Annotated[
+        float, typer.Option(help="Longest wait between retries while the broker is down.")
+    ] = 5.0,
 ) -> None:
-    """Relay ledger events to Kafka as CloudTrail records, exactly once per seq."""
+    """Relay ledger events to Kafka exactly once per seq (``status``: where it stands).
+
+    Runs until SIGINT/SIGTERM, retrying broker errors with capped backoff, or with
+    ``--once`` publishes up to the head and exits.
+    """
+    if ctx.invoked_subcommand is not None:
+        return
+    import signal
     import threading
 
-    from consumers.relay import AuditRelay
+    from consumers.relay import CLOUDTRAIL_VIEW, AuditRelay
 
     cli = _ctx(ctx)
     if not bootstrap:
         raise ValidationError("--bootstrap (or KEYLEDGER_KAFKA_BOOTSTRAP) is required.")
+    view = _check_view(view)
     ledger = cli.ledger_without_hsm
     from ledger import audit
 
@@ -291,7 +339,13 @@ def stream(
         positions=ledger.db,
         bootstrap=bootstrap,
         ledger_id=ledger.ledger_id,
-        checkpoints=new_checkpoints,
+        view=view,
+        topic=topic,
+        partitions=partitions,
+        batch_size=batch_size,
+        max_batch_bytes=max_batch_bytes,
+        max_backoff=max_backoff,
+        checkpoints=new_checkpoints if view == CLOUDTRAIL_VIEW else None,
     )
     try:
         if once:
@@ -299,12 +353,67 @@ def stream(
             typer.echo(f"published {n} records to {relay.topic}")
         else:
             stop = threading.Event()
+            signal.signal(signal.SIGTERM, lambda *_: stop.set())
             try:
                 relay.run_forever(poll_interval=poll_interval, stop=stop)
             except KeyboardInterrupt:
                 stop.set()
     finally:
         relay.close()
+
+
+@stream_app.command("status")
+def stream_status(
+    ctx: typer.Context,
+    bootstrap: Annotated[
+        str | None,
+        typer.Option(envvar="KEYLEDGER_KAFKA_BOOTSTRAP", help="Kafka bootstrap HOST:PORT."),
+    ] = None,
+    view: Annotated[
+        str, typer.Option(envvar="KEYLEDGER_STREAM_VIEW", help=_VIEW_HELP)
+    ] = "cloudtrail",
+    topic: Annotated[
+        str | None,
+        typer.Option(envvar="KEYLEDGER_STREAM_TOPIC", help="Topic (default: the view's)."),
+    ] = None,
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for the broker.")] = 5.0,
+) -> None:
+    """Ledger head, relay position, lag (events, seconds) and the topic's highest seq.
+
+    Exits 0 when the broker is unreachable (it says so); the ledger part still shows.
+    """
+    from datetime import UTC, datetime
+
+    from consumers.relay import relay_status
+
+    cli = _ctx(ctx)
+    ledger = cli.ledger_without_hsm
+    now = cli.clock.now() if cli.clock is not None else datetime.now(UTC)
+    status = relay_status(
+        reader=ledger.db,
+        positions=ledger.db,
+        now=now,
+        view=_check_view(view),
+        topic=topic,
+        bootstrap=bootstrap,
+        timeout=timeout,
+    )
+    if status.topic_seq is not None:
+        on_topic = str(status.topic_seq)
+    elif status.broker_error:
+        on_topic = f"unknown (broker unreachable: {status.broker_error})"
+    else:
+        on_topic = "unknown (no --bootstrap)"
+    text = "\n".join(
+        [
+            f"topic: {status.topic} (view {status.view})",
+            f"ledger head seq: {status.head_seq}",
+            f"relay position: {status.position}",
+            f"lag: {status.lag_events} events, {status.lag_seconds:.1f} s",
+            f"highest seq on topic: {on_topic}",
+        ]
+    )
+    _emit(cli, status.as_dict(), text)
 
 
 @app.command("demo")

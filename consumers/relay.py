@@ -1,7 +1,12 @@
-"""The audit relay: follows the ledger and publishes one CloudTrail record per event.
+"""The audit relay: follows the ledger and publishes one record per event to a topic.
 
-Guarantee: every ledger record reaches the audit topic exactly once with respect to
-its ``seq``, in per-key order, across relay crashes and broker outages, provided that
+Each relay publishes one view of the ledger to its own topic with its own position:
+the enveloped CloudTrail record (``keyledger.audit.v1``), or the OCSF, ECS or Splunk
+HEC view of that envelope (``keyledger.audit.{ocsf,ecs,hec}.v1``). Every view keeps the
+Kafka key (resolved key ARN) and the headers ``seq`` and ``recordHash``.
+
+Guarantee: every ledger record reaches the topic exactly once with respect to its
+``seq``, in per-key order, across relay crashes and broker outages, provided that
 only one relay runs per ledger and topic at a time.
 
 How:
@@ -18,6 +23,19 @@ How:
 * The follower position is saved only after the whole batch is flushed and every
   send is confirmed. A crash between the two just replays the batch, which the
   previous point turns into no-ops.
+* Memory is bounded under backpressure: a batch holds at most ``batch_size`` records
+  and ``max_batch_bytes`` of values, and nothing more is read from the ledger until
+  the batch is confirmed. In flight at any time: one produce request per broker
+  connection, carrying at most one batch per partition, all within the current batch.
+* Broker errors in :meth:`AuditRelay.run_forever` are retried with capped
+  exponential backoff (with jitter); the retry starts again from the saved position,
+  so no ``seq`` is ever skipped.
+
+Known limit: a produce request the broker received from a relay that was killed
+before the request was acknowledged can land after the next relay's scan only if the
+broker takes longer than that relay's start-up to process it. A transactional
+producer would close that window; the tail scan is used because it needs nothing
+from the broker beyond idempotent produce.
 
 Record values are never logged.
 """
@@ -25,10 +43,12 @@ Record values are never logged.
 from __future__ import annotations
 
 import logging
+import random
 import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any, Protocol
 
 import orjson
@@ -45,8 +65,23 @@ log = logging.getLogger(__name__)
 AUDIT_TOPIC = "keyledger.audit.v1"
 CHECKPOINT_TOPIC = "keyledger.audit.checkpoints.v1"
 DEFAULT_PARTITIONS = 3
+DEFAULT_BATCH_SIZE = 1000
+DEFAULT_MAX_BATCH_BYTES = 8 * 1024 * 1024
 SEQ_HEADER = "seq"
 HASH_HEADER = "recordHash"
+
+CLOUDTRAIL_VIEW = "cloudtrail"
+# The topic each view is published to by default.
+VIEW_TOPICS: dict[str, str] = {
+    CLOUDTRAIL_VIEW: AUDIT_TOPIC,
+    "ocsf": "keyledger.audit.ocsf.v1",
+    "ecs": "keyledger.audit.ecs.v1",
+    "hec": "keyledger.audit.hec.v1",
+}
+
+ViewFunction = Callable[[dict[str, Any]], dict[str, Any]]
+
+_PARTITION_CACHE_LIMIT = 100_000
 
 
 class RelayError(RuntimeError):
@@ -95,12 +130,18 @@ def message_key(event: dict[str, Any], ledger_id: str) -> bytes:
 
 
 def message_value(
-    record: LedgerRecord, ledger_id: str, event: dict[str, Any] | None = None
+    record: LedgerRecord,
+    ledger_id: str,
+    event: dict[str, Any] | None = None,
+    *,
+    view_fn: ViewFunction | None = None,
 ) -> bytes:
-    """The published value: the enveloped CloudTrail record as JSON with sorted keys.
+    """The published value as JSON with sorted keys: the enveloped CloudTrail record,
+    or ``view_fn(envelope)`` (see :func:`view_function`).
 
     ``event`` is ``record.event()`` when the caller already decoded it.
-    Raises KeyError or ValueError (from :func:`cloudtrail_record`) for a malformed event.
+    Raises KeyError or ValueError (from :func:`cloudtrail_record` or the view) for a
+    malformed event.
     """
     envelope = cloudtrail_record(
         record.event() if event is None else event,
@@ -109,7 +150,8 @@ def message_value(
         prev=record.prev,
         ledger_id=ledger_id,
     )
-    return orjson.dumps(envelope, option=orjson.OPT_SORT_KEYS)
+    value = envelope if view_fn is None else view_fn(envelope)
+    return orjson.dumps(value, option=orjson.OPT_SORT_KEYS)
 
 
 def message_headers(record: LedgerRecord) -> list[tuple[str, bytes]]:
@@ -130,8 +172,55 @@ def header_seq(headers: Sequence[tuple[str, bytes]] | None) -> int:
     raise RelayError("published record has no seq header")
 
 
+def view_function(view: str) -> ViewFunction | None:
+    """The function that turns a CloudTrail envelope into ``view``'s value.
+
+    ``None`` for ``"cloudtrail"`` (the envelope itself is published). The view modules
+    are imported here, on first use. Raises ValueError for an unknown view name.
+    """
+    if view == CLOUDTRAIL_VIEW:
+        return None
+    if view == "ocsf":
+        from consumers.views import ocsf_event
+
+        return ocsf_event
+    if view == "ecs":
+        from consumers.views import ecs_document
+
+        return ecs_document
+    if view == "hec":
+        from consumers.hec import hec_event
+
+        return hec_event
+    raise ValueError(f"unknown view {view!r}; expected one of {', '.join(VIEW_TOPICS)}")
+
+
+def producer_config(
+    bootstrap: str, *, client_id: str, send_timeout: float = 30.0
+) -> dict[str, Any]:
+    """The relay's ``KafkaProducer`` settings (the benchmark's raw producer uses them too).
+
+    Idempotent, ``acks="all"``, one request in flight per connection. A record that
+    cannot be delivered fails within ``send_timeout`` seconds instead of the client's
+    two-minute default, so a broker outage surfaces as a KafkaError the caller retries.
+    """
+    delivery_ms = int(send_timeout * 1000)
+    return {
+        "bootstrap_servers": bootstrap,
+        "client_id": client_id,
+        "enable_idempotence": True,
+        "acks": "all",
+        "max_in_flight_requests_per_connection": 1,
+        "linger_ms": 5,
+        "batch_size": 256 * 1024,
+        "request_timeout_ms": max(1000, min(15_000, delivery_ms // 2)),
+        "delivery_timeout_ms": delivery_ms,
+        "max_block_ms": delivery_ms,
+    }
+
+
 class AuditRelay:
-    """Publishes ledger records to the audit topic, exactly once per ``seq``.
+    """Publishes ledger records to one topic, exactly once per ``seq``.
 
     Connections are opened lazily by the first :meth:`run_once`, never by the
     constructor. Not thread-safe: drive one instance from one thread.
@@ -145,20 +234,27 @@ class AuditRelay:
         bootstrap: str,
         ledger_id: str,
         position_name: str | None = None,
-        batch_size: int = 500,
+        batch_size: int = DEFAULT_BATCH_SIZE,
+        max_batch_bytes: int = DEFAULT_MAX_BATCH_BYTES,
         producer_factory: Callable[[], AuditProducer] | None = None,
-        topic: str = AUDIT_TOPIC,
+        topic: str | None = None,
+        view: str = CLOUDTRAIL_VIEW,
         checkpoint_topic: str = CHECKPOINT_TOPIC,
         partitions: int = DEFAULT_PARTITIONS,
         crash_after_publish: Callable[[int], None] | None = None,
         send_timeout: float = 30.0,
         scan_timeout: float = 30.0,
+        max_backoff: float = 5.0,
         checkpoints: Callable[[int], Sequence[tuple[int, int, str]]] | None = None,
     ) -> None:
         """Configure the relay; opens no connection.
 
-        ``position_name`` defaults to ``"relay:" + topic``. ``partitions`` is used only
-        when the relay creates the topic; an existing topic keeps its own count.
+        ``view`` is one of :data:`VIEW_TOPICS`; ``topic`` defaults to that view's topic
+        and ``position_name`` to ``"relay:" + topic``, so each view has its own
+        exactly-once position. ``partitions`` is used only when the relay creates the
+        topic; an existing topic keeps its own count. A batch ends after
+        ``batch_size`` records or once its values reach ``max_batch_bytes``.
+        ``max_backoff`` caps the retry delay of :meth:`run_forever`.
         ``crash_after_publish`` (for tests) is called with the batch's last ``seq``
         after the batch is confirmed and before the position is saved.
 
@@ -168,12 +264,16 @@ class AuditRelay:
         audit topic. A crash between publishing and saving the position may publish a
         checkpoint again; its ``id`` tells copies apart.
 
-        Raises ValueError for a non-positive ``batch_size`` or ``partitions``.
+        Raises ValueError for a non-positive ``batch_size``, ``max_batch_bytes`` or
+        ``partitions``, or an unknown ``view`` (the view's module is imported here).
         """
-        if batch_size < 1:
-            raise ValueError("batch_size must be positive")
+        if batch_size < 1 or max_batch_bytes < 1:
+            raise ValueError("batch_size and max_batch_bytes must be positive")
         if partitions < 1:
             raise ValueError("partitions must be positive")
+        self._view = view
+        self._view_fn = view_function(view)
+        topic = topic or VIEW_TOPICS[view]
         self._reader = reader
         self._positions = positions
         self._bootstrap = bootstrap
@@ -182,16 +282,19 @@ class AuditRelay:
         self._checkpoint_topic = checkpoint_topic
         self._position_name = position_name or f"relay:{topic}"
         self._batch_size = batch_size
+        self._max_batch_bytes = max_batch_bytes
         self._producer_factory = producer_factory or self._default_producer
         self._partitions_wanted = partitions
         self._crash_after_publish = crash_after_publish
         self._send_timeout = send_timeout
         self._scan_timeout = scan_timeout
+        self._max_backoff = max_backoff
         self._checkpoints = checkpoints
         self._producer: AuditProducer | None = None
         self._partitions: int | None = None
         # Highest seq already on each partition; None means "unknown, scan first".
         self._published: dict[int, int] | None = None
+        self._partition_of: dict[bytes, int] = {}
 
     @property
     def topic(self) -> str:
@@ -200,6 +303,10 @@ class AuditRelay:
     @property
     def position_name(self) -> str:
         return self._position_name
+
+    @property
+    def view(self) -> str:
+        return self._view
 
     def run_once(self) -> int:
         """Publish every record up to the ledger head seen at the call; return how many.
@@ -265,29 +372,38 @@ class AuditRelay:
             if not records:
                 raise RelayError(f"ledger head is {head} but no records follow position {position}")
             futures: list[tuple[int, int, SendFuture]] = []
-            expected = position + 1
+            batch_bytes = 0
+            last = position
             for record in records:
-                if record.seq != expected:
-                    raise RelayError(f"ledger seq gap: expected {expected}, got {record.seq}")
-                expected += 1
+                if record.seq != last + 1:
+                    raise RelayError(f"ledger seq gap: expected {last + 1}, got {record.seq}")
+                last = record.seq
                 event = record.event()
                 key = message_key(event, self._ledger_id)
-                partition = partition_for(key, partitions)
+                partition = self._partition(key, partitions)
                 if record.seq <= published.get(partition, 0):
                     continue
-                future = producer.send(
-                    self._topic,
-                    value=message_value(record, self._ledger_id, event),
-                    key=key,
-                    headers=message_headers(record),
-                    partition=partition,
+                value = message_value(record, self._ledger_id, event, view_fn=self._view_fn)
+                futures.append(
+                    (
+                        record.seq,
+                        partition,
+                        producer.send(
+                            self._topic,
+                            value=value,
+                            key=key,
+                            headers=message_headers(record),
+                            partition=partition,
+                        ),
+                    )
                 )
-                futures.append((record.seq, partition, future))
+                batch_bytes += len(value)
+                if batch_bytes >= self._max_batch_bytes:
+                    break  # the rest of this read is read again next round
             producer.flush(timeout=self._send_timeout)
             for seq, partition, future in futures:
                 future.get(timeout=self._send_timeout)
                 published[partition] = max(published.get(partition, 0), seq)
-            last = records[-1].seq
             if self._crash_after_publish is not None:
                 self._crash_after_publish(last)
             self._positions.set_position(self._position_name, last)
@@ -295,34 +411,55 @@ class AuditRelay:
                 "relay %s: published %d of records %d..%d",
                 self._topic,
                 len(futures),
-                records[0].seq,
+                position + 1,
                 last,
             )
             sent_total += len(futures)
             position = last
         return sent_total
 
+    def _partition(self, key: bytes, partitions: int) -> int:
+        found = self._partition_of.get(key)
+        if found is None:
+            if len(self._partition_of) >= _PARTITION_CACHE_LIMIT:
+                self._partition_of.clear()
+            found = self._partition_of[key] = partition_for(key, partitions)
+        return found
+
     def run_forever(self, poll_interval: float, stop: threading.Event) -> None:
         """Call :meth:`run_once` every ``poll_interval`` seconds until ``stop`` is set.
 
-        Broker errors (KafkaError) are logged and retried with a capped backoff; any
-        other exception (RelayError, reader or position store failures) propagates.
+        Broker errors (KafkaError, OSError) are logged (type only) and retried after a
+        delay that starts at ``min(poll_interval, 0.2)`` seconds and doubles up to
+        ``max_backoff``, with up to 20 % jitter; each retry resumes from the saved
+        position and re-learns the topic's tail first, so nothing is skipped or
+        repeated. Any other exception (RelayError, reader or position store
+        failures) propagates.
         """
-        backoff = poll_interval
+        first = max(0.05, min(poll_interval, 0.2))
+        backoff = first
+        failures = 0
         while not stop.is_set():
             try:
                 self.run_once()
-            except KafkaError as exc:
+            except (KafkaError, OSError) as exc:
+                failures += 1
+                delay = min(backoff, self._max_backoff) * random.uniform(0.8, 1.0)
                 log.warning(
-                    "relay %s: broker error %s, retrying in %.1f s",
+                    "relay %s: broker error %s (failure %d), retrying in %.1f s",
                     self._topic,
                     type(exc).__name__,
-                    backoff,
+                    failures,
+                    delay,
                 )
-                stop.wait(backoff)
-                backoff = min(max(backoff * 2, 0.1), 30.0)
+                stop.wait(delay)
+                backoff = min(backoff * 2, self._max_backoff)
                 continue
-            backoff = poll_interval
+            if failures:
+                log.info(
+                    "relay %s: broker reachable again after %d failures", self._topic, failures
+                )
+            backoff, failures = first, 0
             stop.wait(poll_interval)
 
     def close(self) -> None:
@@ -363,26 +500,26 @@ class AuditRelay:
 
     def _default_producer(self) -> AuditProducer:
         producer: AuditProducer = KafkaProducer(
-            bootstrap_servers=self._bootstrap,
-            client_id=f"keyledger-relay-{self._ledger_id}",
-            enable_idempotence=True,
-            acks="all",
-            max_in_flight_requests_per_connection=1,
-            linger_ms=5,
-            batch_size=256 * 1024,
+            **producer_config(
+                self._bootstrap,
+                client_id=f"keyledger-relay-{self._ledger_id}",
+                send_timeout=self._send_timeout,
+            )
         )
         return producer
 
     def _ensure_topics(self) -> None:
         admin = KafkaAdminClient(
-            bootstrap_servers=self._bootstrap, client_id="keyledger-relay-admin"
+            bootstrap_servers=self._bootstrap,
+            client_id="keyledger-relay-admin",
+            bootstrap_timeout_ms=int(self._scan_timeout * 1000),
         )
         try:
             existing = set(admin.list_topics())
-            for name, count in (
-                (self._topic, self._partitions_wanted),
-                (self._checkpoint_topic, 1),
-            ):
+            wanted = [(self._topic, self._partitions_wanted)]
+            if self._checkpoints is not None:
+                wanted.append((self._checkpoint_topic, 1))
+            for name, count in wanted:
                 if name in existing:
                     continue
                 try:
@@ -400,6 +537,7 @@ class AuditRelay:
             group_id=None,
             enable_auto_commit=False,
             fetch_max_wait_ms=100,
+            bootstrap_timeout_ms=int(self._scan_timeout * 1000),
         )
 
     def _partition_count(self) -> int:
@@ -419,50 +557,166 @@ class AuditRelay:
             consumer.close()
 
     def _scan_published(self, partitions: int) -> dict[int, int]:
-        """The highest ``seq`` on each partition (0 for an empty one).
-
-        Reads from one before the reported end offset up to the fetch high-water
-        mark. On Apache Kafka that is the last record; Tansu reports the end offset
-        as the last *batch's* base offset + 1, so there this reads the whole last
-        batch. Raises KafkaTimeoutError if the tail cannot be read within
-        ``scan_timeout``, RelayError for a record without a valid ``seq`` header.
-        """
         consumer = self._new_consumer()
         try:
-            tps = [TopicPartition(self._topic, p) for p in range(partitions)]
-            consumer.assign(tps)
-            ends = consumer.end_offsets(tps, timeout_ms=int(self._scan_timeout * 1000))
-            published = dict.fromkeys(range(partitions), 0)
-            pending: set[TopicPartition] = set()
-            for tp in tps:
-                end = ends.get(tp, 0)
-                if end > 0:
-                    consumer.seek(tp, end - 1)
-                    pending.add(tp)
-                else:
-                    consumer.pause(tp)
-            seen: set[TopicPartition] = set()
-            deadline = time.monotonic() + self._scan_timeout
-            while pending:
-                if time.monotonic() > deadline:
-                    raise KafkaTimeoutError(
-                        f"could not read the tail of {len(pending)} partition(s) of "
-                        f"{self._topic} within {self._scan_timeout:.0f} s"
-                    )
-                for tp, messages in consumer.poll(timeout_ms=200).items():
-                    for message in messages:
-                        seq = header_seq(message.headers)
-                        published[tp.partition] = max(published[tp.partition], seq)
-                        seen.add(tp)
-                for tp in list(pending):
-                    highwater = consumer.highwater(tp)
-                    if tp in seen and highwater is not None and consumer.position(tp) >= highwater:
-                        pending.discard(tp)
-                        consumer.pause(tp)
-            log.info("relay %s: highest published seq per partition %s", self._topic, published)
-            return published
+            published = scan_tail(consumer, self._topic, partitions, timeout=self._scan_timeout)
         finally:
             consumer.close()
+        log.info("relay %s: highest published seq per partition %s", self._topic, published)
+        return published
+
+
+def scan_tail(
+    consumer: KafkaConsumer, topic: str, partitions: int, *, timeout: float
+) -> dict[int, int]:
+    """The highest ``seq`` on each partition of ``topic`` (0 for an empty one).
+
+    Reads from one before the reported end offset up to the fetch high-water mark. On
+    Apache Kafka that is the last record; Tansu reports the end offset as the last
+    *batch's* base offset + 1, so there this reads the whole last batch. ``consumer``
+    is group-less and gets assigned the partitions. Raises KafkaTimeoutError if the
+    tail cannot be read within ``timeout``, RelayError for a record without a valid
+    ``seq`` header.
+    """
+    tps = [TopicPartition(topic, p) for p in range(partitions)]
+    consumer.assign(tps)
+    ends = consumer.end_offsets(tps, timeout_ms=int(timeout * 1000))
+    published = dict.fromkeys(range(partitions), 0)
+    pending: set[TopicPartition] = set()
+    for tp in tps:
+        end = ends.get(tp, 0)
+        if end > 0:
+            consumer.seek(tp, end - 1)
+            pending.add(tp)
+        else:
+            consumer.pause(tp)
+    seen: set[TopicPartition] = set()
+    deadline = time.monotonic() + timeout
+    while pending:
+        if time.monotonic() > deadline:
+            raise KafkaTimeoutError(
+                f"could not read the tail of {len(pending)} partition(s) of "
+                f"{topic} within {timeout:.0f} s"
+            )
+        for tp, messages in consumer.poll(timeout_ms=200).items():
+            for message in messages:
+                seq = header_seq(message.headers)
+                published[tp.partition] = max(published[tp.partition], seq)
+                seen.add(tp)
+        for tp in list(pending):
+            highwater = consumer.highwater(tp)
+            if tp in seen and highwater is not None and consumer.position(tp) >= highwater:
+                pending.discard(tp)
+                consumer.pause(tp)
+    return published
+
+
+def topic_highest_seq(bootstrap: str, topic: str, *, timeout: float = 10.0) -> int:
+    """The highest ``seq`` published on ``topic`` (0 when the topic is empty or absent).
+
+    Reads only each partition's tail; creates nothing. Raises KafkaError (for example
+    NoBrokersAvailable) when the broker cannot be reached or the tail not read within
+    ``timeout``, RelayError for a record without a valid ``seq`` header.
+    """
+    consumer = KafkaConsumer(
+        bootstrap_servers=bootstrap,
+        client_id="keyledger-relay-status",
+        group_id=None,
+        enable_auto_commit=False,
+        allow_auto_create_topics=False,
+        fetch_max_wait_ms=100,
+        request_timeout_ms=int(timeout * 1000) + 1000,
+        bootstrap_timeout_ms=int(timeout * 1000),
+    )
+    try:
+        ids = consumer.partitions_for_topic(topic)
+        if not ids:
+            return 0
+        return max(scan_tail(consumer, topic, max(ids) + 1, timeout=timeout).values())
+    finally:
+        consumer.close()
+
+
+@dataclass(frozen=True)
+class RelayStatus:
+    """Where one relay stands. ``topic_seq`` is None when the broker was not asked or
+    not reachable (``broker_error`` then names the error type)."""
+
+    topic: str
+    view: str
+    position_name: str
+    head_seq: int
+    position: int
+    lag_events: int
+    lag_seconds: float
+    topic_seq: int | None
+    broker_error: str | None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "topic": self.topic,
+            "view": self.view,
+            "positionName": self.position_name,
+            "headSeq": self.head_seq,
+            "position": self.position,
+            "lagEvents": self.lag_events,
+            "lagSeconds": self.lag_seconds,
+            "topicSeq": self.topic_seq,
+            "broker": "unreachable"
+            if self.broker_error
+            else ("reachable" if self.topic_seq is not None else "not asked"),
+        }
+
+
+def relay_status(
+    *,
+    reader: LedgerReader,
+    positions: PositionStore,
+    now: datetime,
+    view: str = CLOUDTRAIL_VIEW,
+    topic: str | None = None,
+    position_name: str | None = None,
+    bootstrap: str | None = None,
+    timeout: float = 5.0,
+) -> RelayStatus:
+    """Ledger head, relay position and lag of the relay for ``view``/``topic``.
+
+    ``lag_seconds`` is the age at ``now`` (timezone-aware) of the oldest unpublished
+    record's timestamp, or 0 when nothing is behind. With ``bootstrap``, the highest
+    ``seq`` on the topic is read too; broker errors are reported in the result, not
+    raised. Raises ValueError for an unknown view, and whatever the reader or position
+    store raise.
+    """
+    if view not in VIEW_TOPICS:
+        raise ValueError(f"unknown view {view!r}; expected one of {', '.join(VIEW_TOPICS)}")
+    topic = topic or VIEW_TOPICS[view]
+    name = position_name or f"relay:{topic}"
+    head = reader.head_seq()
+    position = min(positions.get_position(name), head)
+    lag_seconds = 0.0
+    if position < head:
+        oldest = reader.read_records(position, 1)
+        if oldest:
+            stamp = datetime.fromisoformat(oldest[0].event()["timestamp"])
+            lag_seconds = max(0.0, (now - stamp).total_seconds())
+    topic_seq: int | None = None
+    broker_error: str | None = None
+    if bootstrap:
+        try:
+            topic_seq = topic_highest_seq(bootstrap, topic, timeout=timeout)
+        except (KafkaError, OSError) as exc:
+            broker_error = type(exc).__name__
+    return RelayStatus(
+        topic=topic,
+        view=view,
+        position_name=name,
+        head_seq=head,
+        position=position,
+        lag_events=head - position,
+        lag_seconds=round(lag_seconds, 3),
+        topic_seq=topic_seq,
+        broker_error=broker_error,
+    )
 
 
 @dataclass(frozen=True)

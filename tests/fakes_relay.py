@@ -242,3 +242,43 @@ def mixed_events(n: int, *, keys: int = 5, seed: int = 7) -> list[dict[str, Any]
             op = "Encrypt" if kind % 2 == 0 else "Decrypt"
             events.append(crypto_used(key_id, op, at=at, version=versions[key_id]))
     return events
+
+
+class DoneFuture:
+    """A send future that has already succeeded."""
+
+    def get(self, timeout: float | None = None) -> None:
+        return None
+
+
+class RecordingProducer:
+    """An ``AuditProducer`` that accepts every send at once and records, for each
+    ``flush``, how many sends and value bytes were outstanding (no broker involved).
+    """
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[str, int, bytes | None, int]] = []  # topic, seq, key, size
+        self.outstanding: list[tuple[int, int]] = []  # (sends, bytes) at each flush
+        self._sends = 0
+        self._bytes = 0
+
+    def send(
+        self,
+        topic: str,
+        value: bytes | None = None,
+        key: bytes | None = None,
+        headers: list[tuple[str, bytes]] | None = None,
+        partition: int | None = None,
+    ) -> DoneFuture:
+        seq = int(dict(headers or ())["seq"])
+        self.sent.append((topic, seq, key, len(value or b"")))
+        self._sends += 1
+        self._bytes += len(value or b"")
+        return DoneFuture()
+
+    def flush(self, timeout: float | None = None) -> None:
+        self.outstanding.append((self._sends, self._bytes))
+        self._sends = self._bytes = 0
+
+    def close(self, timeout: float | None = None) -> None:
+        self.flush()

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import socket
 import threading
 import time
 import uuid
 from collections import defaultdict
 from collections.abc import Iterator, Sequence
+from datetime import timedelta
+from typing import Any
 
 import orjson
 import pytest
@@ -16,16 +19,20 @@ from consumers.relay import (
     AUDIT_TOPIC,
     HASH_HEADER,
     SEQ_HEADER,
+    VIEW_TOPICS,
     AuditRelay,
     PublishedRecord,
     RelayError,
     read_topic,
+    relay_status,
 )
 from ledger.records import LedgerRecord
 from tests.fakes_relay import (
+    BASE_TIME,
     WRAPPED_B64,
     InMemoryLedger,
     InMemoryPositions,
+    RecordingProducer,
     mixed_events,
 )
 
@@ -236,3 +243,159 @@ def test_a_gap_in_the_ledger_stops_the_relay(
     finally:
         relay.close()
     assert positions.get_position(relay.position_name) == 0
+
+
+def _carries_seq_and_hash(value: bytes, seq: int, record_hash: str) -> bool:
+    """The view value names the record hash and, under some key, the seq."""
+    found = False
+
+    def walk(node: Any) -> None:
+        nonlocal found
+        if isinstance(node, dict):
+            for k, v in node.items():
+                if k in ("seq", "sequence") and v == seq:
+                    found = True
+                walk(v)
+
+    walk(orjson.loads(value))
+    return found and record_hash.encode() in value
+
+
+@pytest.mark.parametrize("view", ["ocsf", "ecs", "hec"])
+def test_a_view_goes_to_its_own_topic_once_per_seq_with_the_audit_keys_and_headers(
+    kafka_broker: TansuBroker,
+    ledger: InMemoryLedger,
+    positions: InMemoryPositions,
+    topic: str,
+    view: str,
+) -> None:
+    audit = _relay(kafka_broker, ledger, positions, topic, batch_size=64)
+    viewer = _relay(kafka_broker, ledger, positions, f"{topic}.{view}", view=view, batch_size=64)
+    try:
+        assert audit.run_once() == N
+        assert positions.get_position(viewer.position_name) == 0  # its own position
+        assert viewer.run_once() == N
+        assert viewer.run_once() == 0
+    finally:
+        audit.close()
+        viewer.close()
+    assert viewer.view == view
+    assert viewer.position_name == f"relay:{topic}.{view}"
+    audit_records = read_topic(kafka_broker.bootstrap, topic)
+    view_records = read_topic(kafka_broker.bootstrap, f"{topic}.{view}")
+    _assert_exactly_once_in_key_order(view_records, N)
+    key_of = {r.headers[SEQ_HEADER]: (r.key, r.partition) for r in audit_records}
+    for r in view_records:
+        seq = int(r.headers[SEQ_HEADER])
+        assert key_of[r.headers[SEQ_HEADER]] == (r.key, r.partition)
+        assert r.headers[HASH_HEADER] == ledger.record(seq).record_hash.hex().encode()
+        assert _carries_seq_and_hash(r.value, seq, ledger.record(seq).record_hash.hex())
+        assert WRAPPED_B64.encode() not in r.value
+        assert b'"record":' not in r.value  # the view, not the CloudTrail envelope
+
+
+def test_each_view_has_its_default_topic() -> None:
+    assert VIEW_TOPICS == {
+        "cloudtrail": "keyledger.audit.v1",
+        "ocsf": "keyledger.audit.ocsf.v1",
+        "ecs": "keyledger.audit.ecs.v1",
+        "hec": "keyledger.audit.hec.v1",
+    }
+    with pytest.raises(ValueError, match="unknown view"):
+        AuditRelay(
+            reader=InMemoryLedger(),
+            positions=InMemoryPositions(),
+            bootstrap="127.0.0.1:1",
+            ledger_id=LEDGER_ID,
+            view="syslog",
+        )
+
+
+def test_unconfirmed_sends_stay_within_the_batch_count_and_byte_bounds(
+    kafka_broker: TansuBroker,
+    ledger: InMemoryLedger,
+    positions: InMemoryPositions,
+    topic: str,
+) -> None:
+    producer = RecordingProducer()
+    max_bytes = 4000  # two or three CloudTrail records
+    relay = _relay(
+        kafka_broker,
+        ledger,
+        positions,
+        topic,
+        batch_size=10,
+        max_batch_bytes=max_bytes,
+        producer_factory=lambda: producer,
+    )
+    try:
+        assert relay.run_once() == N
+    finally:
+        relay.close()
+    largest = max(size for *_, size in producer.sent)
+    assert [seq for _, seq, _, _ in producer.sent] == list(range(1, N + 1))
+    batches = [o for o in producer.outstanding if o[0]]
+    assert len(batches) > N // 10  # the byte bound cut batches short
+    for sends, size in batches:
+        assert sends <= 10
+        assert size < max_bytes + largest
+    assert positions.get_position(relay.position_name) == N
+
+
+def test_status_shows_head_position_lag_and_the_topics_highest_seq(
+    kafka_broker: TansuBroker,
+    ledger: InMemoryLedger,
+    positions: InMemoryPositions,
+    topic: str,
+) -> None:
+    now = BASE_TIME + timedelta(hours=1)
+    before = relay_status(
+        reader=ledger, positions=positions, now=now, topic=topic, bootstrap=kafka_broker.bootstrap
+    )
+    assert (before.head_seq, before.position, before.lag_events) == (N, 0, N)
+    assert before.lag_seconds == 3600.0  # the oldest unpublished record is seq 1
+    assert before.topic_seq == 0 and before.broker_error is None  # no topic yet
+
+    relay = _relay(kafka_broker, ledger, positions, topic, batch_size=64)
+    try:
+        relay.run_once()
+        ledger.extend(mixed_events(N + 5)[N:])
+        behind = relay_status(
+            reader=ledger,
+            positions=positions,
+            now=now,
+            topic=topic,
+            bootstrap=kafka_broker.bootstrap,
+        )
+        assert (behind.position, behind.lag_events, behind.topic_seq) == (N, 5, N)
+        oldest = BASE_TIME + timedelta(milliseconds=37 * N)
+        assert behind.lag_seconds == round((now - oldest).total_seconds(), 3)
+        relay.run_once()
+    finally:
+        relay.close()
+    after = relay_status(
+        reader=ledger, positions=positions, now=now, topic=topic, bootstrap=kafka_broker.bootstrap
+    )
+    assert (after.lag_events, after.lag_seconds, after.topic_seq) == (0, 0.0, N + 5)
+
+
+def test_status_says_the_broker_is_unreachable_instead_of_failing() -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        closed_port = sock.getsockname()[1]
+    ledger = InMemoryLedger()
+    ledger.extend(mixed_events(3))
+    status = relay_status(
+        reader=ledger,
+        positions=InMemoryPositions(),
+        now=BASE_TIME,
+        view="ocsf",
+        bootstrap=f"127.0.0.1:{closed_port}",
+        timeout=1.0,
+    )
+    assert status.topic == "keyledger.audit.ocsf.v1"
+    assert status.position_name == "relay:keyledger.audit.ocsf.v1"
+    assert (status.head_seq, status.lag_events, status.lag_seconds) == (3, 3, 0.0)
+    assert status.topic_seq is None
+    assert status.broker_error is not None
+    assert status.as_dict()["broker"] == "unreachable"
