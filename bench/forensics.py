@@ -63,6 +63,7 @@ def ensure_generated(work: Path, backend: str, events: int) -> None:
     if marker.exists():
         return
     data_dir, url = backend_paths(work, backend, events)
+    marker.parent.mkdir(parents=True, exist_ok=True)
     if backend == "postgres" and (work / "sqlite" / f"done-{events}").exists():
         src, _ = backend_paths(work, "sqlite", events)
         print(f"[postgres] copying the SQLite ledger of {events:,} events ...", flush=True)

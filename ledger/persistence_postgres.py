@@ -74,8 +74,9 @@ class ChainedPostgresRecorder(PostgresApplicationRecorder):
     ) -> Sequence[int] | None:
         ids = super()._fetch_ids_after_insert_events(curs, stored_events, **kwargs)
         assert ids is not None
-        curs.execute(self._select_head)
-        row = curs.fetchone()
+        with curs.connection.cursor() as head:  # as _PostgresSql.rows: a cursor of its own
+            head.execute(self._select_head)
+            row = head.fetchone()
         head_seq, head_hash = (row["seq"], bytes(row["record_hash"])) if row else (0, GENESIS)
         rows = chain_rows(head_seq, head_hash, ids, stored_events)
         curs.executemany(self._insert_chain, rows)
@@ -108,8 +109,12 @@ class _PostgresSql:
         return SQL(sql.format(**self._names).replace("?", "%s"))
 
     def rows(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
-        self._c.execute(self._q(sql), tuple(params))
-        got = self._c.fetchall()
+        # A cursor of its own: in pipeline mode the storing cursor may still hold the
+        # results of an executemany, and fetching there read "INSERT 0 1" (seen once in
+        # tens of batches of 500 events).
+        with self._c.connection.cursor() as c:
+            c.execute(self._q(sql), tuple(params))
+            got = c.fetchall()
         return [tuple(r.values()) if isinstance(r, dict) else tuple(r) for r in got]
 
     def many(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
