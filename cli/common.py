@@ -6,6 +6,7 @@ Parsers raise ``ValidationError``; ``cli.main.main`` turns it into the one error
 from __future__ import annotations
 
 import base64
+import threading
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -151,3 +152,22 @@ def recorded_failure(cli: CliContext, operation: str, request: JSON) -> Iterator
             operation=operation, caller=cli.caller, request=given, error=err
         )
         raise
+
+
+@contextmanager
+def stop_on_signals() -> Iterator[threading.Event]:
+    """An event set by Ctrl-C or SIGTERM while the block runs (in the main thread;
+    elsewhere nothing is installed), so a consumer loop stops cleanly; the previous
+    handlers come back afterwards."""
+    import signal
+
+    stop = threading.Event()
+    previous: dict[signal.Signals, Any] = {}
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            previous[sig] = signal.signal(sig, lambda *_: stop.set())
+    try:
+        yield stop
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import typer
 
+from cli.common import stop_on_signals
+
 consume_app = typer.Typer(
     help="Consumers of the audit topic: archive writer, Splunk HEC forwarder, detections.",
     no_args_is_help=True,
@@ -41,8 +43,6 @@ def consume_archive(
     archive directory. Digests are signed by the ledger's Ed25519 key in the HSM.
     Check the archive with ``keyledger audit validate-archive``.
     """
-    import signal
-    import threading
     from datetime import timedelta
     from pathlib import Path
 
@@ -80,25 +80,19 @@ def consume_archive(
         close_after=timedelta(seconds=close_after),
         flush_interval=flush_interval,
     )
-    stop = threading.Event()
-    previous = {}
-    if threading.current_thread() is threading.main_thread():  # Ctrl-C/SIGTERM: clean stop
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            previous[sig] = signal.signal(sig, lambda *_: stop.set())
-    try:
-        if once:
-            n = writer.run_once()
-        else:
-            before = store.archived_seq
-            writer.run_forever(stop)
-            n = store.archived_seq - before
-    except ArchiveError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(1) from None
-    finally:
-        writer.close()
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+    with stop_on_signals() as stop:  # Ctrl-C/SIGTERM: a clean stop
+        try:
+            if once:
+                n = writer.run_once()
+            else:
+                before = store.archived_seq
+                writer.run_forever(stop)
+                n = store.archived_seq - before
+        except ArchiveError as exc:
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(1) from None
+        finally:
+            writer.close()
     typer.echo(
         f"archived {n} records from {topic} to {out}: {store.files_written} log files, "
         f"{store.digests_written} digests (up to seq {store.archived_seq})"
@@ -127,8 +121,6 @@ def consume_hec(
     deduplicate on fields.seq or the event's eventID.
     """
     import os
-    import signal
-    import threading
 
     from consumers.hec import TOKEN_ENV, HecClient, HecForwarder
     from ledger.errors import ValidationError
@@ -145,16 +137,8 @@ def consume_hec(
         group_id=group,
         batch_size=batch_size,
     )
-    stop = threading.Event()
-    previous = {}
-    if threading.current_thread() is threading.main_thread():  # Ctrl-C/SIGTERM: clean stop
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            previous[sig] = signal.signal(sig, lambda *_: stop.set())
-    try:
+    with stop_on_signals() as stop:  # Ctrl-C/SIGTERM: a clean stop
         stats = forwarder.run(stop=stop, once=once)
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
     typer.echo(f"forwarded {stats.records} records from {topic} in {stats.batches} batches")
 
 
@@ -182,8 +166,6 @@ def consume_detect(
     evaluated in ledger seq order, so run one instance per group. On start the topic is
     re-read from the beginning to rebuild correlation and first-seen state.
     """
-    import signal
-    import threading
     from pathlib import Path
 
     from consumers.detections import (
@@ -210,24 +192,17 @@ def consume_detect(
         group=group,
         on_alert=lambda alert: typer.echo(alert_line(alert)),
     )
-    stop = threading.Event()
-    previous = {}
-    if threading.current_thread() is threading.main_thread():  # Ctrl-C/SIGTERM: clean stop
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            previous[sig] = signal.signal(sig, lambda *_: stop.set())
-    try:
-        if once:
-            result = detector.run(once=True, stop=stop)
-            typer.echo(
-                f"evaluated {result.evaluated} records from {topic}, "
-                f"{result.alerts} alerts to {alerts_topic}",
-                err=True,
-            )
-        else:
-            detector.run_forever(stop)
-    except DetectionError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(1) from None
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+    with stop_on_signals() as stop:  # Ctrl-C/SIGTERM: a clean stop
+        try:
+            if once:
+                result = detector.run(once=True, stop=stop)
+                typer.echo(
+                    f"evaluated {result.evaluated} records from {topic}, "
+                    f"{result.alerts} alerts to {alerts_topic}",
+                    err=True,
+                )
+            else:
+                detector.run_forever(stop)
+        except DetectionError as exc:
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(1) from None
