@@ -237,8 +237,11 @@ def bench_backend(args: argparse.Namespace, backend: str) -> None:
             t0 = time.perf_counter()
             fn()
             scans.append((time.perf_counter() - t0) * 1000)
-        scan = statistics.median(scans)
         flag = "" if p95 < 100 else "  (over 100 ms)"
+        if not scans:  # --scan-runs 0: the index only
+            print(f"{name:<44} {p50:>8.1f} {p95:>8.1f} {'-':>13} {'-':>9}{flag}")
+            continue
+        scan = statistics.median(scans)
         print(f"{name:<44} {p50:>8.1f} {p95:>8.1f} {scan:>13,.0f} {scan / p50:>8,.0f}x{flag}")
     ledger.close()
 
