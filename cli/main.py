@@ -268,6 +268,15 @@ stream_app = typer.Typer(
 app.add_typer(stream_app, name="stream")
 
 _VIEW_HELP = "cloudtrail (keyledger.audit.v1), ocsf, ecs or hec (keyledger.audit.<view>.v1)."
+_BootstrapOpt = Annotated[
+    str | None,
+    typer.Option(envvar="KEYLEDGER_KAFKA_BOOTSTRAP", help="Kafka bootstrap HOST:PORT."),
+]
+_ViewOpt = Annotated[str, typer.Option(envvar="KEYLEDGER_STREAM_VIEW", help=_VIEW_HELP)]
+_TopicOpt = Annotated[
+    str | None,
+    typer.Option(envvar="KEYLEDGER_STREAM_TOPIC", help="Topic (default: the view's)."),
+]
 
 
 def _check_view(view: str) -> str:
@@ -281,19 +290,11 @@ def _check_view(view: str) -> str:
 @stream_app.callback(invoke_without_command=True)
 def stream(
     ctx: typer.Context,
-    bootstrap: Annotated[
-        str | None,
-        typer.Option(envvar="KEYLEDGER_KAFKA_BOOTSTRAP", help="Kafka bootstrap HOST:PORT."),
-    ] = None,
+    bootstrap: _BootstrapOpt = None,
     once: Annotated[bool, typer.Option(help="Publish up to the head, then exit.")] = False,
     poll_interval: Annotated[float, typer.Option(help="Seconds between polls.")] = 0.5,
-    view: Annotated[
-        str, typer.Option(envvar="KEYLEDGER_STREAM_VIEW", help=_VIEW_HELP)
-    ] = "cloudtrail",
-    topic: Annotated[
-        str | None,
-        typer.Option(envvar="KEYLEDGER_STREAM_TOPIC", help="Topic (default: the view's)."),
-    ] = None,
+    view: _ViewOpt = "cloudtrail",
+    topic: _TopicOpt = None,
     partitions: Annotated[
         int,
         typer.Option(
@@ -365,17 +366,9 @@ def stream(
 @stream_app.command("status")
 def stream_status(
     ctx: typer.Context,
-    bootstrap: Annotated[
-        str | None,
-        typer.Option(envvar="KEYLEDGER_KAFKA_BOOTSTRAP", help="Kafka bootstrap HOST:PORT."),
-    ] = None,
-    view: Annotated[
-        str, typer.Option(envvar="KEYLEDGER_STREAM_VIEW", help=_VIEW_HELP)
-    ] = "cloudtrail",
-    topic: Annotated[
-        str | None,
-        typer.Option(envvar="KEYLEDGER_STREAM_TOPIC", help="Topic (default: the view's)."),
-    ] = None,
+    bootstrap: _BootstrapOpt = None,
+    view: _ViewOpt = "cloudtrail",
+    topic: _TopicOpt = None,
     timeout: Annotated[float, typer.Option(help="Seconds to wait for the broker.")] = 5.0,
 ) -> None:
     """Ledger head, relay position, lag (events, seconds) and the topic's highest seq.

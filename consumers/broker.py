@@ -82,6 +82,16 @@ def _free_port() -> int:
         return port
 
 
+def _terminate(process: subprocess.Popen[bytes]) -> None:
+    """SIGTERM, then SIGKILL if it is still running 5 s later."""
+    process.terminate()
+    try:
+        process.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(timeout=5)
+
+
 class TansuBroker:
     """Context manager running one Tansu broker on a free loopback port.
 
@@ -264,12 +274,7 @@ class TansuBroker:
         process, self._process = self._process, None
         if process is not None and process.poll() is None:
             process.send_signal(signal.SIGCONT)  # a paused broker cannot act on SIGTERM
-            process.terminate()
-            try:
-                process.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(timeout=5)
+            _terminate(process)
         if self._log is not None:
             self._log.close()
             self._log = None
@@ -380,12 +385,7 @@ class LocalObjectStore:
         """Stop the server (its data is gone). Safe to call twice."""
         process, self._process = self._process, None
         if process is not None and process.poll() is None:
-            process.terminate()
-            try:
-                process.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(timeout=5)
+            _terminate(process)
         if self._log is not None:
             self._log.close()
             self._log = None
