@@ -19,26 +19,18 @@ second line behind the service never storing them.
 
 from __future__ import annotations
 
-import uuid
 from datetime import UTC, datetime
 from typing import Any
+
+# The deterministic eventID of the record at a seq (a republished record gets the same
+# one, so SIEMs can deduplicate on it); the offline archive validator derives it too.
+from ledger.archive_verify import event_id as event_id  # re-exported
 
 EVENT_VERSION = "1.11"
 AWS_INTERNAL = "AWS Internal"
 IAM_EVENT_SOURCE = "iam.amazonaws.com"
 EVENT_SOURCE = "kms.amazonaws.com"
 RESOURCE_TYPE = "AWS::KMS::Key"
-
-# Fixed namespace for eventIDs: uuid5(NAMESPACE_URL, "urn:keyledger:cloudtrail-event-id").
-EVENT_ID_NAMESPACE = uuid.UUID("6d07731b-8899-55dc-ace0-095a9d62eeab")
-
-
-def event_id(ledger_id: str, seq: int) -> str:
-    """The deterministic CloudTrail ``eventID`` of the record at ``seq`` of a ledger.
-
-    A republished record gets the same eventID, so SIEMs can deduplicate on it.
-    """
-    return str(uuid.uuid5(EVENT_ID_NAMESPACE, f"{ledger_id}:{seq}"))
 
 
 def event_time(timestamp: str) -> str:

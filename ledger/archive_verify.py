@@ -167,7 +167,8 @@ def signing_string(digest: Mapping[str, Any], inflated: bytes) -> bytes:
 
 
 def event_id(ledger_id: str, seq: int) -> str:
-    """The CloudTrail ``eventID`` the ledger gives the record at ``seq``."""
+    """The deterministic CloudTrail ``eventID`` of the record at ``seq`` of a ledger
+    (``consumers.cloudtrail`` uses this one)."""
     return str(uuid.uuid5(EVENT_ID_NAMESPACE, f"{ledger_id}:{seq}"))
 
 
