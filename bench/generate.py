@@ -60,6 +60,10 @@ class Generator:
         self.blobs: list[tuple[bytes, dict[str, str], str]] = []  # blob, context, key ARN
         self.grants: list[tuple[str, str]] = []
         self.failures = 0
+        # About 10 keys stay pending deletion over the run, whatever its size (a fixed
+        # share of scheduled deletions would leave hundreds at a million events).
+        scheduled = events * 0.01 * 0.10
+        self.stay_pending = min(0.2, 10 / max(scheduled, 1.0))
 
     @property
     def rng(self) -> random.Random:
@@ -269,7 +273,7 @@ class Generator:
             self.call(self.ledger.schedule_key_deletion, caller=ROOT, key_id=arn)
             for _ in range(self.rng.randrange(1, 3)):  # someone still uses it
                 self.call(self.ledger.encrypt, caller=self.who(), key_id=arn, plaintext=b"x")
-            if self.rng.random() < 0.8 or len(self.keys) <= 10:
+            if self.rng.random() >= self.stay_pending or len(self.keys) <= 10:
                 self.call(self.ledger.cancel_key_deletion, caller=ROOT, key_id=arn)
                 self.call(self.ledger.enable_key, caller=ROOT, key_id=arn)
             else:  # it stays pending deletion: a new key takes its place

@@ -34,6 +34,7 @@ USAGE = "kl_usage"
 CONTEXT = "kl_usage_ctx"  # (pair, seq), pair as context_pair() writes it
 ALIAS_HISTORY = "kl_alias_hist"
 POSITION_NAME = "projection:usage:v1"
+WRITE_LOCK_ID = 0x6B6C7573  # "klus": one usage-index writer at a time (PostgreSQL)
 #: A rebuild of at least this many records decodes them in a forked worker process.
 PARALLEL_MIN_RECORDS = 50_000
 
@@ -99,6 +100,11 @@ _INDEXES = {
     "kl_usage_principal": ("principal, seq", None),
     "kl_usage_error": ("error_code, seq", "error_code IS NOT NULL"),
     "kl_usage_ip": ("source_ip, seq", None),
+    # investigate denied: denials in burst order, read from the index alone
+    "kl_usage_denied": (
+        "principal, source_ip, seq, ts",
+        "error_code = 'AccessDeniedException'",
+    ),
 }
 
 
@@ -280,7 +286,7 @@ class UsageIndex:
         with self._lock:
             position = self.db.get_position(POSITION_NAME)
             pool = _fork_pool(workers)
-            in_flight: deque[tuple[int, int, Any]] = deque()
+            in_flight: deque[tuple[int, int, int, Any]] = deque()
             try:
                 while True:
                     with self.db.transaction(commit=False) as c:
@@ -289,16 +295,16 @@ class UsageIndex:
                         last = int(records[-1][0])
                         data = [(int(q), bytes(b)) for q, b in records]
                         job = pool.apply_async(prepare, (data,)) if pool else prepare(data)
-                        in_flight.append((last, len(records), job))
+                        in_flight.append((int(records[0][0]), last, len(records), job))
                         position = last
                     if not in_flight:
                         return done
                     if records and pool and len(in_flight) <= workers + 1:
                         continue  # read ahead while the workers decode
-                    last, n, job = in_flight.popleft()
+                    first, last, n, job = in_flight.popleft()
                     prepared = job.get() if pool else job
                     with self.db.transaction(commit=True) as c:
-                        self._write(c, prepared)
+                        self._write(c, prepared, fresh=self._claim(c) < first)
                         c.execute(
                             "INSERT INTO {positions} (name, position) VALUES (?, ?) "
                             "ON CONFLICT (name) DO UPDATE SET position = excluded.position "
@@ -330,6 +336,8 @@ class UsageIndex:
             workers = 1
         n = self.catch_up(progress, workers=workers)
         with self.db.ddl_transaction() as c:
+            if self.db.is_postgres:  # sorts for the index builds in memory
+                c.execute("SET LOCAL maintenance_work_mem = '256MB'")
             self._create_indexes(c)
             if self.db.is_postgres:  # fresh statistics: without them the planner guessed
                 for table in (self.usage, self.context, self.aliases):  # 2-16x slower plans
@@ -342,23 +350,25 @@ class UsageIndex:
             return f"DROP INDEX IF EXISTS {schema}.{name}"
         return f"DROP INDEX IF EXISTS {name}"
 
+    def _claim(self, c: SqlCursor) -> int:
+        """The last seq in the tables, read inside the caller's write transaction
+        after taking the index's write lock (PostgreSQL; SQLite has one writer at a
+        time): a batch after it can be copied in as is. Context rows are written with
+        their call's row, so none is past it either."""
+        if self.db.is_postgres:
+            c.execute("SELECT pg_advisory_xact_lock(?)", (WRITE_LOCK_ID,))
+        row = c.execute(f"SELECT MAX(seq) AS seq FROM {self.usage}").fetchone()
+        return 0 if row is None or row["seq"] is None else int(row["seq"])
+
     def _apply(self, c: SqlCursor, records: Sequence[tuple[Any, Any]]) -> None:
         """Index ``(seq, stored bytes)`` records inside the caller's transaction."""
         self._write(c, prepare(records))
 
-    def _write(self, c: SqlCursor, prepared: Prepared) -> None:
+    def _write(self, c: SqlCursor, prepared: Prepared, *, fresh: bool = False) -> None:
         rows, pairs, alias_events = prepared
-        placeholders = ", ".join("?" for _ in COLUMNS)
-        c.executemany(
-            f"INSERT INTO {self.usage} ({', '.join(COLUMNS)}) VALUES ({placeholders}) "
-            "ON CONFLICT (seq) DO NOTHING",
-            rows,
-        )
+        c.insert_new(self.usage, COLUMNS, rows, fresh=fresh)
         if pairs:
-            c.executemany(
-                f"INSERT INTO {self.context} (pair, seq) VALUES (?, ?) ON CONFLICT DO NOTHING",
-                pairs,
-            )
+            c.insert_new(self.context, ("pair", "seq"), pairs, fresh=fresh)
         for seq, event in alias_events:
             self._apply_alias(c, seq, event)
 
@@ -408,31 +418,44 @@ class UsageIndex:
 
     # ---------------------------------------------------------------- queries
 
-    def _where(self, f: Filters) -> tuple[str, list[Any]]:
-        clauses: list[str] = []
-        params: list[Any] = []
-        keys: list[str] = []
-        if f.key_arns or f.alias_arn or f.key_sent:
-            parts: list[str] = []
-            if f.key_arns:
-                marks = ", ".join("?" for _ in f.key_arns)
-                parts.append(f"u.key_arn IN ({marks}) OR u.source_key_arn IN ({marks})")
-                keys.extend([*f.key_arns, *f.key_arns])
-            if f.alias_arn:
-                # Each period the alias named a key, then that key's calls in it.
-                parts.append(
+    def _key_parts(self, f: Filters) -> list[tuple[str, list[Any]]]:
+        """The key filters as (clause, params) alternatives; a row matches any."""
+        parts: list[tuple[str, list[Any]]] = []
+        if f.key_arns:
+            marks = ", ".join("?" for _ in f.key_arns)
+            parts.append(
+                (
+                    f"u.key_arn IN ({marks}) OR u.source_key_arn IN ({marks})",
+                    [*f.key_arns, *f.key_arns],
+                )
+            )
+        if f.alias_arn:
+            # Each period the alias named a key, then that key's calls in it.
+            parts.append(
+                (
                     f"u.seq IN (SELECT a.seq FROM {self.aliases} h JOIN {self.usage} a "
                     "ON a.key_arn = h.key_arn AND a.seq > h.from_seq "
-                    "AND (h.to_seq IS NULL OR a.seq <= h.to_seq) WHERE h.alias_arn = ?)"
+                    "AND (h.to_seq IS NULL OR a.seq <= h.to_seq) WHERE h.alias_arn = ?)",
+                    [f.alias_arn],
                 )
-                keys.append(f.alias_arn)
-            if f.key_sent:
-                # KeyId as sent finds calls that resolved to no key (unknown ids,
-                # aliases); calls that resolved are found by their key.
-                parts.append("u.key_sent = ? AND u.key_arn IS NULL")
-                keys.append(f.key_sent)
-            clauses.append("(" + " OR ".join(f"({p})" for p in parts) + ")")
-            params.extend(keys)
+            )
+        if f.key_sent:
+            # KeyId as sent finds calls that resolved to no key (unknown ids,
+            # aliases); calls that resolved are found by their key.
+            parts.append(("u.key_sent = ? AND u.key_arn IS NULL", [f.key_sent]))
+        return parts
+
+    def _where(
+        self, f: Filters, key_parts: Sequence[tuple[str, list[Any]]] | None = None
+    ) -> tuple[str, list[Any]]:
+        """SQL for ``f``; ``key_parts`` replaces its key filters when given."""
+        clauses: list[str] = []
+        params: list[Any] = []
+        parts = self._key_parts(f) if key_parts is None else key_parts
+        if parts:
+            clauses.append("(" + " OR ".join(f"({p})" for p, _ in parts) + ")")
+            for _, p in parts:
+                params.extend(p)
         if f.principal:
             clauses.append("u.principal = ?")
             params.append(f.principal)
@@ -463,14 +486,58 @@ class UsageIndex:
     def trail(self, f: Filters) -> list[dict[str, Any]]:
         """The matching rows in seq order (the last ``f.limit`` when given)."""
         self.catch_up()
-        where, params = self._where(f)
-        sql = f"SELECT u.* FROM {self.usage} u{where} ORDER BY u.seq"
-        if f.limit is not None:
-            sql = f"SELECT * FROM (SELECT u.* FROM {self.usage} u{where} "
-            sql += "ORDER BY u.seq DESC LIMIT ?) t ORDER BY seq"
-            params.append(f.limit)
         with self.db.transaction(commit=False) as c:
+            if f.limit is not None and (f.key_arns or f.alias_arn or f.key_sent):
+                return self._last_by_key(c, f, f.limit)
+            where, params = self._where(f)
+            sql = f"SELECT u.* FROM {self.usage} u{where} ORDER BY u.seq"
+            if f.limit is not None:
+                sql = f"SELECT * FROM (SELECT u.* FROM {self.usage} u{where} "
+                sql += "ORDER BY u.seq DESC LIMIT ?) t ORDER BY seq"
+                params.append(f.limit)
             return [dict(r) for r in c.execute(sql, params).fetchall()]
+
+    def _last_by_key(self, c: SqlCursor, f: Filters, limit: int) -> list[dict[str, Any]]:
+        """The last ``limit`` rows of a key-filtered trail, in seq order.
+
+        Each key alternative (one key's calls, its ReEncrypt sources, one period of an
+        alias, KeyId as sent) is read newest first from its own index with its own
+        limit, and the results are merged: the planners joined an OR of these into one
+        scan and sort of every row of the key.
+        """
+        parts: list[tuple[str, list[Any]]] = []
+        for arn in f.key_arns:
+            parts.append(("u.key_arn = ?", [arn]))
+            parts.append(("u.source_key_arn = ?", [arn]))
+        if f.key_sent:
+            parts.append(("u.key_sent = ? AND u.key_arn IS NULL", [f.key_sent]))
+        found: dict[int, dict[str, Any]] = {}
+
+        def newest(clause: str, args: list[Any]) -> list[dict[str, Any]]:
+            where, params = self._where(f, [(clause, args)])
+            sql = f"SELECT u.* FROM {self.usage} u{where} ORDER BY u.seq DESC LIMIT ?"
+            rows = [dict(r) for r in c.execute(sql, [*params, limit]).fetchall()]
+            found.update((int(r["seq"]), r) for r in rows)
+            return rows
+
+        for clause, args in parts:
+            newest(clause, args)
+        if f.alias_arn:
+            periods = c.execute(
+                f"SELECT key_arn, from_seq, to_seq FROM {self.aliases} "
+                "WHERE alias_arn = ? AND key_arn IS NOT NULL ORDER BY from_seq DESC",
+                (f.alias_arn,),
+            ).fetchall()
+            got = 0
+            for p in periods:  # newest first; periods of one alias ARN never overlap
+                clause, args = "u.key_arn = ? AND u.seq > ?", [p["key_arn"], p["from_seq"]]
+                if p["to_seq"] is not None:
+                    clause += " AND u.seq <= ?"
+                    args.append(p["to_seq"])
+                got += len(newest(clause, args))
+                if got >= limit:
+                    break
+        return [found[q] for q in sorted(found)[-limit:]]
 
     def stats(
         self, f: Filters, by: str, bucket: str | None = None, top: int | None = None
@@ -548,9 +615,11 @@ class UsageIndex:
         each is at most ``window_s`` after the previous, with at least ``threshold``;
         largest first. Grouped in SQL (window functions), so only bursts leave the
         database."""
-        denied = Filters(**{**f.__dict__, "error_code": "AccessDeniedException", "limit": None})
+        denied = Filters(**{**f.__dict__, "error_code": None, "error": False, "limit": None})
         self.catch_up()
         where, params = self._where(denied)
+        # A literal, not a parameter, so the partial index kl_usage_denied applies.
+        where += (" AND " if where else " WHERE ") + "u.error_code = 'AccessDeniedException'"
         part = "PARTITION BY u.principal, u.source_ip ORDER BY u.seq"
         sql = (
             "WITH d AS (SELECT u.seq AS seq, u.principal AS principal, "
