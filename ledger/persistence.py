@@ -266,7 +266,7 @@ class SqlCursor:
         self,
         table: str,
         columns: Sequence[str],
-        rows: Sequence[Sequence[Any]],
+        rows: Sequence[Sequence[Any]] | bytes,
         *,
         fresh: bool = False,
     ) -> None:
@@ -277,10 +277,13 @@ class SqlCursor:
         (``fresh``), otherwise into a temporary table and inserted from it in one
         statement. On SQLite they are inserted with ``executemany``. ``table`` and
         ``columns`` are trusted names, never user input. Raises the driver's error on
-        failure (a key already there, with ``fresh``, on PostgreSQL).
+        failure (a key already there, with ``fresh``, on PostgreSQL). ``rows`` may be
+        COPY text already (PostgreSQL only; ValueError on SQLite).
         """
         cols = ", ".join(columns)
         if not self._db.is_postgres:
+            if isinstance(rows, bytes):
+                raise ValueError("COPY text needs PostgreSQL")
             marks = ", ".join("?" for _ in columns)
             self.executemany(
                 f"INSERT INTO {table} ({cols}) VALUES ({marks}) ON CONFLICT DO NOTHING", rows
@@ -289,18 +292,23 @@ class SqlCursor:
         if not rows:
             return
         raw = self._raw
+
+        def copy_into(target: str) -> None:
+            with raw.copy(f"COPY {target} ({cols}) FROM STDIN") as copy:
+                if isinstance(rows, bytes):
+                    copy.write(rows)
+                else:
+                    for row in rows:
+                        copy.write_row(row)
+
         if fresh:
-            with raw.copy(f"COPY {table} ({cols}) FROM STDIN") as copy:
-                for row in rows:
-                    copy.write_row(row)
+            copy_into(table)
             return
         staging = "kl_staging_" + table.rsplit(".", 1)[-1].strip('"')
         raw.execute(
             f"CREATE TEMP TABLE IF NOT EXISTS {staging} (LIKE {table}) ON COMMIT DELETE ROWS"
         )
-        with raw.copy(f"COPY {staging} ({cols}) FROM STDIN") as copy:
-            for row in rows:
-                copy.write_row(row)
+        copy_into(staging)
         raw.execute(
             f"INSERT INTO {table} ({cols}) SELECT {cols} FROM {staging} ON CONFLICT DO NOTHING"
         )

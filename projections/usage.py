@@ -173,12 +173,31 @@ def usage_row(seq: int, event: dict[str, Any]) -> tuple[Any, ...]:
 
 _UNIQUE_COLUMNS = frozenset({0, 1, 2, 16})  # seq, ts, time, request id
 
-Prepared = tuple[list[tuple[Any, ...]], list[tuple[str, int]], list[tuple[int, dict[str, Any]]]]
+#: Index rows and context pairs (as tuples, or as COPY text), alias-changing events.
+Prepared = tuple[
+    list[tuple[Any, ...]] | bytes, list[tuple[str, int]] | bytes, list[tuple[int, dict[str, Any]]]
+]
+_COPY_ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
 
 
-def prepare(records: Sequence[tuple[Any, Any]]) -> Prepared:
+def copy_text(rows: Iterable[Sequence[Any]]) -> bytes:
+    """Rows in PostgreSQL's COPY text format: tab-separated, ``\\N`` for NULL,
+    backslash, tab, newline and carriage return escaped."""
+    esc = _COPY_ESCAPES
+    lines = [
+        "\t".join(
+            "\\N" if v is None else str(v) if type(v) is int else str(v).translate(esc) for v in row
+        )
+        for row in rows
+    ]
+    return ("\n".join(lines) + "\n").encode() if lines else b""
+
+
+def prepare(records: Sequence[tuple[Any, Any]], *, as_copy: bool = False) -> Prepared:
     """Index rows, context pairs and alias-changing events of ``(seq, bytes)``
-    records: the CPU half of indexing, which a worker process can do."""
+    records: the CPU half of indexing, which a worker process can do. With
+    ``as_copy``, rows and pairs come as COPY text (PostgreSQL), so that the process
+    that writes only sends bytes."""
     rows: list[tuple[Any, ...]] = []
     pairs: list[tuple[str, int]] = []
     alias_events: list[tuple[int, dict[str, Any]]] = []
@@ -200,7 +219,10 @@ def prepare(records: Sequence[tuple[Any, Any]]) -> Prepared:
         topic = row[3]
         if topic.startswith("Alias.") or topic == "Key.Deleted":
             alias_events.append((seq, event))
-    return rows, list(dict.fromkeys(pairs)), alias_events
+    unique_pairs = list(dict.fromkeys(pairs))
+    if as_copy:
+        return copy_text(rows), copy_text(unique_pairs), alias_events
+    return rows, unique_pairs, alias_events
 
 
 def _key_prefix(alias_arn: str) -> str:
@@ -294,7 +316,12 @@ class UsageIndex:
                     if records:
                         last = int(records[-1][0])
                         data = [(int(q), bytes(b)) for q, b in records]
-                        job = pool.apply_async(prepare, (data,)) if pool else prepare(data)
+                        as_copy = self.db.is_postgres
+                        job = (
+                            pool.apply_async(prepare, (data,), {"as_copy": as_copy})
+                            if pool
+                            else prepare(data, as_copy=as_copy)
+                        )
                         in_flight.append((int(records[0][0]), last, len(records), job))
                         position = last
                     if not in_flight:
