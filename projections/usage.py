@@ -37,6 +37,9 @@ POSITION_NAME = "projection:usage:v1"
 WRITE_LOCK_ID = 0x6B6C7573  # "klus": one usage-index writer at a time (PostgreSQL)
 #: A rebuild of at least this many records decodes them in a forked worker process.
 PARALLEL_MIN_RECORDS = 50_000
+#: Decode (and on PostgreSQL read) processes and records per transaction in a rebuild.
+REBUILD_WORKERS = 2
+REBUILD_BATCH = 20_000
 
 #: Operations GetKeyLastUsage counts (botocore's KeyLastUsageTrackingOperation).
 CRYPTO_OPERATIONS = frozenset(
@@ -73,6 +76,10 @@ _READ = (
     "SELECT c.seq, e.state FROM {chain} c JOIN {events} e ON e.{nid} = c.notification_id "
     "WHERE c.seq > ? ORDER BY c.seq LIMIT ?"
 )
+_READ_RANGE = (
+    "SELECT c.seq, e.state FROM {chain} c JOIN {events} e ON e.{nid} = c.notification_id "
+    "WHERE c.seq > ? AND c.seq <= ? ORDER BY c.seq"
+)
 COLUMNS = (
     "seq",
     "ts",
@@ -94,30 +101,72 @@ COLUMNS = (
 )
 # (columns, partial-index condition); few indexes keep the rebuild fast.
 _INDEXES = {
-    "kl_usage_key": ("key_arn, seq", None),
+    "kl_usage_key_ts": ("key_arn, seq, ts", None),  # ts: --since/--until from the index
     "kl_usage_src": ("source_key_arn, seq", "source_key_arn IS NOT NULL"),
     "kl_usage_sent": ("key_sent, seq", "key_arn IS NULL"),  # calls on unknown keys
     "kl_usage_principal": ("principal, seq", None),
     "kl_usage_error": ("error_code, seq", "error_code IS NOT NULL"),
     "kl_usage_ip": ("source_ip, seq", None),
-    # investigate denied: denials in burst order, read from the index alone
-    "kl_usage_denied": (
-        "principal, source_ip, seq, ts",
-        "error_code = 'AccessDeniedException'",
-    ),
+    # investigate denied: failures in burst order, read from the index alone
+    "kl_usage_burst": ("error_code, principal, source_ip, seq, ts", "error_code IS NOT NULL"),
 }
 
 
-def _fork_pool(workers: int) -> Any:
-    """A pool of ``workers`` forked processes, or None (0 workers, or no fork here)."""
+#: Indexes of earlier versions, dropped when the index is opened.
+_OBSOLETE_INDEXES = ("kl_usage_key", "kl_usage_denied")
+
+
+def _reader_spec(db: LedgerDatabase) -> tuple[str, Any] | None:
+    """How a worker process opens its own connection to ``db`` (PostgreSQL), or None
+    (SQLite: the writing process reads)."""
+    if not db.is_postgres:
+        return None
+    pool = db.datastore.pool
+    kwargs = {k: v for k, v in pool.kwargs.items() if k != "row_factory"}
+    get_password = getattr(pool, "get_password_func", None)
+    if get_password:
+        kwargs["password"] = get_password()
+    return ("postgres", kwargs)
+
+
+def _prepare_batch(
+    lo: int, hi: int, data: Sequence[tuple[int, bytes]], as_copy: bool
+) -> tuple[int, int, int, Prepared]:
+    return lo, hi, len(data), prepare(data, as_copy=as_copy)
+
+
+_reader: dict[str, Any] = {}  # in a worker: the spec (inherited at fork) and connection
+
+
+def read_and_prepare(sql: str, lo: int, hi: int, as_copy: bool) -> tuple[int, int, int, Prepared]:
+    """In a worker: read the records with ``lo < seq <= hi`` over this process's own
+    connection and ``prepare`` them; returns ``(lo, hi, count, prepared)``."""
+    conn = _reader.get("conn")
+    if conn is None:
+        import psycopg
+
+        conn = psycopg.connect(**_reader["spec"][1], autocommit=True)
+        _reader["conn"] = conn
+    records = conn.execute(sql, (lo, hi)).fetchall()
+    data = [(int(q), bytes(b)) for q, b in records]
+    return lo, hi, len(data), prepare(data, as_copy=as_copy)
+
+
+def _fork_pool(workers: int, spec: tuple[str, Any] | None) -> Any:
+    """A pool of ``workers`` forked processes that read with ``spec`` (if any), or
+    None (0 workers, or no fork here). The spec (which may hold a database password)
+    reaches the workers by fork, never through a pipe."""
     if workers <= 0:
         return None
     import multiprocessing
 
+    _reader["spec"] = spec
     try:
         return multiprocessing.get_context("fork").Pool(workers)
     except ValueError:  # pragma: no cover - platforms without fork
         return None
+    finally:
+        _reader.pop("spec", None)
 
 
 def epoch_us(iso: str) -> int:
@@ -141,8 +190,15 @@ def _first(request: dict[str, Any], names: Sequence[str]) -> Any:
     return None
 
 
-def usage_row(seq: int, event: dict[str, Any]) -> tuple[Any, ...]:
-    """The index row of one decoded stored event (columns as ``COLUMNS``)."""
+def _same(value: Any) -> Any:
+    return value
+
+
+def usage_row(
+    seq: int, event: dict[str, Any], share: Callable[[Any], Any] = _same
+) -> tuple[Any, ...]:
+    """The index row of one decoded stored event (columns as ``COLUMNS``); ``share``
+    maps each value that repeats across rows to one object."""
     call = event.get("call") or {}
     request = event.get("request") or {}
     additional = event.get("additional") or {}
@@ -150,28 +206,27 @@ def usage_row(seq: int, event: dict[str, Any]) -> tuple[Any, ...]:
     ctx = _first(request, _CONTEXT_FIELDS)
     sent = _first(request, _KEY_SENT_FIELDS)
     algorithm = _first(request, _ALGORITHM_FIELDS)
+    get = call.get
     return (
         seq,
         epoch_us(event["timestamp"]),
         event["timestamp"],
-        topic[len(_TOPIC_PREFIX) :] if topic.startswith(_TOPIC_PREFIX) else topic,
-        call.get("operation"),
-        call.get("principal"),
-        call.get("account_id"),
-        call.get("region"),
-        call.get("source_ip"),
-        call.get("user_agent"),
-        event.get("key_arn"),
-        additional.get("sourceKeyArn") if isinstance(additional, dict) else None,
-        sent if isinstance(sent, str) else None,
-        orjson.dumps(ctx, option=orjson.OPT_SORT_KEYS).decode() if ctx else None,
-        algorithm if isinstance(algorithm, str) else None,
-        event.get("error_code"),
-        call.get("request_id"),
+        share(topic[len(_TOPIC_PREFIX) :] if topic.startswith(_TOPIC_PREFIX) else topic),
+        share(get("operation")),
+        share(get("principal")),
+        share(get("account_id")),
+        share(get("region")),
+        share(get("source_ip")),
+        share(get("user_agent")),
+        share(event.get("key_arn")),
+        share(additional.get("sourceKeyArn")) if isinstance(additional, dict) else None,
+        share(sent) if isinstance(sent, str) else None,
+        share(orjson.dumps(ctx, option=orjson.OPT_SORT_KEYS).decode()) if ctx else None,
+        share(algorithm) if isinstance(algorithm, str) else None,
+        share(event.get("error_code")),
+        get("request_id"),
     )
 
-
-_UNIQUE_COLUMNS = frozenset({0, 1, 2, 16})  # seq, ts, time, request id
 
 #: Index rows and context pairs (as tuples, or as COPY text), alias-changing events.
 Prepared = tuple[
@@ -203,12 +258,14 @@ def prepare(records: Sequence[tuple[Any, Any]], *, as_copy: bool = False) -> Pre
     alias_events: list[tuple[int, dict[str, Any]]] = []
     loads = orjson.loads
     shared: dict[Any, Any] = {}
-    share = shared.setdefault
+
+    def share(value: Any) -> Any:
+        # One object per repeated value: a worker's result pickles by reference.
+        return shared.setdefault(value, value)
+
     for seq, data in records:
         event = loads(bytes(data) if isinstance(data, memoryview) else data)
-        row = usage_row(seq, event)
-        # One object per repeated value: a worker's result pickles by reference.
-        row = tuple(v if i in _UNIQUE_COLUMNS else share(v, v) for i, v in enumerate(row))
+        row = usage_row(seq, event, share)
         rows.append(row)
         request = event.get("request")
         if request:
@@ -282,6 +339,8 @@ class UsageIndex:
             self._create_indexes(c)
 
     def _create_indexes(self, c: SqlCursor) -> None:
+        for name in _OBSOLETE_INDEXES:
+            c.execute(self._drop_index(name))
         for name, (columns, where) in _INDEXES.items():
             partial = f" WHERE {where}" if where else ""
             c.execute(f"CREATE INDEX IF NOT EXISTS {name} ON {self.usage} ({columns}){partial}")
@@ -295,52 +354,76 @@ class UsageIndex:
     # ---------------------------------------------------------------- building
 
     def catch_up(
-        self, progress: Callable[[int, int], None] | None = None, *, workers: int = 0
+        self,
+        progress: Callable[[int, int], None] | None = None,
+        *,
+        workers: int = 0,
+        batch_size: int | None = None,
     ) -> int:
         """Index every record after the tracked position; return how many were read.
 
-        ``progress(done, head)`` is called after each batch. With ``workers`` > 0,
-        that many forked processes decode records while this one reads and writes
-        (batches stay in order; at most ``workers + 2`` are in flight).
+        ``progress(done, head)`` is called after each batch. With ``workers`` > 0 (and
+        a ledger in a file or on PostgreSQL), that many forked processes each read a
+        range of seqs over their own connection and decode it, while this one writes
+        the batches in order (at most ``workers + 2`` in flight).
         """
         done = 0
-        head = self.db.head_seq() if progress is not None else 0
+        batch = batch_size or self.batch_size
+        as_copy = self.db.is_postgres
         with self._lock:
             position = self.db.get_position(POSITION_NAME)
-            pool = _fork_pool(workers)
-            in_flight: deque[tuple[int, int, int, Any]] = deque()
+            # PostgreSQL: workers read too. SQLite: this process reads (a second reader
+            # holds back WAL checkpoints while this one writes, which cost more).
+            spec = _reader_spec(self.db) if workers > 0 else None
+            pool = _fork_pool(workers, spec)
+            head = self.db.head_seq() if progress is not None or pool is not None else 0
+            range_sql = self.db.sql(_READ_RANGE)
+            in_flight: deque[Any] = deque()
             try:
                 while True:
-                    with self.db.transaction(commit=False) as c:
-                        records = c.execute(_READ, (position, self.batch_size)).fetchall_values()
-                    if records:
-                        last = int(records[-1][0])
-                        data = [(int(q), bytes(b)) for q, b in records]
-                        as_copy = self.db.is_postgres
-                        job = (
-                            pool.apply_async(prepare, (data,), {"as_copy": as_copy})
-                            if pool
-                            else prepare(data, as_copy=as_copy)
-                        )
-                        in_flight.append((int(records[0][0]), last, len(records), job))
-                        position = last
-                    if not in_flight:
-                        return done
-                    if records and pool and len(in_flight) <= workers + 1:
-                        continue  # read ahead while the workers decode
-                    first, last, n, job = in_flight.popleft()
-                    prepared = job.get() if pool else job
+                    if pool is not None and spec is not None:
+                        while len(in_flight) < workers + 2 and position < head:
+                            hi = min(position + batch, head)
+                            args = (range_sql, position, hi, as_copy)
+                            in_flight.append(pool.apply_async(read_and_prepare, args))
+                            position = hi
+                        if not in_flight:
+                            head = self.db.head_seq()  # appended meanwhile?
+                            if position < head:
+                                continue
+                            return done
+                        lo, upto, n, prepared = in_flight.popleft().get()
+                    else:
+                        while len(in_flight) < (workers + 2 if pool else 1):
+                            with self.db.transaction(commit=False) as c:
+                                records = c.execute(_READ, (position, batch)).fetchall_values()
+                            if not records:
+                                break
+                            data = [(int(q), bytes(b)) for q, b in records]
+                            last = int(records[-1][0])
+                            job: Any = (
+                                pool.apply_async(_prepare_batch, (position, last, data, as_copy))
+                                if pool
+                                else _prepare_batch(position, last, data, as_copy)
+                            )
+                            in_flight.append(job)
+                            position = last
+                        if not in_flight:
+                            return done
+                        job = in_flight.popleft()
+                        lo, upto, n, prepared = job.get() if pool else job
                     with self.db.transaction(commit=True) as c:
-                        self._write(c, prepared, fresh=self._claim(c) < first)
+                        if n:
+                            self._write(c, prepared, fresh=self._claim(c) <= lo)
                         c.execute(
                             "INSERT INTO {positions} (name, position) VALUES (?, ?) "
                             "ON CONFLICT (name) DO UPDATE SET position = excluded.position "
                             "WHERE {positions}.position < excluded.position",
-                            (POSITION_NAME, last),
+                            (POSITION_NAME, upto),
                         )
                     done += n
                     if progress is not None:
-                        progress(last, max(head, last))
+                        progress(upto, max(head, upto))
             finally:
                 if pool is not None:
                     pool.terminate()
@@ -359,9 +442,12 @@ class UsageIndex:
                 c.execute(self._drop_index(name))
             c.execute("DELETE FROM {positions} WHERE name = ?", (POSITION_NAME,))
         workers = 0
-        if (os.cpu_count() or 1) > 1 and self.db.head_seq() >= PARALLEL_MIN_RECORDS:
-            workers = 1
-        n = self.catch_up(progress, workers=workers)
+        if self.db.head_seq() >= PARALLEL_MIN_RECORDS:
+            workers = min(REBUILD_WORKERS, os.cpu_count() or 1)
+            workers = workers if workers > 1 else 0
+        n = self.catch_up(
+            progress, workers=workers, batch_size=REBUILD_BATCH if workers else None
+        )
         with self.db.ddl_transaction() as c:
             if self.db.is_postgres:  # sorts for the index builds in memory
                 c.execute("SET LOCAL maintenance_work_mem = '256MB'")
@@ -582,7 +668,6 @@ class UsageIndex:
         if column is None:
             raise ValueError(f"unknown grouping {by!r}")
         self.catch_up()
-        where, params = self._where(f)
         period = "''"
         if bucket == "day":
             period = "substr(u.time, 1, 10)"
@@ -590,13 +675,40 @@ class UsageIndex:
             period = "substr(u.time, 1, 13)"
         elif bucket is not None:
             raise ValueError(f"unknown bucket {bucket!r}")
-        sql = (
-            f"SELECT {column} AS grp, {period} AS period, COUNT(*) AS n, "
-            f"MIN(u.seq) AS first_seq, MAX(u.seq) AS last_seq FROM {self.usage} u{where} "
-            f"GROUP BY {column}" + (f", {period}" if bucket is not None else "")
-        )
+        # Keys only: their calls, then ReEncrypts from them to other keys (disjoint
+        # sets, each read from its own index; an OR of the two read every row twice).
+        branches: list[list[tuple[str, list[Any]]] | None] = [None]
+        if f.key_arns and not f.alias_arn and not f.key_sent:
+            keys = list(f.key_arns)
+            marks = ", ".join("?" for _ in keys)
+            branches = [
+                [(f"u.key_arn IN ({marks})", keys)],
+                [
+                    (
+                        f"u.source_key_arn IN ({marks}) AND "
+                        f"(u.key_arn IS NULL OR u.key_arn NOT IN ({marks}))",
+                        keys + keys,
+                    )
+                ],
+            ]
+        groups: dict[tuple[Any, Any], dict[str, Any]] = {}
         with self.db.transaction(commit=False) as c:
-            rows = [dict(r) for r in c.execute(sql, params).fetchall()]
+            for parts in branches:
+                where, params = self._where(f, parts)
+                sql = (
+                    f"SELECT {column} AS grp, {period} AS period, COUNT(*) AS n, "
+                    f"MIN(u.seq) AS first_seq, MAX(u.seq) AS last_seq FROM {self.usage} u"
+                    f"{where} GROUP BY {column}" + (f", {period}" if bucket is not None else "")
+                )
+                for found in c.execute(sql, params).fetchall():
+                    g = groups.get((found["grp"], found["period"]))
+                    if g is None:
+                        groups[(found["grp"], found["period"])] = dict(found)
+                        continue
+                    g["n"] += found["n"]
+                    g["first_seq"] = min(g["first_seq"], found["first_seq"])
+                    g["last_seq"] = max(g["last_seq"], found["last_seq"])
+            rows = list(groups.values())
             seqs = {r["first_seq"] for r in rows} | {r["last_seq"] for r in rows}
             times = self._times(c, seqs)
         for r in rows:
@@ -640,41 +752,42 @@ class UsageIndex:
     ) -> list[dict[str, Any]]:
         """AccessDenied bursts: per (principal, source IP), runs of denials in which
         each is at most ``window_s`` after the previous, with at least ``threshold``;
-        largest first. Grouped in SQL (window functions), so only bursts leave the
-        database."""
-        denied = Filters(**{**f.__dict__, "error_code": None, "error": False, "limit": None})
+        largest first. The denials are read in burst order from one covering index
+        (four narrow columns each) and split into runs here."""
+        denied = Filters(**{**f.__dict__, "error_code": "AccessDeniedException", "limit": None})
         self.catch_up()
         where, params = self._where(denied)
-        # A literal, not a parameter, so the partial index kl_usage_denied applies.
-        where += (" AND " if where else " WHERE ") + "u.error_code = 'AccessDeniedException'"
-        part = "PARTITION BY u.principal, u.source_ip ORDER BY u.seq"
         sql = (
-            "WITH d AS (SELECT u.seq AS seq, u.principal AS principal, "
-            "u.source_ip AS source_ip, CASE WHEN u.ts - LAG(u.ts) OVER "
-            f"({part}) <= ? THEN 0 ELSE 1 END AS brk FROM {self.usage} u{where}), "
-            "g AS (SELECT seq, principal, source_ip, SUM(brk) OVER (PARTITION BY principal, "
-            "source_ip ORDER BY seq ROWS UNBOUNDED PRECEDING) AS run FROM d) "
-            "SELECT principal, source_ip, COUNT(*) AS n, MIN(seq) AS first_seq, "
-            "MAX(seq) AS last_seq FROM g GROUP BY principal, source_ip, run "
-            "HAVING COUNT(*) >= ?"
+            f"SELECT u.principal, u.source_ip, u.seq, u.ts FROM {self.usage} u{where} "
+            "ORDER BY u.error_code, u.principal, u.source_ip, u.seq"
         )
+        window_us = window_s * 1_000_000
         with self.db.transaction(commit=False) as c:
-            rows = [
-                dict(r)
-                for r in c.execute(sql, [window_s * 1_000_000, *params, threshold]).fetchall()
-            ]
-            times = self._times(c, {r["first_seq"] for r in rows} | {r["last_seq"] for r in rows})
+            rows = c.execute(sql, params).fetchall_values()
+            runs: list[tuple[int, int]] = []  # (first index, last index) in rows
+            start = 0
+            for i in range(1, len(rows) + 1):
+                if (
+                    i < len(rows)
+                    and rows[i][:2] == rows[i - 1][:2]
+                    and int(rows[i][3]) - int(rows[i - 1][3]) <= window_us
+                ):
+                    continue
+                if i - start >= threshold:
+                    runs.append((start, i - 1))
+                start = i
+            times = self._times(c, {int(rows[j][2]) for run in runs for j in run})
         out = [
             {
-                "principal": r["principal"],
-                "source_ip": r["source_ip"],
-                "count": int(r["n"]),
-                "first": times[int(r["first_seq"])],
-                "last": times[int(r["last_seq"])],
-                "first_seq": int(r["first_seq"]),
-                "last_seq": int(r["last_seq"]),
+                "principal": rows[a][0],
+                "source_ip": rows[a][1],
+                "count": b - a + 1,
+                "first": times[int(rows[a][2])],
+                "last": times[int(rows[b][2])],
+                "first_seq": int(rows[a][2]),
+                "last_seq": int(rows[b][2]),
             }
-            for r in rows
+            for a, b in runs
         ]
         out.sort(key=lambda b: (-b["count"], b["first_seq"]))
         return out

@@ -204,8 +204,19 @@ def test_aliases_resolve_as_they_were_at_each_call(generated: Generated) -> None
 @pytest.mark.parametrize("by", ["key", "principal", "operation", "error", "source_ip"])
 def test_stats_equal_a_full_scan(generated: Generated, by: str) -> None:
     index = UsageIndex(generated.db)
+    mid = epoch_us((START + (generated.end - START) / 2).isoformat())
+    keyed = [
+        Filters(key_arns=[generated.keys[0]]),
+        Filters(key_arns=generated.keys[:5], since_us=mid),  # ReEncrypts between them too
+        Filters(key_arns=generated.keys[1:4], operations=["ReEncrypt"]),
+    ]
     for bucket in (None, "day", "hour"):
-        for f in (Filters(), Filters(error=True), Filters(operations=["Encrypt", "Decrypt"])):
+        for f in (
+            Filters(),
+            Filters(error=True),
+            Filters(operations=["Encrypt", "Decrypt"]),
+            *keyed,
+        ):
             got = [
                 [r["grp"], r.get("period", ""), r["n"], r["first"], r["last"]]
                 for r in index.stats(f, by, bucket)
@@ -495,6 +506,8 @@ def test_a_rebuild_decoded_by_a_worker_process_gives_the_same_tables(
     index.rebuild()
     serial = index.snapshot()
     monkeypatch.setattr(usage, "PARALLEL_MIN_RECORDS", 0)
+    monkeypatch.setattr(usage, "REBUILD_BATCH", 64)
+    monkeypatch.setattr(usage.os, "cpu_count", lambda: 2)  # workers even on one core
     seen: list[int] = []
     assert index.rebuild(lambda done, head: seen.append(done)) == generated.db.head_seq()
     assert index.snapshot() == serial
