@@ -319,6 +319,14 @@ class SqlCursor:
 
     def fetchall_values(self) -> list[tuple[Any, ...]]:
         """The rows as plain tuples in column order (no per-row mapping: bulk reads)."""
+        sqlite_cursor = getattr(self._raw, "sqlite_cursor", None)
+        if sqlite_cursor is not None:  # tuples straight from sqlite3, no Row objects
+            factory = sqlite_cursor.row_factory
+            sqlite_cursor.row_factory = None
+            try:
+                return list(sqlite_cursor.fetchall())
+            finally:
+                sqlite_cursor.row_factory = factory
         return [
             tuple(r.values()) if isinstance(r, dict) else tuple(r) for r in self._raw.fetchall()
         ]

@@ -101,19 +101,27 @@ COLUMNS = (
 )
 # (columns, partial-index condition); few indexes keep the rebuild fast.
 _INDEXES = {
-    "kl_usage_key_ts": ("key_arn, seq, ts", None),  # ts: --since/--until from the index
+    # Covering for a key's timeline, denials and per-operation counts (investigate key)
+    "kl_usage_key_cov": ("key_arn, seq, ts, operation, kind, error_code", None),
     "kl_usage_src": ("source_key_arn, seq", "source_key_arn IS NOT NULL"),
     "kl_usage_sent": ("key_sent, seq", "key_arn IS NULL"),  # calls on unknown keys
-    "kl_usage_principal": ("principal, seq", None),
+    "kl_usage_principal_cov": ("principal, seq, key_arn, operation", None),
     "kl_usage_error": ("error_code, seq", "error_code IS NOT NULL"),
     "kl_usage_ip": ("source_ip, seq", None),
     # investigate denied: failures in burst order, read from the index alone
-    "kl_usage_burst": ("error_code, principal, source_ip, seq, ts", "error_code IS NOT NULL"),
+    # (and --principal P --error CODE, newest first)
+    "kl_usage_fail": ("error_code, principal, seq, source_ip, ts", "error_code IS NOT NULL"),
 }
 
 
 #: Indexes of earlier versions, dropped when the index is opened.
-_OBSOLETE_INDEXES = ("kl_usage_key", "kl_usage_denied")
+_OBSOLETE_INDEXES = (
+    "kl_usage_key",
+    "kl_usage_key_ts",
+    "kl_usage_principal",
+    "kl_usage_denied",
+    "kl_usage_burst",
+)
 
 
 def _reader_spec(db: LedgerDatabase) -> tuple[str, Any] | None:
@@ -445,9 +453,7 @@ class UsageIndex:
         if self.db.head_seq() >= PARALLEL_MIN_RECORDS:
             workers = min(REBUILD_WORKERS, os.cpu_count() or 1)
             workers = workers if workers > 1 else 0
-        n = self.catch_up(
-            progress, workers=workers, batch_size=REBUILD_BATCH if workers else None
-        )
+        n = self.catch_up(progress, workers=workers, batch_size=REBUILD_BATCH if workers else None)
         with self.db.ddl_transaction() as c:
             if self.db.is_postgres:  # sorts for the index builds in memory
                 c.execute("SET LOCAL maintenance_work_mem = '256MB'")
@@ -558,6 +564,23 @@ class UsageIndex:
             parts.append(("u.key_sent = ? AND u.key_arn IS NULL", [f.key_sent]))
         return parts
 
+    @staticmethod
+    def _key_branches(key_arns: Sequence[str]) -> list[list[tuple[str, list[Any]]]]:
+        """``key_arns`` as two disjoint key filters: calls on the keys, and ReEncrypts
+        from them to other keys."""
+        keys = list(key_arns)
+        marks = ", ".join("?" for _ in keys)
+        return [
+            [(f"u.key_arn IN ({marks})", keys)],
+            [
+                (
+                    f"u.source_key_arn IN ({marks}) AND "
+                    f"(u.key_arn IS NULL OR u.key_arn NOT IN ({marks}))",
+                    keys + keys,
+                )
+            ],
+        ]
+
     def _where(
         self, f: Filters, key_parts: Sequence[tuple[str, list[Any]]] | None = None
     ) -> tuple[str, list[Any]]:
@@ -582,7 +605,10 @@ class UsageIndex:
             clauses.append("u.ts <= ?")
             params.append(f.until_us)
         if f.error_code:
-            clauses.append("u.error_code = ?")
+            # With a key filter, SQLite (no statistics) preferred the error index and
+            # looked up every failure of that code; "+" keeps it on the key's index.
+            plus = "+" if parts and not self.db.is_postgres else ""
+            clauses.append(f"{plus}u.error_code = ?")
             params.append(f.error_code)
         elif f.error:
             clauses.append("u.error_code IS NOT NULL")
@@ -602,6 +628,15 @@ class UsageIndex:
         with self.db.transaction(commit=False) as c:
             if f.limit is not None and (f.key_arns or f.alias_arn or f.key_sent):
                 return self._last_by_key(c, f, f.limit)
+            if f.key_arns and not f.alias_arn and not f.key_sent:
+                # The keys' calls, then ReEncrypts from them to other keys: each from
+                # its own index (an OR of the two looked up every row in the table).
+                found: list[dict[str, Any]] = []
+                for parts in self._key_branches(f.key_arns):
+                    where, params = self._where(f, parts)
+                    sql = f"SELECT u.* FROM {self.usage} u{where}"
+                    found.extend(dict(r) for r in c.execute(sql, params).fetchall())
+                return sorted(found, key=lambda r: int(r["seq"]))
             where, params = self._where(f)
             sql = f"SELECT u.* FROM {self.usage} u{where} ORDER BY u.seq"
             if f.limit is not None:
@@ -679,18 +714,7 @@ class UsageIndex:
         # sets, each read from its own index; an OR of the two read every row twice).
         branches: list[list[tuple[str, list[Any]]] | None] = [None]
         if f.key_arns and not f.alias_arn and not f.key_sent:
-            keys = list(f.key_arns)
-            marks = ", ".join("?" for _ in keys)
-            branches = [
-                [(f"u.key_arn IN ({marks})", keys)],
-                [
-                    (
-                        f"u.source_key_arn IN ({marks}) AND "
-                        f"(u.key_arn IS NULL OR u.key_arn NOT IN ({marks}))",
-                        keys + keys,
-                    )
-                ],
-            ]
+            branches = [*self._key_branches(f.key_arns)]
         groups: dict[tuple[Any, Any], dict[str, Any]] = {}
         with self.db.transaction(commit=False) as c:
             for parts in branches:
@@ -752,42 +776,43 @@ class UsageIndex:
     ) -> list[dict[str, Any]]:
         """AccessDenied bursts: per (principal, source IP), runs of denials in which
         each is at most ``window_s`` after the previous, with at least ``threshold``;
-        largest first. The denials are read in burst order from one covering index
-        (four narrow columns each) and split into runs here."""
+        largest first. The denials are read per principal in seq order from one
+        covering index (four narrow columns each) and split into runs here."""
         denied = Filters(**{**f.__dict__, "error_code": "AccessDeniedException", "limit": None})
         self.catch_up()
         where, params = self._where(denied)
         sql = (
             f"SELECT u.principal, u.source_ip, u.seq, u.ts FROM {self.usage} u{where} "
-            "ORDER BY u.error_code, u.principal, u.source_ip, u.seq"
+            "ORDER BY u.error_code, u.principal, u.seq"
         )
         window_us = window_s * 1_000_000
         with self.db.transaction(commit=False) as c:
-            rows = c.execute(sql, params).fetchall_values()
-            runs: list[tuple[int, int]] = []  # (first index, last index) in rows
-            start = 0
-            for i in range(1, len(rows) + 1):
-                if (
-                    i < len(rows)
-                    and rows[i][:2] == rows[i - 1][:2]
-                    and int(rows[i][3]) - int(rows[i - 1][3]) <= window_us
-                ):
-                    continue
-                if i - start >= threshold:
-                    runs.append((start, i - 1))
-                start = i
-            times = self._times(c, {int(rows[j][2]) for run in runs for j in run})
+            found = c.execute(sql, params).fetchall_values()
+            # Per (principal, source IP), in seq order: the index gives principal, seq.
+            by_source: dict[tuple[Any, Any], list[tuple[Any, ...]]] = {}
+            for row in found:
+                by_source.setdefault((row[0], row[1]), []).append(row)
+            runs: list[tuple[tuple[Any, ...], tuple[Any, ...], int]] = []  # first, last, n
+            for rows in by_source.values():
+                start = 0
+                for i in range(1, len(rows) + 1):
+                    if i < len(rows) and int(rows[i][3]) - int(rows[i - 1][3]) <= window_us:
+                        continue
+                    if i - start >= threshold:
+                        runs.append((rows[start], rows[i - 1], i - start))
+                    start = i
+            times = self._times(c, {int(r[2]) for a, b, _ in runs for r in (a, b)})
         out = [
             {
-                "principal": rows[a][0],
-                "source_ip": rows[a][1],
-                "count": b - a + 1,
-                "first": times[int(rows[a][2])],
-                "last": times[int(rows[b][2])],
-                "first_seq": int(rows[a][2]),
-                "last_seq": int(rows[b][2]),
+                "principal": a[0],
+                "source_ip": a[1],
+                "count": n,
+                "first": times[int(a[2])],
+                "last": times[int(b[2])],
+                "first_seq": int(a[2]),
+                "last_seq": int(b[2]),
             }
-            for a, b in runs
+            for a, b, n in runs
         ]
         out.sort(key=lambda b: (-b["count"], b["first_seq"]))
         return out
