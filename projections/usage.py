@@ -444,10 +444,10 @@ class UsageIndex:
         next rebuild (or catch-up) completes it to the same tables.
         """
         with self._lock, self.db.transaction(commit=True) as c:
-            for table in (self.usage, self.context, self.aliases):
-                c.execute(f"DELETE FROM {table}")
             for name in (*_INDEXES, "kl_alias_hist_key", "kl_alias_hist_arn"):
-                c.execute(self._drop_index(name))
+                c.execute(self._drop_index(name))  # first: rows then go without upkeep
+            for table in (self.usage, self.context, self.aliases):
+                c.execute(f"{'TRUNCATE' if self.db.is_postgres else 'DELETE FROM'} {table}")
             c.execute("DELETE FROM {positions} WHERE name = ?", (POSITION_NAME,))
         workers = 0
         if self.db.head_seq() >= PARALLEL_MIN_RECORDS:
