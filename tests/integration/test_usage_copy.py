@@ -44,3 +44,28 @@ def test_awkward_context_and_agent_round_trip_through_the_index(ledger: KeyLedge
             assert all(r["user_agent"] == agent for r in rows)
         # A value that only differs in escaping matches nothing.
         assert index.trail(Filters(key_arns=[arn], context=[("null-marker", "N")])) == []
+
+
+def test_nul_in_a_context_or_key_id_is_indexed_and_found(ledger: KeyLedger) -> None:
+    """PostgreSQL text cannot hold NUL: one caller's context value or KeyId with a NUL
+    must not stop the index (and every forensic query) from catching up."""
+    from ledger.errors import KeyLedgerError
+    from projections.catalog import KeyCatalog
+    from projections.views import HistoryViews
+
+    root = Caller(principal="arn:aws:iam::111122223333:root")
+    arn = ledger.create_key(caller=root)["KeyMetadata"]["Arn"]
+    ctx = {"k\x00ey": "va\x00lue"}
+    ledger.encrypt(caller=root, key_id=arn, plaintext=b"x", encryption_context=ctx)
+    with pytest.raises(KeyLedgerError):
+        ledger.encrypt(caller=root, key_id="alias/no\x00such", plaintext=b"x")
+    ledger.encrypt(caller=root, key_id=arn, plaintext=b"y")
+    index = UsageIndex(ledger.db)
+    index.catch_up()
+    assert index.position == ledger.db.head_seq()
+    rows = index.trail(Filters(context=[("k\x00ey", "va\x00lue")]))
+    assert [orjson.loads(r["context"]) for r in rows] == [ctx]
+    assert len(index.trail(Filters(key_sent="alias/no\x00such"))) == 1
+    assert index.trail(Filters(context=[("k\x00ey", "other")])) == []
+    KeyCatalog(ledger.db).catch_up()
+    HistoryViews(ledger.db).catch_up()
