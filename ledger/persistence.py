@@ -337,6 +337,22 @@ class SqlCursor:
     def fetchall(self) -> list[Row]:
         return [Row(self._as_dict(r)) for r in self._raw.fetchall()]
 
+    def select_values(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        """Run a query and return its rows as plain tuples: for bulk reads, where
+        per-row mappings cost more than the query (PostgreSQL's rows come as tuples
+        from the driver, not as dicts)."""
+        if not self._db.is_postgres:
+            return self.execute(sql, params).fetchall_values()
+        from psycopg.rows import tuple_row
+
+        factory = self._raw.row_factory
+        self._raw.row_factory = tuple_row
+        try:
+            self.execute(sql, params)
+            return list(self._raw.fetchall())
+        finally:
+            self._raw.row_factory = factory
+
     def fetchall_values(self) -> list[tuple[Any, ...]]:
         """The rows as plain tuples in column order (no per-row mapping: bulk reads)."""
         sqlite_cursor = getattr(self._raw, "sqlite_cursor", None)

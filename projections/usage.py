@@ -408,7 +408,7 @@ class UsageIndex:
                             # chose parallel scans (10+ ms even with nothing to read).
                             hi = min(position + batch, head)
                             with self.db.transaction(commit=False) as c:
-                                records = c.execute(_READ_RANGE, (position, hi)).fetchall_values()
+                                records = c.select_values(_READ_RANGE, (position, hi))
                             data = [(int(q), bytes(b)) for q, b in records]
                             job: Any = (
                                 pool.apply_async(_prepare_batch, (position, hi, data, as_copy))
@@ -794,26 +794,28 @@ class UsageIndex:
         denied = Filters(**{**f.__dict__, "error_code": "AccessDeniedException", "limit": None})
         self.catch_up()
         where, params = self._where(denied)
+        window_us = window_s * 1_000_000
         sql = (
             f"SELECT u.principal, u.source_ip, u.seq, u.ts FROM {self.usage} u{where} "
             "ORDER BY u.error_code, u.principal, u.seq"
         )
-        window_us = window_s * 1_000_000
         with self.db.transaction(commit=False) as c:
-            found = c.execute(sql, params).fetchall_values()
+            found = c.select_values(sql, params)
             # Per (principal, source IP), in seq order: the index gives principal, seq.
             by_source: dict[tuple[Any, Any], list[tuple[Any, ...]]] = {}
             for row in found:
                 by_source.setdefault((row[0], row[1]), []).append(row)
             runs: list[tuple[tuple[Any, ...], tuple[Any, ...], int]] = []  # first, last, n
             for rows in by_source.values():
-                start = 0
-                for i in range(1, len(rows) + 1):
-                    if i < len(rows) and int(rows[i][3]) - int(rows[i - 1][3]) <= window_us:
-                        continue
-                    if i - start >= threshold:
-                        runs.append((rows[start], rows[i - 1], i - start))
-                    start = i
+                start, prev = 0, rows[0][3]
+                for i, row in enumerate(rows):
+                    if row[3] - prev > window_us:  # a gap: the run before it ends
+                        if i - start >= threshold:
+                            runs.append((rows[start], rows[i - 1], i - start))
+                        start = i
+                    prev = row[3]
+                if len(rows) - start >= threshold:
+                    runs.append((rows[start], rows[-1], len(rows) - start))
             times = self._times(c, {int(r[2]) for a, b, _ in runs for r in (a, b)})
         out = [
             {
