@@ -338,34 +338,22 @@ class SqlCursor:
         return [Row(self._as_dict(r)) for r in self._raw.fetchall()]
 
     def select_values(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
-        """Run a query and return its rows as plain tuples: for bulk reads, where
-        per-row mappings cost more than the query (PostgreSQL's rows come as tuples
-        from the driver, not as dicts)."""
-        if not self._db.is_postgres:
-            return self.execute(sql, params).fetchall_values()
-        from psycopg.rows import tuple_row
+        """Run a query and return its rows as plain tuples, straight from the driver:
+        for bulk reads, where per-row mappings cost more than the query."""
+        raw = getattr(self._raw, "sqlite_cursor", self._raw)  # SQLite: under the wrapper
+        if self._db.is_postgres:
+            from psycopg.rows import tuple_row
 
-        factory = self._raw.row_factory
-        self._raw.row_factory = tuple_row
+            plain: Any = tuple_row
+        else:
+            plain = None
+        factory = raw.row_factory
+        raw.row_factory = plain
         try:
             self.execute(sql, params)
-            return list(self._raw.fetchall())
+            return list(raw.fetchall())
         finally:
-            self._raw.row_factory = factory
-
-    def fetchall_values(self) -> list[tuple[Any, ...]]:
-        """The rows as plain tuples in column order (no per-row mapping: bulk reads)."""
-        sqlite_cursor = getattr(self._raw, "sqlite_cursor", None)
-        if sqlite_cursor is not None:  # tuples straight from sqlite3, no Row objects
-            factory = sqlite_cursor.row_factory
-            sqlite_cursor.row_factory = None
-            try:
-                return list(sqlite_cursor.fetchall())
-            finally:
-                sqlite_cursor.row_factory = factory
-        return [
-            tuple(r.values()) if isinstance(r, dict) else tuple(r) for r in self._raw.fetchall()
-        ]
+            raw.row_factory = factory
 
     def fetchone(self) -> Row | None:
         r = self._raw.fetchone()

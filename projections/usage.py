@@ -35,7 +35,7 @@ CONTEXT = "kl_usage_ctx"  # (pair, seq), pair as context_pair() writes it
 ALIAS_HISTORY = "kl_alias_hist"
 POSITION_NAME = "projection:usage:v1"
 WRITE_LOCK_ID = 0x6B6C7573  # "klus": one usage-index writer at a time (PostgreSQL)
-#: A rebuild of at least this many records decodes them in a forked worker process.
+#: A rebuild of at least this many records decodes them in forked worker processes.
 PARALLEL_MIN_RECORDS = 50_000
 #: Decode (and on PostgreSQL read) processes and records per transaction in a rebuild.
 REBUILD_WORKERS = 2
@@ -72,6 +72,8 @@ _ALGORITHM_FIELDS = (
     "keySpec",
 )
 _TOPIC_PREFIX = "ledger.domain.model:"
+# KeyId as sent, for calls that resolved to no key (the partial index kl_usage_sent)
+_SENT_CLAUSE = "u.key_sent = ? AND u.key_arn IS NULL"
 _READ_RANGE = (
     "SELECT c.seq, e.state FROM {chain} c JOIN {events} e ON e.{nid} = c.notification_id "
     "WHERE c.seq > ? AND c.seq <= ? ORDER BY c.seq"
@@ -120,9 +122,9 @@ _OBSOLETE_INDEXES = (
 )
 
 
-def _reader_spec(db: LedgerDatabase) -> tuple[str, Any] | None:
-    """How a worker process opens its own connection to ``db`` (PostgreSQL), or None
-    (SQLite: the writing process reads)."""
+def _reader_spec(db: LedgerDatabase) -> dict[str, Any] | None:
+    """psycopg connection arguments for a worker's own connection to ``db``
+    (PostgreSQL), or None (SQLite: the writing process reads)."""
     if not db.is_postgres:
         return None
     pool = db.datastore.pool
@@ -130,7 +132,7 @@ def _reader_spec(db: LedgerDatabase) -> tuple[str, Any] | None:
     get_password = getattr(pool, "get_password_func", None)
     if get_password:
         kwargs["password"] = get_password()
-    return ("postgres", kwargs)
+    return kwargs
 
 
 def _prepare_batch(
@@ -149,14 +151,14 @@ def read_and_prepare(sql: str, lo: int, hi: int, as_copy: bool) -> tuple[int, in
     if conn is None:
         import psycopg
 
-        conn = psycopg.connect(**_reader["spec"][1], autocommit=True)
+        conn = psycopg.connect(**_reader["spec"], autocommit=True)
         _reader["conn"] = conn
     records = conn.execute(sql, (lo, hi)).fetchall()
     data = [(int(q), bytes(b)) for q, b in records]
     return lo, hi, len(data), prepare(data, as_copy=as_copy)
 
 
-def _fork_pool(workers: int, spec: tuple[str, Any] | None) -> Any:
+def _fork_pool(workers: int, spec: dict[str, Any] | None) -> Any:
     """A pool of ``workers`` forked processes that read with ``spec`` (if any), or
     None (0 workers, or no fork here). The spec (which may hold a database password)
     reaches the workers by fork, never through a pipe."""
@@ -194,13 +196,7 @@ def _first(request: dict[str, Any], names: Sequence[str]) -> Any:
     return None
 
 
-def _same(value: Any) -> Any:
-    return value
-
-
-def usage_row(
-    seq: int, event: dict[str, Any], share: Callable[[Any], Any] = _same
-) -> tuple[Any, ...]:
+def usage_row(seq: int, event: dict[str, Any], share: Callable[[Any], Any]) -> tuple[Any, ...]:
     """The index row of one decoded stored event (columns as ``COLUMNS``); ``share``
     maps each value that repeats across rows to one object."""
     call = event.get("call") or {}
@@ -367,10 +363,10 @@ class UsageIndex:
     ) -> int:
         """Index every record after the tracked position; return how many were read.
 
-        ``progress(done, head)`` is called after each batch. With ``workers`` > 0 (and
-        a ledger in a file or on PostgreSQL), that many forked processes each read a
-        range of seqs over their own connection and decode it, while this one writes
-        the batches in order (at most ``workers + 2`` in flight).
+        ``progress(done, head)`` is called after each batch. With ``workers`` > 0,
+        that many forked processes decode batches (on PostgreSQL each also reads its
+        range of seqs over its own connection) while this one writes them in order
+        (at most ``workers + 2`` in flight).
         """
         done = 0
         batch = batch_size or self.batch_size
@@ -472,7 +468,7 @@ class UsageIndex:
 
         spec = _reader_spec(self.db)
         assert spec is not None
-        with psycopg.connect(**spec[1], autocommit=True) as conn:
+        with psycopg.connect(**spec, autocommit=True) as conn:
             for table in (self.usage, self.context, self.aliases):
                 conn.execute(f"VACUUM ANALYZE {table}")
 
@@ -574,7 +570,7 @@ class UsageIndex:
         if f.key_sent:
             # KeyId as sent finds calls that resolved to no key (unknown ids,
             # aliases); calls that resolved are found by their key.
-            parts.append(("u.key_sent = ? AND u.key_arn IS NULL", [f.key_sent]))
+            parts.append((_SENT_CLAUSE, [f.key_sent]))
         return parts
 
     @staticmethod
@@ -671,7 +667,7 @@ class UsageIndex:
             parts.append(("u.key_arn = ?", [arn]))
             parts.append(("u.source_key_arn = ?", [arn]))
         if f.key_sent:
-            parts.append(("u.key_sent = ? AND u.key_arn IS NULL", [f.key_sent]))
+            parts.append((_SENT_CLAUSE, [f.key_sent]))
         found: dict[int, dict[str, Any]] = {}
 
         def newest(clause: str, args: list[Any]) -> list[dict[str, Any]]:
