@@ -5,6 +5,9 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 SOFTHSM_MODULE ?= /usr/lib/softhsm/libsofthsm2.so
+# pytest-xdist processes for `make test`: most slow tests wait on subprocesses, brokers
+# and servers, so two workers halve the suite on a 2-core machine (0 = in-process).
+PYTEST_WORKERS ?= 2
 
 .PHONY: demo test lint typecheck pytest bench softhsm chromium postgres venv clean
 
@@ -56,7 +59,7 @@ typecheck: venv
 	$(BIN)/mypy
 
 pytest: softhsm chromium venv postgres
-	$(BIN)/pytest
+	$(BIN)/pytest -n $(PYTEST_WORKERS)
 
 test: lint typecheck pytest
 
