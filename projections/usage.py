@@ -238,14 +238,23 @@ _COPY_ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\
 
 def copy_text(rows: Iterable[Sequence[Any]]) -> bytes:
     """Rows in PostgreSQL's COPY text format: tab-separated, ``\\N`` for NULL,
-    backslash, tab, newline and carriage return escaped."""
+    backslash, tab, newline and carriage return escaped (NUL as U+FFFD)."""
     esc = _COPY_ESCAPES
-    lines = [
-        "\t".join(
-            "\\N" if v is None else str(v) if type(v) is int else str(v).translate(esc) for v in row
-        )
-        for row in rows
-    ]
+    # Each distinct value escaped once per call: most repeat from row to row.
+    memo: dict[Any, str] = {None: "\\N"}
+    get = memo.get
+    lines = []
+    for row in rows:
+        parts = []
+        for v in row:
+            if type(v) is str or v is None:
+                e = get(v)
+                if e is None:
+                    e = memo[v] = v.translate(esc)  # type: ignore[union-attr]
+            else:  # not memoised: 1 == True == 1.0 as dict keys
+                e = str(v) if type(v) is int else str(v).translate(esc)
+            parts.append(e)
+        lines.append("\t".join(parts))
     return ("\n".join(lines) + "\n").encode() if lines else b""
 
 

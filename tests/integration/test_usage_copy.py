@@ -27,6 +27,18 @@ def test_copy_text_escapes_what_copy_would_misread() -> None:
     assert copy_text([]) == b""
 
 
+def test_copy_text_escapes_repeated_values_the_same_in_every_row() -> None:
+    # Values escaped once per call and reused: each row must still say its own values.
+    rows = [(1, "a\tb", None, "x"), (2, "a\tb", "x", None), (3, "x", True, 1), (4, 1, "1", 1.5)]
+    lines = copy_text(rows).decode().splitlines()
+    assert lines == [
+        "1\ta\\tb\t\\N\tx",
+        "2\ta\\tb\tx\t\\N",
+        "3\tx\tTrue\t1",
+        "4\t1\t1\t1.5",
+    ]
+
+
 def test_awkward_context_and_agent_round_trip_through_the_index(ledger: KeyLedger) -> None:
     root = Caller(principal="arn:aws:iam::111122223333:root")
     arn = ledger.create_key(caller=root)["KeyMetadata"]["Arn"]
