@@ -289,8 +289,11 @@ class SqlCursor:
         rows: Sequence[Sequence[Any]] | bytes,
         *,
         fresh: bool = False,
+        after_seq: int | None = None,
     ) -> None:
-        """INSERT ``rows`` into ``table``, skipping rows whose key is already there.
+        """INSERT ``rows`` into ``table``, skipping rows whose key is already there
+        and, with ``after_seq``, rows whose ``seq`` column is not after it (for tables
+        without a unique key at the time).
 
         On PostgreSQL the rows are streamed with COPY (row-by-row INSERTs cost ten times
         more): straight into ``table`` when the caller knows none is there yet
@@ -305,6 +308,9 @@ class SqlCursor:
             if isinstance(rows, bytes):
                 raise ValueError("COPY text needs PostgreSQL")
             marks = ", ".join("?" for _ in columns)
+            if after_seq is not None:
+                at = list(columns).index("seq")
+                rows = [r for r in rows if r[at] > after_seq]
             self.executemany(
                 f"INSERT INTO {table} ({cols}) VALUES ({marks}) ON CONFLICT DO NOTHING", rows
             )
@@ -321,7 +327,7 @@ class SqlCursor:
                     for row in rows:
                         copy.write_row(pg_text_row(tuple(row)))
 
-        if fresh:
+        if fresh and after_seq is None:
             copy_into(table)
             return
         staging = "kl_staging_" + table.rsplit(".", 1)[-1].strip('"')
@@ -329,8 +335,10 @@ class SqlCursor:
             f"CREATE TEMP TABLE IF NOT EXISTS {staging} (LIKE {table}) ON COMMIT DELETE ROWS"
         )
         copy_into(staging)
+        keep = "" if after_seq is None else f" WHERE seq > {int(after_seq)}"
         raw.execute(
-            f"INSERT INTO {table} ({cols}) SELECT {cols} FROM {staging} ON CONFLICT DO NOTHING"
+            f"INSERT INTO {table} ({cols}) SELECT {cols} FROM {staging}{keep} "
+            "ON CONFLICT DO NOTHING"
         )
         raw.execute(f"TRUNCATE {staging}")
 

@@ -6,7 +6,7 @@ Tables (each in the ledger's database, beside the log):
 - ``kl_usage``: seq, time, key ARN (resolved), the source key of a ReEncrypt, KeyId as
   sent, operation, event kind, principal, account, region, source IP, user agent,
   encryption context, algorithm, error code, request id;
-- ``kl_usage_ctx``: one row per encryption-context pair of a call, for ``k=v`` lookups;
+- ``kl_usage_pairs``: one row per encryption-context pair of a call, for ``k=v`` lookups;
 - ``kl_alias_hist``: which key each alias ARN named from one seq up to the next.
 
 Rows and the tracked position are written in one transaction per batch, so a crash
@@ -31,7 +31,9 @@ from ledger.persistence import PG_NUL, LedgerDatabase, SqlCursor
 from ledger.records import LedgerRecord
 
 USAGE = "kl_usage"
-CONTEXT = "kl_usage_ctx"  # (pair, seq), pair as context_pair() writes it
+CONTEXT = "kl_usage_pairs"  # (pair, seq), pair as context_pair() writes it
+#: Tables of earlier versions: when there, the index is dropped and rebuilt from the log.
+_OBSOLETE_TABLES = ("kl_usage_ctx",)
 ALIAS_HISTORY = "kl_alias_hist"
 POSITION_NAME = "projection:usage:v1"
 WRITE_LOCK_ID = 0x6B6C7573  # "klus": one usage-index writer at a time (PostgreSQL)
@@ -120,6 +122,9 @@ _OBSOLETE_INDEXES = (
     "kl_usage_denied",
     "kl_usage_burst",
 )
+#: Unique indexes, dropped for a rebuild like the others (the rows stay unique because a
+#: batch writes only seqs after the last one in the tables: ``UsageIndex._claim``).
+_UNIQUE_INDEXES = {"kl_usage_pairs_key": "pair, seq"}  # on CONTEXT
 
 
 def _reader_spec(db: LedgerDatabase) -> dict[str, Any] | None:
@@ -334,11 +339,12 @@ class UsageIndex:
             for c in COLUMNS
         )
         with db.ddl_transaction() as c:
+            self._drop_obsolete_tables(c)
             c.execute(f"CREATE TABLE IF NOT EXISTS {self.usage} ({cols})")
+            # No primary key: its unique index is built after a bulk load (sorted, once)
             c.execute(
                 f"CREATE TABLE IF NOT EXISTS {self.context} (pair TEXT NOT NULL, "
-                "seq BIGINT NOT NULL, PRIMARY KEY (pair, seq))"
-                + ("" if db.is_postgres else " WITHOUT ROWID")
+                "seq BIGINT NOT NULL)"
             )
             c.execute(
                 f"CREATE TABLE IF NOT EXISTS {self.aliases} (alias_id TEXT NOT NULL, "
@@ -348,9 +354,29 @@ class UsageIndex:
             )
             self._create_indexes(c)
 
+    def _drop_obsolete_tables(self, c: SqlCursor) -> None:
+        """An index written by an earlier version (another table layout) is dropped
+        with its position; the next catch-up rebuilds it from the log."""
+        for name in _OBSOLETE_TABLES:
+            table = self.db.table(name)
+            if self.db.is_postgres:
+                row = c.execute("SELECT to_regclass(?) IS NOT NULL AS there", (table,)).fetchone()
+            else:
+                row = c.execute(
+                    "SELECT COUNT(*) > 0 AS there FROM sqlite_master WHERE type = 'table' "
+                    "AND name = ?",
+                    (name,),
+                ).fetchone()
+            if row is not None and row["there"]:
+                for t in (table, self.usage, self.context, self.aliases):
+                    c.execute(f"DROP TABLE IF EXISTS {t}")
+                c.execute("DELETE FROM {positions} WHERE name = ?", (POSITION_NAME,))
+
     def _create_indexes(self, c: SqlCursor) -> None:
         for name in _OBSOLETE_INDEXES:
             c.execute(self._drop_index(name))
+        for name, columns in _UNIQUE_INDEXES.items():
+            c.execute(f"CREATE UNIQUE INDEX IF NOT EXISTS {name} ON {self.context} ({columns})")
         for name, (columns, where) in _INDEXES.items():
             partial = f" WHERE {where}" if where else ""
             c.execute(f"CREATE INDEX IF NOT EXISTS {name} ON {self.usage} ({columns}){partial}")
@@ -428,7 +454,7 @@ class UsageIndex:
                         lo, upto, n, prepared = job.get() if pool else job
                     with self.db.transaction(commit=True) as c:
                         if n:
-                            self._write(c, prepared, fresh=self._claim(c) <= lo)
+                            self._write(c, prepared, lo, self._claim(c))
                         c.execute(
                             "INSERT INTO {positions} (name, position) VALUES (?, ?) "
                             "ON CONFLICT (name) DO UPDATE SET position = excluded.position "
@@ -450,7 +476,7 @@ class UsageIndex:
         next rebuild (or catch-up) completes it to the same tables.
         """
         with self._lock, self.db.transaction(commit=True) as c:
-            for name in (*_INDEXES, "kl_alias_hist_key", "kl_alias_hist_arn"):
+            for name in (*_INDEXES, *_UNIQUE_INDEXES, "kl_alias_hist_key", "kl_alias_hist_arn"):
                 c.execute(self._drop_index(name))  # first: rows then go without upkeep
             for table in (self.usage, self.context, self.aliases):
                 c.execute(f"{'TRUNCATE' if self.db.is_postgres else 'DELETE FROM'} {table}")
@@ -490,24 +516,31 @@ class UsageIndex:
     def _claim(self, c: SqlCursor) -> int:
         """The last seq in the tables, read inside the caller's write transaction
         after taking the index's write lock (PostgreSQL; SQLite has one writer at a
-        time): a batch after it can be copied in as is. Context rows are written with
-        their call's row, so none is past it either."""
+        time). Every batch is written whole with the position, from a position no
+        greater than this, so the tables hold every seq up to it and none after:
+        a batch writes only its seqs after it."""
         if self.db.is_postgres:
             c.execute("SELECT pg_advisory_xact_lock(?)", (WRITE_LOCK_ID,))
         row = c.execute(f"SELECT MAX(seq) AS seq FROM {self.usage}").fetchone()
         return 0 if row is None or row["seq"] is None else int(row["seq"])
 
     def _apply(self, c: SqlCursor, records: Sequence[tuple[Any, Any]]) -> None:
-        """Index ``(seq, stored bytes)`` records inside the caller's transaction."""
-        self._write(c, prepare(records))
+        """Index ``(seq, stored bytes)`` records (in seq order) inside the caller's
+        transaction; those already indexed are skipped."""
+        if records:
+            self._write(c, prepare(records), int(records[0][0]) - 1, self._claim(c))
 
-    def _write(self, c: SqlCursor, prepared: Prepared, *, fresh: bool = False) -> None:
+    def _write(self, c: SqlCursor, prepared: Prepared, lo: int, claimed: int) -> None:
+        """Write a batch of seqs after ``lo``: only those after ``claimed`` (the last
+        seq already in the tables), copied straight in when that is all of them."""
         rows, pairs, alias_events = prepared
-        c.insert_new(self.usage, COLUMNS, rows, fresh=fresh)
+        after = None if claimed <= lo else claimed
+        c.insert_new(self.usage, COLUMNS, rows, fresh=after is None, after_seq=after)
         if pairs:
-            c.insert_new(self.context, ("pair", "seq"), pairs, fresh=fresh)
+            c.insert_new(self.context, ("pair", "seq"), pairs, fresh=after is None, after_seq=after)
         for seq, event in alias_events:
-            self._apply_alias(c, seq, event)
+            if after is None or seq > after:
+                self._apply_alias(c, seq, event)
 
     def _apply_alias(self, c: SqlCursor, seq: int, event: dict[str, Any]) -> None:
         topic = str(event["topic"])

@@ -520,3 +520,50 @@ def test_a_rebuild_decoded_by_a_worker_process_gives_the_same_tables(
     assert index.rebuild(lambda done, head: seen.append(done)) == generated.db.head_seq()
     assert index.snapshot() == serial
     assert seen == sorted(seen) and seen[-1] == generated.db.head_seq()  # batches in order
+
+
+def test_overlapping_batches_write_each_row_once_without_the_unique_index(
+    generated: Generated,
+) -> None:
+    # As after a rebuild killed with its indexes dropped, in a process that opened the
+    # index before: nothing but the last seq written keeps rows from being duplicated.
+    index = UsageIndex(generated.db)
+    index.rebuild()
+    clean = index.snapshot()
+    with generated.db.transaction(commit=True) as c:
+        c.execute(index._drop_index("kl_usage_pairs_key"))
+        for table in (index.usage, index.context, index.aliases):
+            c.execute(f"DELETE FROM {table}")
+        c.execute("DELETE FROM {positions} WHERE name = ?", ("projection:usage:v1",))
+    records = [(r.seq, r.data) for r in generated.db.read_records(0, 400)]
+    with generated.db.transaction(commit=True) as c:
+        index._apply(c, records[:200])
+        index._apply(c, records[100:300])  # half already there
+        index._apply(c, records)  # three quarters already there
+        index._apply(c, records[:50])  # all already there
+    generated.db.set_position("projection:usage:v1", 50)  # an older writer's position
+    index.catch_up()
+    UsageIndex(generated.db)  # the unique index again: fails on a duplicate
+    assert index.snapshot() == clean
+
+
+def test_an_index_in_the_old_layout_is_dropped_and_rebuilt(generated: Generated) -> None:
+    index = UsageIndex(generated.db)
+    index.catch_up()
+    clean = index.snapshot()
+    old = generated.db.table("kl_usage_ctx")
+    with generated.db.transaction(commit=True) as c:
+        c.execute(f"CREATE TABLE {old} (pair TEXT NOT NULL, seq BIGINT NOT NULL)")
+        c.execute(f"DELETE FROM {index.usage} WHERE seq > 10")  # not what the log says
+    reopened = UsageIndex(generated.db)
+    assert reopened.position == 0
+    reopened.catch_up()
+    assert reopened.snapshot() == clean
+    with generated.db.transaction(commit=False) as c:
+        if generated.db.is_postgres:
+            there = c.execute("SELECT to_regclass(?) AS t", (old,)).fetchone()["t"]
+        else:
+            there = c.execute(
+                "SELECT name AS t FROM sqlite_master WHERE name = ?", ("kl_usage_ctx",)
+            ).fetchone()
+        assert not there
