@@ -297,6 +297,13 @@ def prepare(records: Sequence[tuple[Any, Any]], *, as_copy: bool = False) -> Pre
     return rows, unique_pairs, alias_events
 
 
+def _sqlite_pragma(c: SqlCursor, name: str, value: object) -> object:
+    """Set a (trusted) SQLite pragma of this connection; return its previous value."""
+    row = c.execute(f"PRAGMA {name}").fetchone()
+    c.execute(f"PRAGMA {name} = {value}")
+    return None if row is None else next(iter(dict(row).values()))
+
+
 def _key_prefix(alias_arn: str) -> str:
     return alias_arn.split(":alias/", 1)[0] + ":key/"
 
@@ -476,11 +483,17 @@ class UsageIndex:
         next rebuild (or catch-up) completes it to the same tables.
         """
         with self._lock, self.db.transaction(commit=True) as c:
+            if not self.db.is_postgres:
+                # Freed pages are not zeroed first (Debian builds SQLite with secure
+                # delete on): the rows hold no secret and come back from the log.
+                secure = _sqlite_pragma(c, "secure_delete", "FAST")
             for name in (*_INDEXES, *_UNIQUE_INDEXES, "kl_alias_hist_key", "kl_alias_hist_arn"):
                 c.execute(self._drop_index(name))  # first: rows then go without upkeep
             for table in (self.usage, self.context, self.aliases):
                 c.execute(f"{'TRUNCATE' if self.db.is_postgres else 'DELETE FROM'} {table}")
             c.execute("DELETE FROM {positions} WHERE name = ?", (POSITION_NAME,))
+            if not self.db.is_postgres:
+                _sqlite_pragma(c, "secure_delete", secure)
         workers = 0
         if self.db.head_seq() >= PARALLEL_MIN_RECORDS:
             workers = min(REBUILD_WORKERS, os.cpu_count() or 1)
@@ -489,7 +502,11 @@ class UsageIndex:
         with self.db.ddl_transaction() as c:
             if self.db.is_postgres:  # sorts for the index builds in memory
                 c.execute("SET LOCAL maintenance_work_mem = '256MB'")
+            else:  # the index builds sort with a helper thread
+                threads = _sqlite_pragma(c, "threads", min(REBUILD_WORKERS, os.cpu_count() or 1))
             self._create_indexes(c)
+            if not self.db.is_postgres:
+                _sqlite_pragma(c, "threads", threads)
         if self.db.is_postgres:
             self._vacuum_analyze()
         return n

@@ -567,3 +567,22 @@ def test_an_index_in_the_old_layout_is_dropped_and_rebuilt(generated: Generated)
                 "SELECT name AS t FROM sqlite_master WHERE name = ?", ("kl_usage_ctx",)
             ).fetchone()
         assert not there
+
+
+@pytest.mark.parametrize("generated", ["sqlite"], indirect=True)  # SQLite's pragmas
+def test_a_rebuild_leaves_the_connection_settings_as_it_found_them(generated: Generated) -> None:
+    def pragmas() -> tuple[object, ...]:
+        with generated.db.transaction(commit=False) as c:
+            return tuple(
+                dict(c.execute(f"PRAGMA {name}").fetchone() or {}).popitem()[1]
+                for name in ("secure_delete", "threads")
+            )
+
+    with generated.db.transaction(commit=False) as c:
+        c.execute("PRAGMA secure_delete = ON")  # as Debian builds SQLite
+    before = pragmas()
+    assert before == (1, 0)
+    index = UsageIndex(generated.db)
+    index.rebuild()
+    # The rebuild clears without zeroing and sorts in threads, then puts both back
+    assert pragmas() == before
