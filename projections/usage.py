@@ -157,8 +157,12 @@ def read_and_prepare(sql: str, lo: int, hi: int, as_copy: bool) -> tuple[int, in
         import psycopg
 
         conn = psycopg.connect(**_reader["spec"], autocommit=True)
+        # Each worker reads one range at a time: no parallel plans (their helper
+        # processes cost more than they bring on a busy machine).
+        conn.execute("SET max_parallel_workers_per_gather = 0")
         _reader["conn"] = conn
-    records = conn.execute(sql, (lo, hi)).fetchall()
+    # Binary: bytea as bytes (the text format doubles it as hex both ends)
+    records = conn.cursor(binary=True).execute(sql, (lo, hi)).fetchall()
     data = [(int(q), bytes(b)) for q, b in records]
     return lo, hi, len(data), prepare(data, as_copy=as_copy)
 
@@ -201,13 +205,28 @@ def _first(request: dict[str, Any], names: Sequence[str]) -> Any:
     return None
 
 
-def usage_row(seq: int, event: dict[str, Any], share: Callable[[Any], Any]) -> tuple[Any, ...]:
-    """The index row of one decoded stored event (columns as ``COLUMNS``); ``share``
-    maps each value that repeats across rows to one object."""
+def _same(value: Any) -> Any:
+    return value
+
+
+def short_topic(event: dict[str, Any]) -> str:
+    """The event's topic without the domain module (``Key.Created``)."""
+    topic = str(event.get("topic", ""))
+    return topic[len(_TOPIC_PREFIX) :] if topic.startswith(_TOPIC_PREFIX) else topic
+
+
+def usage_row(
+    seq: int,
+    event: dict[str, Any],
+    share: Callable[[Any], Any],
+    unique: Callable[[Any], Any] = _same,
+) -> tuple[Any, ...]:
+    """The index row of one decoded stored event (columns as ``COLUMNS``). ``share``
+    maps each value that repeats across rows (and ``unique`` each value that does
+    not), to one object or to its COPY text."""
     call = event.get("call") or {}
     request = event.get("request") or {}
     additional = event.get("additional") or {}
-    topic = str(event.get("topic", ""))
     ctx = _first(request, _CONTEXT_FIELDS)
     sent = _first(request, _KEY_SENT_FIELDS)
     algorithm = _first(request, _ALGORITHM_FIELDS)
@@ -215,8 +234,8 @@ def usage_row(seq: int, event: dict[str, Any], share: Callable[[Any], Any]) -> t
     return (
         seq,
         epoch_us(event["timestamp"]),
-        event["timestamp"],
-        share(topic[len(_TOPIC_PREFIX) :] if topic.startswith(_TOPIC_PREFIX) else topic),
+        unique(event["timestamp"]),
+        share(short_topic(event)),
         share(get("operation")),
         share(get("principal")),
         share(get("account_id")),
@@ -229,7 +248,7 @@ def usage_row(seq: int, event: dict[str, Any], share: Callable[[Any], Any]) -> t
         share(orjson.dumps(ctx, option=orjson.OPT_SORT_KEYS).decode()) if ctx else None,
         share(algorithm) if isinstance(algorithm, str) else None,
         share(event.get("error_code")),
-        get("request_id"),
+        unique(get("request_id")),
     )
 
 
@@ -273,28 +292,51 @@ def prepare(records: Sequence[tuple[Any, Any]], *, as_copy: bool = False) -> Pre
     alias_events: list[tuple[int, dict[str, Any]]] = []
     loads = orjson.loads
     shared: dict[Any, Any] = {}
+    esc = _COPY_ESCAPES
 
     def share(value: Any) -> Any:
         # One object per repeated value: a worker's result pickles by reference.
         return shared.setdefault(value, value)
 
+    def escape(value: Any) -> str:
+        # COPY text of a value, each repeated string escaped once (1 == True as keys)
+        if type(value) is str:
+            e = shared.get(value)
+            if e is None:
+                e = shared[value] = value.translate(esc)
+            return e
+        return "\\N" if value is None else str(value).translate(esc)
+
+    def translate(value: Any) -> str:
+        return "\\N" if value is None else str(value).translate(esc)
+
+    as_value, as_unique = (escape, translate) if as_copy else (share, _same)
     for seq, data in records:
         event = loads(bytes(data) if isinstance(data, memoryview) else data)
-        row = usage_row(seq, event, share)
-        rows.append(row)
+        rows.append(usage_row(seq, event, as_value, as_unique))
         request = event.get("request")
         if request:
             for name in _CONTEXT_FIELDS:
                 ctx = request.get(name)
                 if ctx and isinstance(ctx, dict):
-                    pairs.extend((context_pair(k, v), seq) for k, v in ctx.items())
-        topic = row[3]
+                    pairs.extend((as_value(context_pair(k, v)), seq) for k, v in ctx.items())
+        topic = short_topic(event)
         if topic.startswith("Alias.") or topic == "Key.Deleted":
             alias_events.append((seq, event))
     unique_pairs = list(dict.fromkeys(pairs))
-    if as_copy:
-        return copy_text(rows), copy_text(unique_pairs), alias_events
-    return rows, unique_pairs, alias_events
+    if not as_copy:
+        return rows, unique_pairs, alias_events
+    # Every string is COPY text already: ints as digits, a missing value as \N
+    lines = [
+        "\t".join([v if type(v) is str else "\\N" if v is None else str(v) for v in row])
+        for row in rows
+    ]
+    pair_lines = [f"{pair}\t{seq}" for pair, seq in unique_pairs]
+    return _lines(lines), _lines(pair_lines), alias_events
+
+
+def _lines(lines: list[str]) -> bytes:
+    return ("\n".join(lines) + "\n").encode() if lines else b""
 
 
 def _sqlite_pragma(c: SqlCursor, name: str, value: object) -> object:
