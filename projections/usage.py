@@ -215,15 +215,9 @@ def short_topic(event: dict[str, Any]) -> str:
     return topic[len(_TOPIC_PREFIX) :] if topic.startswith(_TOPIC_PREFIX) else topic
 
 
-def usage_row(
-    seq: int,
-    event: dict[str, Any],
-    share: Callable[[Any], Any],
-    unique: Callable[[Any], Any] = _same,
-) -> tuple[Any, ...]:
-    """The index row of one decoded stored event (columns as ``COLUMNS``). ``share``
-    maps each value that repeats across rows (and ``unique`` each value that does
-    not), to one object or to its COPY text."""
+def usage_row(seq: int, event: dict[str, Any], share: Callable[[Any], Any]) -> tuple[Any, ...]:
+    """The index row of one decoded stored event (columns as ``COLUMNS``); ``share``
+    maps each value that repeats across rows to one object."""
     call = event.get("call") or {}
     request = event.get("request") or {}
     additional = event.get("additional") or {}
@@ -234,7 +228,7 @@ def usage_row(
     return (
         seq,
         epoch_us(event["timestamp"]),
-        unique(event["timestamp"]),
+        event["timestamp"],
         share(short_topic(event)),
         share(get("operation")),
         share(get("principal")),
@@ -248,7 +242,7 @@ def usage_row(
         share(orjson.dumps(ctx, option=orjson.OPT_SORT_KEYS).decode()) if ctx else None,
         share(algorithm) if isinstance(algorithm, str) else None,
         share(event.get("error_code")),
-        unique(get("request_id")),
+        get("request_id"),
     )
 
 
@@ -282,6 +276,19 @@ def copy_text(rows: Iterable[Sequence[Any]]) -> bytes:
     return ("\n".join(lines) + "\n").encode() if lines else b""
 
 
+class _CopyText(dict[Any, str]):
+    """value -> its COPY text field, each distinct value escaped once (NULL as ``\\N``,
+    NUL as U+FFFD). Keys compare as Python values do (1 == True): only for fields
+    that hold text or nothing."""
+
+    def __init__(self) -> None:
+        super().__init__({None: "\\N"})
+
+    def __missing__(self, value: Any) -> str:
+        text = self[value] = str(value).translate(_COPY_ESCAPES)
+        return text
+
+
 def prepare(records: Sequence[tuple[Any, Any]], *, as_copy: bool = False) -> Prepared:
     """Index rows, context pairs and alias-changing events of ``(seq, bytes)``
     records: the CPU half of indexing, which a worker process can do. With
@@ -292,28 +299,15 @@ def prepare(records: Sequence[tuple[Any, Any]], *, as_copy: bool = False) -> Pre
     alias_events: list[tuple[int, dict[str, Any]]] = []
     loads = orjson.loads
     shared: dict[Any, Any] = {}
-    esc = _COPY_ESCAPES
 
     def share(value: Any) -> Any:
         # One object per repeated value: a worker's result pickles by reference.
         return shared.setdefault(value, value)
 
-    def escape(value: Any) -> str:
-        # COPY text of a value, each repeated string escaped once (1 == True as keys)
-        if type(value) is str:
-            e = shared.get(value)
-            if e is None:
-                e = shared[value] = value.translate(esc)
-            return e
-        return "\\N" if value is None else str(value).translate(esc)
-
-    def translate(value: Any) -> str:
-        return "\\N" if value is None else str(value).translate(esc)
-
-    as_value, as_unique = (escape, translate) if as_copy else (share, _same)
+    as_value = _same if as_copy else share
     for seq, data in records:
         event = loads(bytes(data) if isinstance(data, memoryview) else data)
-        rows.append(usage_row(seq, event, as_value, as_unique))
+        rows.append(usage_row(seq, event, as_value))
         request = event.get("request")
         if request:
             for name in _CONTEXT_FIELDS:
@@ -326,12 +320,11 @@ def prepare(records: Sequence[tuple[Any, Any]], *, as_copy: bool = False) -> Pre
     unique_pairs = list(dict.fromkeys(pairs))
     if not as_copy:
         return rows, unique_pairs, alias_events
-    # Every string is COPY text already: ints as digits, a missing value as \N
-    lines = [
-        "\t".join([v if type(v) is str else "\\N" if v is None else str(v) for v in row])
-        for row in rows
-    ]
-    pair_lines = [f"{pair}\t{seq}" for pair, seq in unique_pairs]
+    # seq and ts are ints; every other field is text or NULL
+    text = _CopyText().__getitem__
+    join = "\t".join
+    lines = [f"{row[0]}\t{row[1]}\t{join(map(text, row[2:]))}" for row in rows]
+    pair_lines = [f"{text(pair)}\t{seq}" for pair, seq in unique_pairs]
     return _lines(lines), _lines(pair_lines), alias_events
 
 
