@@ -286,10 +286,11 @@ class SqlCursor:
         self,
         table: str,
         columns: Sequence[str],
-        rows: Sequence[Sequence[Any]] | bytes,
+        rows: Sequence[Sequence[Any]],
         *,
         fresh: bool = False,
         after_seq: int | None = None,
+        nul_mapped: bool = False,
     ) -> None:
         """INSERT ``rows`` into ``table``, skipping rows whose key is already there
         and, with ``after_seq``, rows whose ``seq`` column is not after it (for tables
@@ -300,13 +301,11 @@ class SqlCursor:
         (``fresh``), otherwise into a temporary table and inserted from it in one
         statement. On SQLite they are inserted with ``executemany``. ``table`` and
         ``columns`` are trusted names, never user input. Raises the driver's error on
-        failure (a key already there, with ``fresh``, on PostgreSQL). ``rows`` may be
-        COPY text already (PostgreSQL only; ValueError on SQLite).
+        failure (a key already there, with ``fresh``, on PostgreSQL). ``nul_mapped``:
+        the caller has replaced NUL in text with ``PG_NUL`` already (PostgreSQL).
         """
         cols = ", ".join(columns)
         if not self._db.is_postgres:
-            if isinstance(rows, bytes):
-                raise ValueError("COPY text needs PostgreSQL")
             marks = ", ".join("?" for _ in columns)
             if after_seq is not None:
                 at = list(columns).index("seq")
@@ -321,11 +320,13 @@ class SqlCursor:
 
         def copy_into(target: str) -> None:
             with raw.copy(f"COPY {target} ({cols}) FROM STDIN") as copy:
-                if isinstance(rows, bytes):
-                    copy.write(rows)
+                write = copy.write_row  # psycopg formats each row in C
+                if nul_mapped:
+                    for row in rows:
+                        write(row)
                 else:
                     for row in rows:
-                        copy.write_row(pg_text_row(tuple(row)))
+                        write(pg_text_row(tuple(row)))
 
         if fresh and after_seq is None:
             copy_into(table)

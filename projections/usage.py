@@ -27,7 +27,7 @@ from typing import Any
 
 import orjson
 
-from ledger.persistence import PG_NUL, LedgerDatabase, SqlCursor
+from ledger.persistence import PG_NUL, LedgerDatabase, SqlCursor, pg_text_row
 from ledger.records import LedgerRecord
 
 USAGE = "kl_usage"
@@ -141,15 +141,17 @@ def _reader_spec(db: LedgerDatabase) -> dict[str, Any] | None:
 
 
 def _prepare_batch(
-    lo: int, hi: int, data: Sequence[tuple[int, bytes]], as_copy: bool
+    lo: int, hi: int, data: Sequence[tuple[int, bytes]], for_postgres: bool
 ) -> tuple[int, int, int, Prepared]:
-    return lo, hi, len(data), prepare(data, as_copy=as_copy)
+    return lo, hi, len(data), prepare(data, for_postgres=for_postgres)
 
 
 _reader: dict[str, Any] = {}  # in a worker: the spec (inherited at fork) and connection
 
 
-def read_and_prepare(sql: str, lo: int, hi: int, as_copy: bool) -> tuple[int, int, int, Prepared]:
+def read_and_prepare(
+    sql: str, lo: int, hi: int, for_postgres: bool
+) -> tuple[int, int, int, Prepared]:
     """In a worker: read the records with ``lo < seq <= hi`` over this process's own
     connection and ``prepare`` them; returns ``(lo, hi, count, prepared)``."""
     conn = _reader.get("conn")
@@ -164,7 +166,7 @@ def read_and_prepare(sql: str, lo: int, hi: int, as_copy: bool) -> tuple[int, in
     # Binary: bytea as bytes (the text format doubles it as hex both ends)
     records = conn.cursor(binary=True).execute(sql, (lo, hi)).fetchall()
     data = [(int(q), bytes(b)) for q, b in records]
-    return lo, hi, len(data), prepare(data, as_copy=as_copy)
+    return lo, hi, len(data), prepare(data, for_postgres=for_postgres)
 
 
 def _fork_pool(workers: int, spec: dict[str, Any] | None) -> Any:
@@ -246,54 +248,17 @@ def usage_row(seq: int, event: dict[str, Any], share: Callable[[Any], Any]) -> t
     )
 
 
-#: Index rows and context pairs (as tuples, or as COPY text), alias-changing events.
-Prepared = tuple[
-    list[tuple[Any, ...]] | bytes, list[tuple[str, int]] | bytes, list[tuple[int, dict[str, Any]]]
-]
-# NUL, which PostgreSQL text cannot hold, as U+FFFD (as SqlCursor sends it).
-_COPY_ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r", "\x00": PG_NUL})
+#: Index rows, context pairs, alias-changing events.
+Prepared = tuple[list[tuple[Any, ...]], list[tuple[str, int]], list[tuple[int, dict[str, Any]]]]
+#: A stored event whose text holds a NUL (JSON can only write it escaped)
+_JSON_NUL = b"\\u0000"
 
 
-def copy_text(rows: Iterable[Sequence[Any]]) -> bytes:
-    """Rows in PostgreSQL's COPY text format: tab-separated, ``\\N`` for NULL,
-    backslash, tab, newline and carriage return escaped (NUL as U+FFFD)."""
-    esc = _COPY_ESCAPES
-    # Each distinct value escaped once per call: most repeat from row to row.
-    memo: dict[Any, str] = {None: "\\N"}
-    get = memo.get
-    lines = []
-    for row in rows:
-        parts = []
-        for v in row:
-            if type(v) is str or v is None:
-                e = get(v)
-                if e is None:
-                    e = memo[v] = v.translate(esc)  # type: ignore[union-attr]
-            else:  # not memoised: 1 == True == 1.0 as dict keys
-                e = str(v) if type(v) is int else str(v).translate(esc)
-            parts.append(e)
-        lines.append("\t".join(parts))
-    return ("\n".join(lines) + "\n").encode() if lines else b""
-
-
-class _CopyText(dict[Any, str]):
-    """value -> its COPY text field, each distinct value escaped once (NULL as ``\\N``,
-    NUL as U+FFFD). Keys compare as Python values do (1 == True): only for fields
-    that hold text or nothing."""
-
-    def __init__(self) -> None:
-        super().__init__({None: "\\N"})
-
-    def __missing__(self, value: Any) -> str:
-        text = self[value] = str(value).translate(_COPY_ESCAPES)
-        return text
-
-
-def prepare(records: Sequence[tuple[Any, Any]], *, as_copy: bool = False) -> Prepared:
+def prepare(records: Sequence[tuple[Any, Any]], *, for_postgres: bool = False) -> Prepared:
     """Index rows, context pairs and alias-changing events of ``(seq, bytes)``
     records: the CPU half of indexing, which a worker process can do. With
-    ``as_copy``, rows and pairs come as COPY text (PostgreSQL), so that the process
-    that writes only sends bytes."""
+    ``for_postgres``, NUL in text is U+FFFD already (PostgreSQL text cannot hold it;
+    ``SqlCursor`` maps lookups the same way), so rows go to COPY as they are."""
     rows: list[tuple[Any, ...]] = []
     pairs: list[tuple[str, int]] = []
     alias_events: list[tuple[int, dict[str, Any]]] = []
@@ -304,32 +269,26 @@ def prepare(records: Sequence[tuple[Any, Any]], *, as_copy: bool = False) -> Pre
         # One object per repeated value: a worker's result pickles by reference.
         return shared.setdefault(value, value)
 
-    as_value = _same if as_copy else share
     for seq, data in records:
-        event = loads(bytes(data) if isinstance(data, memoryview) else data)
-        rows.append(usage_row(seq, event, as_value))
+        raw = bytes(data) if isinstance(data, memoryview) else data
+        event = loads(raw)
+        row = usage_row(seq, event, share)
+        row_pairs: list[tuple[str, int]] = []
         request = event.get("request")
         if request:
             for name in _CONTEXT_FIELDS:
                 ctx = request.get(name)
                 if ctx and isinstance(ctx, dict):
-                    pairs.extend((as_value(context_pair(k, v)), seq) for k, v in ctx.items())
+                    row_pairs.extend((share(context_pair(k, v)), seq) for k, v in ctx.items())
+        if for_postgres and _JSON_NUL in raw:
+            row = pg_text_row(row)
+            row_pairs = [(p.replace("\x00", PG_NUL), q) for p, q in row_pairs]
+        rows.append(row)
+        pairs.extend(row_pairs)
         topic = short_topic(event)
         if topic.startswith("Alias.") or topic == "Key.Deleted":
             alias_events.append((seq, event))
-    unique_pairs = list(dict.fromkeys(pairs))
-    if not as_copy:
-        return rows, unique_pairs, alias_events
-    # seq and ts are ints; every other field is text or NULL
-    text = _CopyText().__getitem__
-    join = "\t".join
-    lines = [f"{row[0]}\t{row[1]}\t{join(map(text, row[2:]))}" for row in rows]
-    pair_lines = [f"{text(pair)}\t{seq}" for pair, seq in unique_pairs]
-    return _lines(lines), _lines(pair_lines), alias_events
-
-
-def _lines(lines: list[str]) -> bytes:
-    return ("\n".join(lines) + "\n").encode() if lines else b""
+    return rows, list(dict.fromkeys(pairs)), alias_events
 
 
 def _sqlite_pragma(c: SqlCursor, name: str, value: object) -> object:
@@ -447,7 +406,7 @@ class UsageIndex:
         """
         done = 0
         batch = batch_size or self.batch_size
-        as_copy = self.db.is_postgres
+        for_postgres = self.db.is_postgres
         with self._lock:
             position = self.db.get_position(POSITION_NAME)
             # PostgreSQL: workers read too. SQLite: this process reads (a second reader
@@ -462,7 +421,7 @@ class UsageIndex:
                     if pool is not None and spec is not None:
                         while len(in_flight) < workers + 2 and position < head:
                             hi = min(position + batch, head)
-                            args = (range_sql, position, hi, as_copy)
+                            args = (range_sql, position, hi, for_postgres)
                             in_flight.append(pool.apply_async(read_and_prepare, args))
                             position = hi
                         if not in_flight:
@@ -484,9 +443,9 @@ class UsageIndex:
                                 records = c.select_values(_READ_RANGE, (position, hi))
                             data = [(int(q), bytes(b)) for q, b in records]
                             job: Any = (
-                                pool.apply_async(_prepare_batch, (position, hi, data, as_copy))
+                                pool.apply_async(_prepare_batch, (position, hi, data, for_postgres))
                                 if pool
-                                else _prepare_batch(position, hi, data, as_copy)
+                                else _prepare_batch(position, hi, data, for_postgres)
                             )
                             in_flight.append(job)
                             position = hi
@@ -580,16 +539,20 @@ class UsageIndex:
         """Index ``(seq, stored bytes)`` records (in seq order) inside the caller's
         transaction; those already indexed are skipped."""
         if records:
-            self._write(c, prepare(records), int(records[0][0]) - 1, self._claim(c))
+            prepared = prepare(records, for_postgres=self.db.is_postgres)
+            self._write(c, prepared, int(records[0][0]) - 1, self._claim(c))
 
     def _write(self, c: SqlCursor, prepared: Prepared, lo: int, claimed: int) -> None:
         """Write a batch of seqs after ``lo``: only those after ``claimed`` (the last
         seq already in the tables), copied straight in when that is all of them."""
         rows, pairs, alias_events = prepared
         after = None if claimed <= lo else claimed
-        c.insert_new(self.usage, COLUMNS, rows, fresh=after is None, after_seq=after)
+        fresh, ready = after is None, self.db.is_postgres  # NUL mapped by prepare()
+        c.insert_new(self.usage, COLUMNS, rows, fresh=fresh, after_seq=after, nul_mapped=ready)
         if pairs:
-            c.insert_new(self.context, ("pair", "seq"), pairs, fresh=after is None, after_seq=after)
+            c.insert_new(
+                self.context, ("pair", "seq"), pairs, fresh=fresh, after_seq=after, nul_mapped=ready
+            )
         for seq, event in alias_events:
             if after is None or seq > after:
                 self._apply_alias(c, seq, event)

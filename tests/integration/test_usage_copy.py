@@ -1,6 +1,6 @@
 """The usage index stores awkward text exactly, on both backends: on PostgreSQL its
-rows travel as COPY text (tabs, newlines, backslashes, ``\\N`` and non-ASCII must
-survive the escaping), on SQLite as bound parameters."""
+rows travel by COPY (tabs, newlines, backslashes, ``\\N`` and non-ASCII must survive
+the escaping), on SQLite as bound parameters."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import orjson
 import pytest
 
 from ledger.service import Caller, KeyLedger
-from projections.usage import Filters, UsageIndex, copy_text
+from projections.usage import COLUMNS, Filters, UsageIndex, prepare
 
 pytestmark = pytest.mark.softhsm
 
@@ -21,22 +21,23 @@ AWKWARD = {
 }
 
 
-def test_copy_text_escapes_what_copy_would_misread() -> None:
-    text = copy_text([(1, None, "a\tb\\N\n\r", "é")])
-    assert text == "1\t\\N\ta\\tb\\\\N\\n\\r\té\n".encode()
-    assert copy_text([]) == b""
-
-
-def test_copy_text_escapes_repeated_values_the_same_in_every_row() -> None:
-    # Values escaped once per call and reused: each row must still say its own values.
-    rows = [(1, "a\tb", None, "x"), (2, "a\tb", "x", None), (3, "x", True, 1), (4, 1, "1", 1.5)]
-    lines = copy_text(rows).decode().splitlines()
-    assert lines == [
-        "1\ta\\tb\t\\N\tx",
-        "2\ta\\tb\tx\t\\N",
-        "3\tx\tTrue\t1",
-        "4\t1\t1\t1.5",
-    ]
+def test_rows_for_postgresql_carry_nul_as_the_replacement_character() -> None:
+    event = {
+        "topic": "ledger.domain.model:ApiCall.Failed",
+        "timestamp": "2026-11-01T00:00:00+00:00",
+        "call": {"operation": "Encrypt", "user_agent": "agent\x00x"},
+        "request": {"keyId": "alias/a\x00b", "encryptionContext": {"k\x00": "v\x00"}},
+    }
+    plain = {**event, "call": {"operation": "Encrypt", "user_agent": "agent"}, "request": {}}
+    records = [(1, orjson.dumps(event)), (2, orjson.dumps(plain))]
+    rows, pairs, _ = prepare(records, for_postgres=True)
+    assert "\x00" not in repr(rows) + repr(pairs)
+    assert rows[0][COLUMNS.index("user_agent")] == "agent\ufffdx"
+    assert rows[0][COLUMNS.index("key_sent")] == "alias/a\ufffdb"
+    assert pairs == [("2:k\ufffd=v\ufffd", 1)]
+    assert rows[1] == prepare(records)[0][1]  # rows without NUL as they are
+    # SQLite keeps the exact text
+    assert prepare(records)[0][0][COLUMNS.index("user_agent")] == "agent\x00x"
 
 
 def test_awkward_context_and_agent_round_trip_through_the_index(ledger: KeyLedger) -> None:
