@@ -207,10 +207,6 @@ def _first(request: dict[str, Any], names: Sequence[str]) -> Any:
     return None
 
 
-def _same(value: Any) -> Any:
-    return value
-
-
 def short_topic(event: dict[str, Any]) -> str:
     """The event's topic without the domain module (``Key.Created``)."""
     topic = str(event.get("topic", ""))
