@@ -721,14 +721,15 @@ class UsageIndex:
             parts.append(("u.source_key_arn = ?", [arn]))
         if f.key_sent:
             parts.append((_SENT_CLAUSE, [f.key_sent]))
-        found: dict[int, dict[str, Any]] = {}
+        found: set[int] = set()
 
-        def newest(clause: str, args: list[Any]) -> list[dict[str, Any]]:
+        def newest(clause: str, args: list[Any]) -> int:
+            # Seqs only (from the index); the rows are read for the last ``limit``
             where, params = self._where(f, [(clause, args)])
-            sql = f"SELECT u.* FROM {self.usage} u{where} ORDER BY u.seq DESC LIMIT ?"
-            rows = [dict(r) for r in c.execute(sql, [*params, limit]).fetchall()]
-            found.update((int(r["seq"]), r) for r in rows)
-            return rows
+            sql = f"SELECT u.seq FROM {self.usage} u{where} ORDER BY u.seq DESC LIMIT ?"
+            seqs = [int(r[0]) for r in c.select_values(sql, [*params, limit])]
+            found.update(seqs)
+            return len(seqs)
 
         for clause, args in parts:
             newest(clause, args)
@@ -744,10 +745,17 @@ class UsageIndex:
                 if p["to_seq"] is not None:
                     clause += " AND u.seq <= ?"
                     args.append(p["to_seq"])
-                got += len(newest(clause, args))
+                got += newest(clause, args)
                 if got >= limit:
                     break
-        return [found[q] for q in sorted(found)[-limit:]]
+        last = sorted(found)[-limit:]
+        rows: list[dict[str, Any]] = []
+        for i in range(0, len(last), 1000):  # bound the parameters per statement
+            chunk = last[i : i + 1000]
+            marks = ", ".join("?" for _ in chunk)
+            sql = f"SELECT u.* FROM {self.usage} u WHERE u.seq IN ({marks}) ORDER BY u.seq"
+            rows.extend(dict(r) for r in c.execute(sql, chunk).fetchall())
+        return rows
 
     def stats(
         self, f: Filters, by: str, bucket: str | None = None, top: int | None = None
