@@ -288,21 +288,20 @@ class SqlCursor:
         columns: Sequence[str],
         rows: Sequence[Sequence[Any]],
         *,
-        fresh: bool = False,
         after_seq: int | None = None,
         nul_mapped: bool = False,
     ) -> None:
-        """INSERT ``rows`` into ``table``, skipping rows whose key is already there
-        and, with ``after_seq``, rows whose ``seq`` column is not after it (for tables
-        without a unique key at the time).
+        """INSERT the ``rows`` whose ``seq`` column is after ``after_seq``; with None,
+        the caller knows none of them is in ``table`` yet. Rows whose key is already
+        there are skipped either way (for tables that have a unique key at the time).
 
         On PostgreSQL the rows are streamed with COPY (row-by-row INSERTs cost ten times
-        more): straight into ``table`` when the caller knows none is there yet
-        (``fresh``), otherwise into a temporary table and inserted from it in one
-        statement. On SQLite they are inserted with ``executemany``. ``table`` and
-        ``columns`` are trusted names, never user input. Raises the driver's error on
-        failure (a key already there, with ``fresh``, on PostgreSQL). ``nul_mapped``:
-        the caller has replaced NUL in text with ``PG_NUL`` already (PostgreSQL).
+        more): straight into ``table`` when none is there yet, otherwise into a
+        temporary table and inserted from it in one statement. On SQLite they are
+        inserted with ``executemany``. ``table`` and ``columns`` are trusted names, never
+        user input. Raises the driver's error on failure (a key already there, with
+        ``after_seq`` None, on PostgreSQL). ``nul_mapped``: the caller has replaced NUL
+        in text with ``PG_NUL`` already (PostgreSQL).
         """
         cols = ", ".join(columns)
         if not self._db.is_postgres:
@@ -328,7 +327,7 @@ class SqlCursor:
                     for row in rows:
                         write(pg_text_row(tuple(row)))
 
-        if fresh and after_seq is None:
+        if after_seq is None:
             copy_into(table)
             return
         staging = "kl_staging_" + table.rsplit(".", 1)[-1].strip('"')
@@ -336,9 +335,9 @@ class SqlCursor:
             f"CREATE TEMP TABLE IF NOT EXISTS {staging} (LIKE {table}) ON COMMIT DELETE ROWS"
         )
         copy_into(staging)
-        keep = "" if after_seq is None else f" WHERE seq > {int(after_seq)}"
         raw.execute(
-            f"INSERT INTO {table} ({cols}) SELECT {cols} FROM {staging}{keep} "
+            f"INSERT INTO {table} ({cols}) SELECT {cols} FROM {staging} "
+            f"WHERE seq > {int(after_seq)} "
             "ON CONFLICT DO NOTHING"
         )
         raw.execute(f"TRUNCATE {staging}")

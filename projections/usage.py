@@ -27,7 +27,7 @@ from typing import Any
 
 import orjson
 
-from ledger.persistence import PG_NUL, LedgerDatabase, SqlCursor, pg_text_row
+from ledger.persistence import LedgerDatabase, SqlCursor, pg_text_row
 from ledger.records import LedgerRecord
 
 USAGE = "kl_usage"
@@ -278,7 +278,7 @@ def prepare(records: Sequence[tuple[Any, Any]], *, for_postgres: bool = False) -
                     row_pairs.extend((share(context_pair(k, v)), seq) for k, v in ctx.items())
         if for_postgres and _JSON_NUL in raw:
             row = pg_text_row(row)
-            row_pairs = [(p.replace("\x00", PG_NUL), q) for p, q in row_pairs]
+            row_pairs = [pg_text_row(pair) for pair in row_pairs]
         rows.append(row)
         pairs.extend(row_pairs)
         topic = short_topic(event)
@@ -543,12 +543,10 @@ class UsageIndex:
         seq already in the tables), copied straight in when that is all of them."""
         rows, pairs, alias_events = prepared
         after = None if claimed <= lo else claimed
-        fresh, ready = after is None, self.db.is_postgres  # NUL mapped by prepare()
-        c.insert_new(self.usage, COLUMNS, rows, fresh=fresh, after_seq=after, nul_mapped=ready)
+        ready = self.db.is_postgres  # NUL mapped by prepare()
+        c.insert_new(self.usage, COLUMNS, rows, after_seq=after, nul_mapped=ready)
         if pairs:
-            c.insert_new(
-                self.context, ("pair", "seq"), pairs, fresh=fresh, after_seq=after, nul_mapped=ready
-            )
+            c.insert_new(self.context, ("pair", "seq"), pairs, after_seq=after, nul_mapped=ready)
         for seq, event in alias_events:
             if after is None or seq > after:
                 self._apply_alias(c, seq, event)
