@@ -258,6 +258,28 @@ def pg_text_row(row: tuple[Any, ...]) -> tuple[Any, ...]:
     return tuple(v.replace("\x00", PG_NUL) if type(v) is str else v for v in row)
 
 
+class CopyText(bytes):
+    """Rows already in PostgreSQL's COPY text format (``copy_text``), for
+    ``SqlCursor.insert_new``: a worker process formats them, the writer streams them."""
+
+
+def copy_text(rows: Sequence[Sequence[Any]]) -> CopyText | None:
+    """``rows`` in COPY text format, formatted by psycopg as ``Copy.write_row`` does
+    (in C), or None where psycopg or its formatter is not there. Text values must not
+    hold NUL (``pg_text_row`` first). Raises psycopg's error for a value it cannot
+    adapt."""
+    try:
+        from psycopg._copy_base import format_row_text
+        from psycopg.adapt import Transformer
+    except ImportError:  # pragma: no cover - psycopg missing, or its internals moved
+        return None
+    tx = Transformer()
+    out = bytearray()
+    for row in rows:
+        format_row_text(row, tx, out)
+    return CopyText(out)
+
+
 class SqlCursor:
     """A cursor that takes ``?`` placeholders and ``{events}``/``{chain}``/``{positions}``
     table names on either backend."""
@@ -286,7 +308,7 @@ class SqlCursor:
         self,
         table: str,
         columns: Sequence[str],
-        rows: Sequence[Sequence[Any]],
+        rows: Sequence[Sequence[Any]] | CopyText,
         *,
         after_seq: int | None = None,
         nul_mapped: bool = False,
@@ -301,10 +323,14 @@ class SqlCursor:
         inserted with ``executemany``. ``table`` and ``columns`` are trusted names, never
         user input. Raises the driver's error on failure (a key already there, with
         ``after_seq`` None, on PostgreSQL). ``nul_mapped``: the caller has replaced NUL
-        in text with ``PG_NUL`` already (PostgreSQL).
+        in text with ``PG_NUL`` already (PostgreSQL). ``rows`` as ``CopyText``
+        (PostgreSQL only, NUL mapped) are streamed as they are; on SQLite they raise
+        TypeError.
         """
         cols = ", ".join(columns)
         if not self._db.is_postgres:
+            if isinstance(rows, CopyText):
+                raise TypeError("COPY text rows are for PostgreSQL")
             marks = ", ".join("?" for _ in columns)
             if after_seq is not None:
                 at = list(columns).index("seq")
@@ -320,7 +346,9 @@ class SqlCursor:
         def copy_into(target: str) -> None:
             with raw.copy(f"COPY {target} ({cols}) FROM STDIN") as copy:
                 write = copy.write_row  # psycopg formats each row in C
-                if nul_mapped:
+                if isinstance(rows, CopyText):
+                    copy.write(rows)
+                elif nul_mapped:
                     for row in rows:
                         write(row)
                 else:

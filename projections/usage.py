@@ -25,9 +25,10 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+import msgspec
 import orjson
 
-from ledger.persistence import LedgerDatabase, SqlCursor, pg_text_row
+from ledger.persistence import CopyText, LedgerDatabase, SqlCursor, copy_text, pg_text_row
 from ledger.records import LedgerRecord
 
 USAGE = "kl_usage"
@@ -151,7 +152,7 @@ _reader: dict[str, Any] = {}  # in a worker: the spec (inherited at fork) and co
 
 def read_and_prepare(
     sql: str, lo: int, hi: int, for_postgres: bool
-) -> tuple[int, int, int, Prepared]:
+) -> tuple[int, int, int, Batch]:
     """In a worker: read the records with ``lo < seq <= hi`` over this process's own
     connection and ``prepare`` them; returns ``(lo, hi, count, prepared)``."""
     conn = _reader.get("conn")
@@ -166,7 +167,13 @@ def read_and_prepare(
     # Binary: bytea as bytes (the text format doubles it as hex both ends)
     records = conn.cursor(binary=True).execute(sql, (lo, hi)).fetchall()
     data = [(int(q), bytes(b)) for q, b in records]
-    return lo, hi, len(data), prepare(data, for_postgres=for_postgres)
+    rows, pairs, alias_events = prepare(data, for_postgres=for_postgres)
+    # Formatted for COPY here: the writer only streams them (unpickling rows and
+    # formatting them there cost it more than the bytes cost to send).
+    rows_text, pairs_text = copy_text(rows), copy_text(pairs)
+    if rows_text is None or pairs_text is None:  # pragma: no cover - no formatter
+        return lo, hi, len(data), (rows, pairs, alias_events)
+    return lo, hi, len(data), (rows_text, pairs_text, alias_events)
 
 
 def _fork_pool(workers: int, spec: dict[str, Any] | None) -> Any:
@@ -246,15 +253,21 @@ def usage_row(seq: int, event: dict[str, Any], share: Callable[[Any], Any]) -> t
 
 #: Index rows, context pairs, alias-changing events.
 Prepared = tuple[list[tuple[Any, ...]], list[tuple[str, int]], list[tuple[int, dict[str, Any]]]]
+#: ``Prepared``, or with rows and pairs in COPY text format (from a PostgreSQL worker).
+Batch = tuple[
+    list[tuple[Any, ...]] | CopyText,
+    list[tuple[str, int]] | CopyText,
+    list[tuple[int, dict[str, Any]]],
+]
 #: A stored event whose text holds a NUL (JSON can only write it escaped)
 _JSON_NUL = b"\\u0000"
 
 
-def prepare(records: Sequence[tuple[Any, Any]], *, for_postgres: bool = False) -> Prepared:
-    """Index rows, context pairs and alias-changing events of ``(seq, bytes)``
-    records: the CPU half of indexing, which a worker process can do. With
-    ``for_postgres``, NUL in text is U+FFFD already (PostgreSQL text cannot hold it;
-    ``SqlCursor`` maps lookups the same way), so rows go to COPY as they are."""
+def prepare_reference(
+    records: Sequence[tuple[Any, Any]], *, for_postgres: bool = False
+) -> Prepared:
+    """``prepare`` by decoding each whole event to a dict: the definition ``prepare``
+    follows, and its fallback for events outside the fast path's shape."""
     rows: list[tuple[Any, ...]] = []
     pairs: list[tuple[str, int]] = []
     alias_events: list[tuple[int, dict[str, Any]]] = []
@@ -284,6 +297,168 @@ def prepare(records: Sequence[tuple[Any, Any]], *, for_postgres: bool = False) -
         topic = short_topic(event)
         if topic.startswith("Alias.") or topic == "Key.Deleted":
             alias_events.append((seq, event))
+    return rows, list(dict.fromkeys(pairs)), alias_events
+
+
+# The fields ``usage_row`` reads, as msgspec structs: decoding skips every other field
+# and builds no dicts (``prepare`` spent most of its time in ``orjson.loads``). Any JSON
+# value is accepted where ``usage_row`` takes any; an event of another shape (say a
+# "call" that is no object) fails validation and goes through ``prepare_reference``.
+class _Call(msgspec.Struct, gc=False):
+    operation: Any = None
+    principal: Any = None
+    account_id: Any = None
+    region: Any = None
+    source_ip: Any = None
+    user_agent: Any = None
+    request_id: Any = None
+
+
+class _Request(msgspec.Struct, gc=False):
+    keyId: Any = None
+    destinationKeyId: Any = None
+    targetKeyId: Any = None
+    encryptionContext: Any = None
+    destinationEncryptionContext: Any = None
+    encryptionAlgorithm: Any = None
+    destinationEncryptionAlgorithm: Any = None
+    signingAlgorithm: Any = None
+    macAlgorithm: Any = None
+    keyAgreementAlgorithm: Any = None
+    keyPairSpec: Any = None
+    keySpec: Any = None
+
+
+class _Additional(msgspec.Struct, gc=False):
+    sourceKeyArn: Any = None
+
+
+class _Event(msgspec.Struct, gc=False):
+    timestamp: Any
+    topic: Any = ""
+    call: _Call | None = None
+    request: _Request | None = None
+    additional: _Additional | None = None
+    key_arn: Any = None
+    error_code: Any = None
+
+
+_decode_event = msgspec.json.Decoder(_Event).decode
+_NO_CALL = _Call()
+_NO_REQUEST = _Request()
+_FALLBACK = (msgspec.ValidationError, msgspec.DecodeError)
+
+
+class _EpochCache:
+    """``epoch_us`` with the hour's epoch cached: the ledger writes every timestamp as
+    ``YYYY-MM-DDTHH:MM:SS.ffffff+00:00``; any other form is parsed in full."""
+
+    def __init__(self) -> None:
+        self.hours: dict[str, int | None] = {}
+
+    def __call__(self, iso: Any) -> int:
+        if type(iso) is str and len(iso) == 32 and iso.endswith("+00:00") and iso[19] == ".":
+            mm, ss, us = iso[14:16], iso[17:19], iso[20:26]
+            digits = mm + ss + us
+            clock = iso[13] == iso[16] == ":" and mm < "60" and ss < "60"
+            if clock and digits.isascii() and digits.isdigit():
+                hour = self.hours.get(iso[:13])
+                if hour is None:
+                    hour = self.hours[iso[:13]] = self._hour(iso[:13])
+                if hour is not None:
+                    return hour + int(mm) * 60_000_000 + int(ss) * 1_000_000 + int(us)
+        return epoch_us(iso)
+
+    @staticmethod
+    def _hour(prefix: str) -> int | None:
+        try:
+            return epoch_us(prefix + ":00:00+00:00")
+        except ValueError:
+            return None
+
+
+def prepare(records: Sequence[tuple[Any, Any]], *, for_postgres: bool = False) -> Prepared:
+    """Index rows, context pairs and alias-changing events of ``(seq, bytes)``
+    records: the CPU half of indexing, which a worker process can do. With
+    ``for_postgres``, NUL in text is U+FFFD already (PostgreSQL text cannot hold it;
+    ``SqlCursor`` maps lookups the same way), so rows go to COPY as they are.
+
+    Gives what ``prepare_reference`` gives (tests compare them); raises what it raises
+    on a record that is no event."""
+    rows: list[tuple[Any, ...]] = []
+    pairs: list[tuple[str, int]] = []
+    alias_events: list[tuple[int, dict[str, Any]]] = []
+    shared: dict[Any, Any] = {}
+    share = shared.setdefault  # one object per repeated value: results pickle smaller
+    dumps, sort_keys = orjson.dumps, orjson.OPT_SORT_KEYS
+    ts_us = _EpochCache()
+    skip = len(_TOPIC_PREFIX)
+    for seq, data in records:
+        raw = bytes(data) if isinstance(data, memoryview) else data
+        try:
+            e = _decode_event(raw)
+        except _FALLBACK:
+            r, p, a = prepare_reference([(seq, raw)], for_postgres=for_postgres)
+            rows += r
+            pairs += p
+            alias_events += a
+            continue
+        call = e.call or _NO_CALL
+        req = e.request or _NO_REQUEST
+        topic = str(e.topic)
+        kind = topic[skip:] if topic.startswith(_TOPIC_PREFIX) else topic
+        sent = req.keyId
+        if sent is None:
+            sent = req.destinationKeyId if req.destinationKeyId is not None else req.targetKeyId
+        ctx = req.encryptionContext
+        if ctx is None:
+            ctx = req.destinationEncryptionContext
+        algorithm = req.encryptionAlgorithm
+        if algorithm is None:
+            for algorithm in (
+                req.destinationEncryptionAlgorithm,
+                req.signingAlgorithm,
+                req.macAlgorithm,
+                req.keyAgreementAlgorithm,
+                req.keyPairSpec,
+                req.keySpec,
+            ):
+                if algorithm is not None:
+                    break
+        add = e.additional
+        text = dumps(ctx, option=sort_keys).decode() if ctx else None
+        row: tuple[Any, ...] = (
+            seq,
+            ts_us(e.timestamp),
+            e.timestamp,
+            share(kind, kind),
+            share(call.operation, call.operation),
+            share(call.principal, call.principal),
+            share(call.account_id, call.account_id),
+            share(call.region, call.region),
+            share(call.source_ip, call.source_ip),
+            share(call.user_agent, call.user_agent),
+            share(e.key_arn, e.key_arn),
+            share(add.sourceKeyArn, add.sourceKeyArn) if add is not None else None,
+            share(sent, sent) if isinstance(sent, str) else None,
+            share(text, text),
+            share(algorithm, algorithm) if isinstance(algorithm, str) else None,
+            share(e.error_code, e.error_code),
+            call.request_id,
+        )
+        row_pairs: list[tuple[str, int]] = []
+        for c in (req.encryptionContext, req.destinationEncryptionContext):
+            if c and isinstance(c, dict):
+                for k, v in c.items():
+                    pair = context_pair(k, v)
+                    row_pairs.append((share(pair, pair), seq))
+        if for_postgres and _JSON_NUL in raw:
+            row = pg_text_row(row)
+            row_pairs = [pg_text_row(pair) for pair in row_pairs]
+        rows.append(row)
+        pairs += row_pairs
+        if kind.startswith("Alias.") or kind == "Key.Deleted":
+            alias_events.append((seq, orjson.loads(raw)))
     return rows, list(dict.fromkeys(pairs)), alias_events
 
 
@@ -538,7 +713,7 @@ class UsageIndex:
             prepared = prepare(records, for_postgres=self.db.is_postgres)
             self._write(c, prepared, int(records[0][0]) - 1, self._claim(c))
 
-    def _write(self, c: SqlCursor, prepared: Prepared, lo: int, claimed: int) -> None:
+    def _write(self, c: SqlCursor, prepared: Batch, lo: int, claimed: int) -> None:
         """Write a batch of seqs after ``lo``: only those after ``claimed`` (the last
         seq already in the tables), copied straight in when that is all of them."""
         rows, pairs, alias_events = prepared

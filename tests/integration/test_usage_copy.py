@@ -82,3 +82,39 @@ def test_nul_in_a_context_or_key_id_is_indexed_and_found(ledger: KeyLedger) -> N
     assert index.trail(Filters(context=[("k\x00ey", "other")])) == []
     KeyCatalog(ledger.db).catch_up()
     HistoryViews(ledger.db).catch_up()
+
+
+def test_rows_formatted_for_copy_by_workers_equal_rows_written_by_the_writer(
+    ledger: KeyLedger, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On PostgreSQL a rebuild's workers send rows already in COPY text format; the
+    tables must equal those written row by row (tabs, backslashes, ``\\N``, NUL)."""
+    import projections.usage as usage
+    from ledger.persistence import CopyText
+
+    root = Caller(principal="arn:aws:iam::111122223333:root")
+    arn = ledger.create_key(caller=root)["KeyMetadata"]["Arn"]
+    agent = "agent\twith\\N\nlines"
+    caller = Caller(principal=root.principal, source_ip="127.0.0.1", user_agent=agent)
+    for i in range(5):
+        ctx = {**AWKWARD, "n\x00ul": f"v\x00{i}"}
+        ledger.encrypt(caller=caller, key_id=arn, plaintext=b"x", encryption_context=ctx)
+    index = UsageIndex(ledger.db, batch_size=2)
+    index.rebuild()
+    serial = index.snapshot()
+    monkeypatch.setattr(usage, "PARALLEL_MIN_RECORDS", 0)
+    monkeypatch.setattr(usage, "REBUILD_BATCH", 2)
+    monkeypatch.setattr(usage.os, "cpu_count", lambda: 2)
+    sent: list[type] = []
+    write = UsageIndex._write
+
+    def spy(self: UsageIndex, c: object, prepared: usage.Batch, lo: int, claimed: int) -> None:
+        sent.append(type(prepared[0]))
+        write(self, c, prepared, lo, claimed)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(UsageIndex, "_write", spy)
+    assert index.rebuild() == ledger.db.head_seq()
+    assert index.snapshot() == serial
+    assert len(index.trail(Filters(key_arns=[arn], context=[("n\x00ul", "v\x003")]))) == 1
+    # The formatted path is the one taken on PostgreSQL (rows on SQLite).
+    assert set(sent) == ({CopyText} if ledger.db.is_postgres else {list})
