@@ -28,7 +28,7 @@ from typing import Any
 import msgspec
 import orjson
 
-from ledger.persistence import CopyText, LedgerDatabase, SqlCursor, copy_text, pg_text_row
+from ledger.persistence import CopyData, LedgerDatabase, SqlCursor, copy_rows, pg_text_row
 from ledger.records import LedgerRecord
 
 USAGE = "kl_usage"
@@ -100,6 +100,8 @@ COLUMNS = (
     "error_code",
     "request_id",
 )
+#: PostgreSQL types of ``COLUMNS`` (as the table is created).
+COLUMN_TYPES = tuple("int8" if c in ("seq", "ts") else "text" for c in COLUMNS)
 # (columns, partial-index condition); few indexes keep the rebuild fast.
 _INDEXES = {
     # Covering for a key's timeline, denials and per-operation counts (investigate key)
@@ -150,9 +152,7 @@ def _prepare_batch(
 _reader: dict[str, Any] = {}  # in a worker: the spec (inherited at fork) and connection
 
 
-def read_and_prepare(
-    sql: str, lo: int, hi: int, for_postgres: bool
-) -> tuple[int, int, int, Batch]:
+def read_and_prepare(sql: str, lo: int, hi: int, for_postgres: bool) -> tuple[int, int, int, Batch]:
     """In a worker: read the records with ``lo < seq <= hi`` over this process's own
     connection and ``prepare`` them; returns ``(lo, hi, count, prepared)``."""
     conn = _reader.get("conn")
@@ -170,10 +170,10 @@ def read_and_prepare(
     rows, pairs, alias_events = prepare(data, for_postgres=for_postgres)
     # Formatted for COPY here: the writer only streams them (unpickling rows and
     # formatting them there cost it more than the bytes cost to send).
-    rows_text, pairs_text = copy_text(rows), copy_text(pairs)
-    if rows_text is None or pairs_text is None:  # pragma: no cover - no formatter
+    rows_copy, pairs_copy = copy_rows(rows, COLUMN_TYPES), copy_rows(pairs, ("text", "int8"))
+    if rows_copy is None or pairs_copy is None:  # pragma: no cover - no formatter
         return lo, hi, len(data), (rows, pairs, alias_events)
-    return lo, hi, len(data), (rows_text, pairs_text, alias_events)
+    return lo, hi, len(data), (rows_copy, pairs_copy, alias_events)
 
 
 def _fork_pool(workers: int, spec: dict[str, Any] | None) -> Any:
@@ -255,8 +255,8 @@ def usage_row(seq: int, event: dict[str, Any], share: Callable[[Any], Any]) -> t
 Prepared = tuple[list[tuple[Any, ...]], list[tuple[str, int]], list[tuple[int, dict[str, Any]]]]
 #: ``Prepared``, or with rows and pairs in COPY text format (from a PostgreSQL worker).
 Batch = tuple[
-    list[tuple[Any, ...]] | CopyText,
-    list[tuple[str, int]] | CopyText,
+    list[tuple[Any, ...]] | CopyData,
+    list[tuple[str, int]] | CopyData,
     list[tuple[int, dict[str, Any]]],
 ]
 #: A stored event whose text holds a NUL (JSON can only write it escaped)

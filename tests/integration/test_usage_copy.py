@@ -87,10 +87,10 @@ def test_nul_in_a_context_or_key_id_is_indexed_and_found(ledger: KeyLedger) -> N
 def test_rows_formatted_for_copy_by_workers_equal_rows_written_by_the_writer(
     ledger: KeyLedger, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """On PostgreSQL a rebuild's workers send rows already in COPY text format; the
-    tables must equal those written row by row (tabs, backslashes, ``\\N``, NUL)."""
+    """On PostgreSQL a rebuild's workers send rows already in COPY's binary format;
+    the tables must equal those written row by row (tabs, backslashes, ``\\N``, NUL)."""
     import projections.usage as usage
-    from ledger.persistence import CopyText
+    from ledger.persistence import CopyBinary
 
     root = Caller(principal="arn:aws:iam::111122223333:root")
     arn = ledger.create_key(caller=root)["KeyMetadata"]["Arn"]
@@ -117,4 +117,23 @@ def test_rows_formatted_for_copy_by_workers_equal_rows_written_by_the_writer(
     assert index.snapshot() == serial
     assert len(index.trail(Filters(key_arns=[arn], context=[("n\x00ul", "v\x003")]))) == 1
     # The formatted path is the one taken on PostgreSQL (rows on SQLite).
-    assert set(sent) == ({CopyText} if ledger.db.is_postgres else {list})
+    assert set(sent) == ({CopyBinary} if ledger.db.is_postgres else {list})
+
+
+def test_copy_rows_is_binary_when_the_types_fit_and_text_otherwise(ledger: KeyLedger) -> None:
+    from ledger.persistence import CopyBinary, CopyData, copy_rows
+
+    fits = copy_rows([(1, "a\tb\\N"), (2, None)], ("int8", "text"))
+    other = copy_rows([(3, 5), (4, True)], ("int8", "text"))  # not text: formatted as text
+    assert type(fits) is CopyBinary and type(other) is CopyData
+    with ledger.db.transaction(commit=False) as c:
+        if not ledger.db.is_postgres:
+            with pytest.raises(TypeError):
+                c.insert_new("t", ("seq", "v"), fits)
+            return
+        c.execute("CREATE TEMP TABLE kl_copy_probe (seq BIGINT, v TEXT)")
+        c.insert_new("kl_copy_probe", ("seq", "v"), fits)
+        c.insert_new("kl_copy_probe", ("seq", "v"), other)
+        got = [tuple(r) for r in c.select_values("SELECT seq, v FROM kl_copy_probe ORDER BY seq")]
+    # As Copy.write_row writes them: str(5), and a bool as PostgreSQL's text for it
+    assert got == [(1, "a\tb\\N"), (2, None), (3, "5"), (4, "t")]
