@@ -81,6 +81,13 @@ _READ_RANGE = (
     "SELECT c.seq, e.state FROM {chain} c JOIN {events} e ON e.{nid} = c.notification_id "
     "WHERE c.seq > ? AND c.seq <= ? ORDER BY c.seq"
 )
+# A PostgreSQL worker reads a range in two steps (the join above looked up each event
+# by its id and sorted the range on disk: 88 ms for 20,000 records, these 40 ms): the
+# range's chain entries, then their events by id range (ids follow seqs), or by the
+# ids themselves when they are scattered.
+_READ_CHAIN = "SELECT seq, notification_id FROM {chain} WHERE seq > ? AND seq <= ?"
+_READ_EVENTS = "SELECT {nid}, state FROM {events} WHERE {nid} >= ? AND {nid} <= ?"
+_READ_EVENTS_BY_ID = "SELECT {nid}, state FROM {events} WHERE {nid} = ANY(?)"
 COLUMNS = (
     "seq",
     "ts",
@@ -152,9 +159,37 @@ def _prepare_batch(
 _reader: dict[str, Any] = {}  # in a worker: the spec (inherited at fork) and connection
 
 
-def read_and_prepare(sql: str, lo: int, hi: int, for_postgres: bool) -> tuple[int, int, int, Batch]:
+def read_range(conn: Any, sql: Sequence[str], lo: int, hi: int) -> list[tuple[int, bytes]]:
+    """``(seq, stored bytes)`` of the chained records with ``lo < seq <= hi``, in seq
+    order, over a psycopg connection; ``sql``: ``_READ_CHAIN``, ``_READ_EVENTS`` and
+    ``_READ_EVENTS_BY_ID`` for the ledger. As the join: a chain entry without its
+    event is left out."""
+    chain = sorted(conn.execute(sql[0], (lo, hi)).fetchall())
+    if not chain:
+        return []
+    ids = [int(nid) for _, nid in chain]
+    first, last = min(ids), max(ids)
+    # Binary: bytea as bytes (the text format doubles it as hex both ends)
+    cur = conn.cursor(binary=True)
+    if last - first < 2 * len(ids):
+        found = cur.execute(sql[1], (first, last)).fetchall()
+    else:
+        found = cur.execute(sql[2], (ids,)).fetchall()
+    states = {int(nid): state for nid, state in found}
+    out: list[tuple[int, bytes]] = []
+    for (seq, _), nid in zip(chain, ids, strict=True):
+        state = states.get(nid)
+        if state is not None:
+            out.append((int(seq), bytes(state)))
+    return out
+
+
+def read_and_prepare(
+    sql: Sequence[str], lo: int, hi: int, for_postgres: bool
+) -> tuple[int, int, int, Batch]:
     """In a worker: read the records with ``lo < seq <= hi`` over this process's own
-    connection and ``prepare`` them; returns ``(lo, hi, count, prepared)``."""
+    connection (``read_range``) and ``prepare`` them; returns ``(lo, hi, count,
+    batch)``."""
     conn = _reader.get("conn")
     if conn is None:
         import psycopg
@@ -164,9 +199,7 @@ def read_and_prepare(sql: str, lo: int, hi: int, for_postgres: bool) -> tuple[in
         # processes cost more than they bring on a busy machine).
         conn.execute("SET max_parallel_workers_per_gather = 0")
         _reader["conn"] = conn
-    # Binary: bytea as bytes (the text format doubles it as hex both ends)
-    records = conn.cursor(binary=True).execute(sql, (lo, hi)).fetchall()
-    data = [(int(q), bytes(b)) for q, b in records]
+    data = read_range(conn, sql, lo, hi)
     rows, pairs, alias_events = prepare(data, for_postgres=for_postgres)
     # Formatted for COPY here: the writer only streams them (unpickling rows and
     # formatting them there cost it more than the bytes cost to send).
@@ -253,7 +286,7 @@ def usage_row(seq: int, event: dict[str, Any], share: Callable[[Any], Any]) -> t
 
 #: Index rows, context pairs, alias-changing events.
 Prepared = tuple[list[tuple[Any, ...]], list[tuple[str, int]], list[tuple[int, dict[str, Any]]]]
-#: ``Prepared``, or with rows and pairs in COPY text format (from a PostgreSQL worker).
+#: ``Prepared``, or with rows and pairs formatted for COPY (from a PostgreSQL worker).
 Batch = tuple[
     list[tuple[Any, ...]] | CopyData,
     list[tuple[str, int]] | CopyData,
@@ -506,29 +539,33 @@ class UsageIndex:
         self._lock = threading.Lock()
         # On SQLite seq is the rowid (no separate primary-key index).
         seq_type = "BIGINT PRIMARY KEY" if db.is_postgres else "INTEGER PRIMARY KEY"
-        cols = ", ".join(
-            f"seq {seq_type}" if c == "seq" else "ts BIGINT NOT NULL" if c == "ts" else f"{c} TEXT"
-            for c in COLUMNS
-        )
+        # Text compares byte by byte, as on SQLite: PostgreSQL's default collation
+        # (C.UTF-8 here) sorted index keys through strcoll, a fifth of the time of
+        # building the indexes. Lookups are by equality, which is byte equality either way.
+        text = 'TEXT COLLATE "C"' if db.is_postgres else "TEXT"
+        types = {"seq": seq_type, "ts": "BIGINT NOT NULL"}
+        cols = ", ".join(f"{c} {types.get(c, text)}" for c in COLUMNS)
         with db.ddl_transaction() as c:
             self._drop_obsolete_tables(c)
             c.execute(f"CREATE TABLE IF NOT EXISTS {self.usage} ({cols})")
             # No primary key: its unique index is built after a bulk load (sorted, once)
             c.execute(
-                f"CREATE TABLE IF NOT EXISTS {self.context} (pair TEXT NOT NULL, "
+                f"CREATE TABLE IF NOT EXISTS {self.context} (pair {text} NOT NULL, "
                 "seq BIGINT NOT NULL)"
             )
             c.execute(
-                f"CREATE TABLE IF NOT EXISTS {self.aliases} (alias_id TEXT NOT NULL, "
-                "alias_arn TEXT NOT NULL, "
-                "key_arn TEXT, from_seq BIGINT NOT NULL, to_seq BIGINT, "
+                f"CREATE TABLE IF NOT EXISTS {self.aliases} (alias_id {text} NOT NULL, "
+                f"alias_arn {text} NOT NULL, "
+                f"key_arn {text}, from_seq BIGINT NOT NULL, to_seq BIGINT, "
                 "PRIMARY KEY (alias_id, from_seq))"
             )
             self._create_indexes(c)
 
     def _drop_obsolete_tables(self, c: SqlCursor) -> None:
-        """An index written by an earlier version (another table layout) is dropped
-        with its position; the next catch-up rebuilds it from the log."""
+        """An index written by an earlier version (another table layout, or on
+        PostgreSQL text in the database's collation) is dropped with its position; the
+        next catch-up rebuilds it from the log."""
+        obsolete: list[str] = []
         for name in _OBSOLETE_TABLES:
             table = self.db.table(name)
             if self.db.is_postgres:
@@ -540,9 +577,21 @@ class UsageIndex:
                     (name,),
                 ).fetchone()
             if row is not None and row["there"]:
-                for t in (table, self.usage, self.context, self.aliases):
-                    c.execute(f"DROP TABLE IF EXISTS {t}")
-                c.execute("DELETE FROM {positions} WHERE name = ?", (POSITION_NAME,))
+                obsolete.append(table)
+        if self.db.is_postgres:
+            for table in (self.usage, self.context, self.aliases):
+                row = c.execute(
+                    "SELECT COUNT(*) AS n FROM pg_attribute a JOIN pg_collation l "
+                    "ON l.oid = a.attcollation WHERE a.attrelid = to_regclass(?) "
+                    "AND a.attnum > 0 AND NOT a.attisdropped AND l.collname <> 'C'",
+                    (table,),
+                ).fetchone()
+                if row is not None and row["n"]:
+                    obsolete.append(table)
+        if obsolete:
+            for t in (*obsolete, self.usage, self.context, self.aliases):
+                c.execute(f"DROP TABLE IF EXISTS {t}")
+            c.execute("DELETE FROM {positions} WHERE name = ?", (POSITION_NAME,))
 
     def _create_indexes(self, c: SqlCursor) -> None:
         for name in _OBSOLETE_INDEXES:
@@ -585,7 +634,7 @@ class UsageIndex:
             spec = _reader_spec(self.db) if workers > 0 else None
             pool = _fork_pool(workers, spec)
             head = self.db.head_seq()
-            range_sql = self.db.sql(_READ_RANGE)
+            range_sql = [self.db.sql(q) for q in (_READ_CHAIN, _READ_EVENTS, _READ_EVENTS_BY_ID)]
             in_flight: deque[Any] = deque()
             try:
                 while True:

@@ -576,6 +576,56 @@ def test_an_index_in_the_old_layout_is_dropped_and_rebuilt(generated: Generated)
         assert not there
 
 
+@pytest.mark.parametrize("generated", ["postgres"], indirect=True)
+def test_an_index_with_text_in_the_database_collation_is_dropped_and_rebuilt(
+    generated: Generated,
+) -> None:
+    # Tables of the previous version had text in the database's collation; the index
+    # keys are now compared byte by byte ("C"), so such tables are rebuilt.
+    index = UsageIndex(generated.db)
+    index.catch_up()
+    clean = index.snapshot()
+    with generated.db.transaction(commit=True) as c:
+        c.execute(f'ALTER TABLE {index.aliases} ALTER COLUMN key_arn TYPE TEXT COLLATE "default"')
+        c.execute(f"DELETE FROM {index.usage} WHERE seq > 10")  # not what the log says
+    reopened = UsageIndex(generated.db)
+    assert reopened.position == 0
+    reopened.catch_up()
+    assert reopened.snapshot() == clean
+    with generated.db.transaction(commit=False) as c:
+        collations = c.select_values(
+            "SELECT DISTINCT l.collname FROM pg_attribute a JOIN pg_collation l "
+            "ON l.oid = a.attcollation WHERE a.attrelid IN (to_regclass(?), to_regclass(?), "
+            "to_regclass(?)) AND a.attnum > 0",
+            (index.usage, index.context, index.aliases),
+        )
+    assert [r[0] for r in collations] == ["C"]
+    # Alias periods join the two tables' key ARNs (an error if their collations differ)
+    with generated.db.transaction(commit=False) as c:
+        alias_arn = c.select_values(f"SELECT alias_arn FROM {index.aliases} LIMIT 1")[0][0]
+    assert index.trail(Filters(alias_arn=alias_arn))
+
+
+@pytest.mark.parametrize("generated", ["postgres"], indirect=True)
+def test_a_workers_range_read_equals_the_join(generated: Generated) -> None:
+    import psycopg
+
+    from projections import usage
+
+    db = generated.db
+    spec = usage._reader_spec(db)
+    assert spec is not None
+    sql = [db.sql(q) for q in (usage._READ_CHAIN, usage._READ_EVENTS, usage._READ_EVENTS_BY_ID)]
+    every_third = [sql[0] + " AND seq %% 3 = 0", *sql[1:]]  # ids spread out: read by id
+    with psycopg.connect(**spec, autocommit=True) as conn, db.transaction(commit=False) as c:
+        for lo, hi in ((0, 50), (37, 400), (390, db.head_seq()), (db.head_seq(), 10**9)):
+            joined = [(int(q), bytes(b)) for q, b in c.select_values(usage._READ_RANGE, (lo, hi))]
+            assert usage.read_range(conn, sql, lo, hi) == joined
+            thirds = [(q, b) for q, b in joined if q % 3 == 0]
+            assert usage.read_range(conn, every_third, lo, hi) == thirds
+        assert len(joined) == 0 and len(usage.read_range(conn, sql, 0, 400)) == 400
+
+
 @pytest.mark.parametrize("generated", ["sqlite"], indirect=True)  # SQLite's pragmas
 def test_a_rebuild_leaves_the_connection_settings_as_it_found_them(generated: Generated) -> None:
     def pragmas() -> tuple[object, ...]:
