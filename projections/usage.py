@@ -382,32 +382,14 @@ _NO_REQUEST = _Request()
 _FALLBACK = (msgspec.ValidationError, msgspec.DecodeError)
 
 
-class _EpochCache:
-    """``epoch_us`` with the hour's epoch cached: the ledger writes every timestamp as
-    ``YYYY-MM-DDTHH:MM:SS.ffffff+00:00``; any other form is parsed in full."""
-
-    def __init__(self) -> None:
-        self.hours: dict[str, int | None] = {}
-
-    def __call__(self, iso: Any) -> int:
-        if type(iso) is str and len(iso) == 32 and iso.endswith("+00:00") and iso[19] == ".":
-            mm, ss, us = iso[14:16], iso[17:19], iso[20:26]
-            digits = mm + ss + us
-            clock = iso[13] == iso[16] == ":" and mm < "60" and ss < "60"
-            if clock and digits.isascii() and digits.isdigit():
-                hour = self.hours.get(iso[:13])
-                if hour is None:
-                    hour = self.hours[iso[:13]] = self._hour(iso[:13])
-                if hour is not None:
-                    return hour + int(mm) * 60_000_000 + int(ss) * 1_000_000 + int(us)
-        return epoch_us(iso)
-
-    @staticmethod
-    def _hour(prefix: str) -> int | None:
-        try:
-            return epoch_us(prefix + ":00:00+00:00")
-        except ValueError:
-            return None
+def _minute_us(prefix: str) -> int | None:
+    """Microseconds since the epoch of ``YYYY-MM-DDTHH:MM`` in UTC, None when that is
+    no such minute or one before 1970 (``epoch_us`` truncates those toward zero)."""
+    try:
+        us = epoch_us(prefix + ":00+00:00")
+    except ValueError:
+        return None
+    return us if us >= 0 else None
 
 
 def prepare(records: Sequence[tuple[Any, Any]], *, for_postgres: bool = False) -> Prepared:
@@ -424,7 +406,11 @@ def prepare(records: Sequence[tuple[Any, Any]], *, for_postgres: bool = False) -
     shared: dict[Any, Any] = {}
     share = shared.setdefault  # one object per repeated value: results pickle smaller
     dumps, sort_keys = orjson.dumps, orjson.OPT_SORT_KEYS
-    ts_us = _EpochCache()
+    # The ledger writes timestamps as YYYY-MM-DDTHH:MM:SS.ffffff+00:00: the minute's
+    # epoch is looked up, the rest read as one number (any other form: epoch_us).
+    minutes: dict[str, int | None] = {}
+    # A context's sorted text and context_pair()s, by its JSON as given
+    contexts: dict[bytes, tuple[str, list[str] | None]] = {}
     skip = len(_TOPIC_PREFIX)
     for seq, data in records:
         raw = bytes(data) if isinstance(data, memoryview) else data
@@ -440,6 +426,18 @@ def prepare(records: Sequence[tuple[Any, Any]], *, for_postgres: bool = False) -
         req = e.request or _NO_REQUEST
         topic = str(e.topic)
         kind = topic[skip:] if topic.startswith(_TOPIC_PREFIX) else topic
+        time = e.timestamp
+        ts = None
+        if type(time) is str and len(time) == 32 and time[26:] == "+00:00" and time[19] == ".":
+            digits = time[17:19] + time[20:26]  # seconds and microseconds
+            if time[16] == ":" and digits < "60" and digits.isdigit() and digits.isascii():
+                minute = minutes.get(time[:16], -1)
+                if minute == -1:
+                    minute = minutes[time[:16]] = _minute_us(time[:16])
+                if minute is not None:
+                    ts = minute + int(digits)
+        if ts is None:
+            ts = epoch_us(time)
         sent = req.keyId
         if sent is None:
             sent = req.destinationKeyId if req.destinationKeyId is not None else req.targetKeyId
@@ -459,11 +457,19 @@ def prepare(records: Sequence[tuple[Any, Any]], *, for_postgres: bool = False) -
                 if algorithm is not None:
                     break
         add = e.additional
-        text = dumps(ctx, option=sort_keys).decode() if ctx else None
+        text = names = None
+        if ctx:  # its sorted text and pairs, once per context in the batch
+            seen = contexts.get(key := dumps(ctx))  # the context as given (key order)
+            if seen is None:
+                text = dumps(ctx, option=sort_keys).decode()
+                if type(ctx) is dict:
+                    names = [share(p, p) for p in (f"{len(k)}:{k}={v}" for k, v in ctx.items())]
+                seen = contexts[key] = (share(text, text), names)
+            text, names = seen
         row: tuple[Any, ...] = (
             seq,
-            ts_us(e.timestamp),
-            e.timestamp,
+            ts,
+            time,
             share(kind, kind),
             share(call.operation, call.operation),
             share(call.principal, call.principal),
@@ -473,26 +479,30 @@ def prepare(records: Sequence[tuple[Any, Any]], *, for_postgres: bool = False) -
             share(call.user_agent, call.user_agent),
             share(e.key_arn, e.key_arn),
             share(add.sourceKeyArn, add.sourceKeyArn) if add is not None else None,
-            share(sent, sent) if isinstance(sent, str) else None,
-            share(text, text),
-            share(algorithm, algorithm) if isinstance(algorithm, str) else None,
+            share(sent, sent) if type(sent) is str else None,
+            text,
+            share(algorithm, algorithm) if type(algorithm) is str else None,
             share(e.error_code, e.error_code),
             call.request_id,
         )
         row_pairs: list[tuple[str, int]] = []
-        for c in (req.encryptionContext, req.destinationEncryptionContext):
-            if c and isinstance(c, dict):
-                for k, v in c.items():
-                    pair = context_pair(k, v)
-                    row_pairs.append((share(pair, pair), seq))
-        if for_postgres and _JSON_NUL in raw:
+        first, second = req.encryptionContext, req.destinationEncryptionContext
+        for c in (first, second) if second else (first,):
+            if c is ctx:
+                if names:
+                    row_pairs += [(name, seq) for name in names]
+            elif c and type(c) is dict:  # context_pair() of each (JSON keys are str)
+                row_pairs += [(f"{len(k)}:{k}={v}", seq) for k, v in c.items()]
+        if second and first:  # a pair in both contexts is one row
+            row_pairs = list(dict.fromkeys(row_pairs))
+        if for_postgres and b"\\" in raw and _JSON_NUL in raw:  # memchr first
             row = pg_text_row(row)
             row_pairs = [pg_text_row(pair) for pair in row_pairs]
         rows.append(row)
         pairs += row_pairs
         if kind.startswith("Alias.") or kind == "Key.Deleted":
             alias_events.append((seq, orjson.loads(raw)))
-    return rows, list(dict.fromkeys(pairs)), alias_events
+    return rows, pairs, alias_events
 
 
 def _sqlite_pragma(c: SqlCursor, name: str, value: object) -> object:

@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from projections.usage import COLUMNS, _EpochCache, epoch_us, prepare, prepare_reference
+from projections.usage import COLUMNS, epoch_us, prepare, prepare_reference
 
 TS = "2026-11-01T12:34:56.789012+00:00"
 
@@ -174,25 +174,29 @@ def test_repeated_values_are_one_object_so_results_pickle_small() -> None:
     [
         TS,
         "1970-01-01T00:00:00.000001+00:00",
+        "1969-12-31T23:59:59.500000+00:00",  # before 1970: epoch_us truncates to zero
         "2024-02-29T23:59:59.999999+00:00",
         "2026-11-01T12:34:56+00:00",
         "2026-11-01T12:34:56.789012+05:30",
         "2026-11-01T12:34:56.789012-00:00",
         "2026-11-01T12:34:5a.789012+00:00",
+        "2026-11-01T12:34:60.789012+00:00",
         "2026-11-01T12:61:56.789012+00:00",
         "2026-11-01T12:34:56.78901²+00:00",
+        "2026-11-01T12:34:56.7890 1+00:00",
         "2026-13-01T12:34:56.789012+00:00",
     ],
 )
-def test_the_hour_cache_gives_epoch_us(iso: str) -> None:
-    cache = _EpochCache()
+def test_timestamps_give_epoch_us_or_its_error(iso: str) -> None:
+    event = {"timestamp": iso, "topic": "ledger.domain.model:ApiCall.Succeeded"}
+    records = [(1, orjson.dumps(event)), (2, orjson.dumps(event))]  # cold, then cached
     try:
         expected: Any = epoch_us(iso)
     except ValueError:
         expected = ValueError
-    for _ in range(2):  # cold, then cached
-        try:
-            got: Any = cache(iso)
-        except ValueError:
-            got = ValueError
-        assert got == expected
+    got = _outcome(prepare, records, False)
+    assert got == _outcome(prepare_reference, records, False)
+    if expected is ValueError:
+        assert got is ValueError
+    else:
+        assert [r[COLUMNS.index("ts")] for r in got[0]] == [expected, expected]
