@@ -224,7 +224,7 @@ def audit_stats(
     by: Annotated[
         str, typer.Option(help="Group by key, principal, operation, error or source_ip.")
     ] = "key",
-    per: Annotated[str | None, typer.Option(help="Also per 'day' or 'hour'.")] = None,
+    per: Annotated[str | None, typer.Option(help="Also per 'day' or 'hour' (UTC).")] = None,
     top: Annotated[int | None, typer.Option(help="Only the N largest groups.")] = None,
     key: KeyOpt = None,
     principal: PrincipalOpt = None,

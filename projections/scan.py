@@ -12,7 +12,13 @@ from datetime import datetime
 from typing import Any
 
 from ledger.persistence import LedgerDatabase
-from projections.usage import CRYPTO_OPERATIONS, Filters, group_bursts
+from projections.usage import (
+    CRYPTO_OPERATIONS,
+    Filters,
+    group_bursts,
+    period_number,
+    period_text,
+)
 
 
 def _events(db: LedgerDatabase) -> Iterator[tuple[int, dict[str, Any]]]:
@@ -138,7 +144,7 @@ def scan_stats(db: LedgerDatabase, f: Filters, by: str, bucket: str | None) -> l
             "source_ip": call.get("source_ip"),
         }[by]
         t = event["timestamp"]
-        period = {"day": t[:10], "hour": t[:13], None: ""}[bucket]
+        period = period_text(bucket, period_number(bucket, _us(t))) if bucket else ""
         g = groups.setdefault((grp, period), [grp, period, 0, t, t])
         g[2] += 1
         g[4] = t

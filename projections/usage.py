@@ -22,7 +22,7 @@ import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 import msgspec
@@ -230,6 +230,24 @@ def epoch_us(iso: str) -> int:
     """Microseconds since the epoch of an ISO 8601 timestamp with an offset."""
     d = datetime.fromisoformat(iso)
     return int(d.timestamp()) * 1_000_000 + d.microsecond
+
+
+#: ``stats`` periods: microseconds per UTC day and hour.
+PERIOD_US = {"day": 86_400_000_000, "hour": 3_600_000_000}
+
+
+def period_number(bucket: str, ts_us: int) -> int:
+    """The period of a time, as SQL computes it: ``ts / PERIOD_US[bucket]`` (integer
+    division, toward zero). Raises KeyError for an unknown bucket."""
+    q = abs(ts_us) // PERIOD_US[bucket]
+    return q if ts_us >= 0 else -q
+
+
+def period_text(bucket: str, number: int) -> str:
+    """Period ``number`` as text: the UTC day ``YYYY-MM-DD`` or hour ``YYYY-MM-DDTHH``.
+    Raises KeyError for an unknown bucket."""
+    start = datetime.fromtimestamp(number * (PERIOD_US[bucket] // 1_000_000), tz=UTC)
+    return start.strftime("%Y-%m-%d" if bucket == "day" else "%Y-%m-%dT%H")
 
 
 def context_pair(key: object, value: object) -> str:
@@ -1006,10 +1024,9 @@ class UsageIndex:
             raise ValueError(f"unknown grouping {by!r}")
         self.catch_up()
         period = "''"
-        if bucket == "day":
-            period = "substr(u.time, 1, 10)"
-        elif bucket == "hour":
-            period = "substr(u.time, 1, 13)"
+        if bucket in PERIOD_US:
+            # From ts, which the covering key index holds (the time text is in the table)
+            period = f"(u.ts / {PERIOD_US[bucket]})"
         elif bucket is not None:
             raise ValueError(f"unknown bucket {bucket!r}")
         # Keys only: their calls, then ReEncrypts from them to other keys (disjoint
@@ -1042,6 +1059,8 @@ class UsageIndex:
             r["last"] = times[r.pop("last_seq")]
             if bucket is None:
                 del r["period"]
+            else:
+                r["period"] = period_text(bucket, int(r["period"]))
         rows.sort(key=lambda r: (-r["n"], str(r["grp"]), r.get("period", "")))
         return rows[:top] if top is not None else rows
 

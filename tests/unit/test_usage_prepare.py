@@ -200,3 +200,20 @@ def test_timestamps_give_epoch_us_or_its_error(iso: str) -> None:
         assert got is ValueError
     else:
         assert [r[COLUMNS.index("ts")] for r in got[0]] == [expected, expected]
+
+
+@pytest.mark.parametrize(
+    ("iso", "day", "hour"),
+    [
+        ("2026-10-01T23:59:59.999999+00:00", "2026-10-01", "2026-10-01T23"),
+        ("2026-10-02T00:00:00+00:00", "2026-10-02", "2026-10-02T00"),
+        ("2026-10-02T01:30:00+02:00", "2026-10-01", "2026-10-01T23"),  # UTC periods
+        ("1970-01-01T00:00:00.000001+00:00", "1970-01-01", "1970-01-01T00"),
+    ],
+)
+def test_stats_periods_are_utc_days_and_hours(iso: str, day: str, hour: str) -> None:
+    from projections.usage import period_number, period_text
+
+    us = epoch_us(iso)
+    assert period_text("day", period_number("day", us)) == day
+    assert period_text("hour", period_number("hour", us)) == hour
