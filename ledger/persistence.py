@@ -335,7 +335,6 @@ class SqlCursor:
         rows: Sequence[Sequence[Any]] | CopyData,
         *,
         after_seq: int | None = None,
-        nul_mapped: bool = False,
     ) -> None:
         """INSERT the ``rows`` whose ``seq`` column is after ``after_seq``; with None,
         the caller knows none of them is in ``table`` yet. Rows whose key is already
@@ -346,9 +345,9 @@ class SqlCursor:
         temporary table and inserted from it in one statement. On SQLite they are
         inserted with ``executemany``. ``table`` and ``columns`` are trusted names, never
         user input. Raises the driver's error on failure (a key already there, with
-        ``after_seq`` None, on PostgreSQL). ``nul_mapped``: the caller has replaced NUL
-        in text with ``PG_NUL`` already (PostgreSQL). ``rows`` as ``CopyData``
-        (PostgreSQL only, NUL mapped) are streamed as they are; on SQLite they raise
+        ``after_seq`` None, on PostgreSQL; text holding NUL, on PostgreSQL, whose
+        text cannot hold it: map it first with ``pg_text_row``). ``rows`` as
+        ``CopyData`` (PostgreSQL only) are streamed as they are; on SQLite they raise
         TypeError.
         """
         cols = ", ".join(columns)
@@ -370,15 +369,12 @@ class SqlCursor:
         def copy_into(target: str) -> None:
             binary = " (FORMAT BINARY)" if isinstance(rows, CopyData) and rows.binary else ""
             with raw.copy(f"COPY {target} ({cols}) FROM STDIN{binary}") as copy:
-                write = copy.write_row  # psycopg formats each row in C
                 if isinstance(rows, CopyData):
                     copy.write(rows)
-                elif nul_mapped:
+                else:
+                    write = copy.write_row  # psycopg formats each row in C
                     for row in rows:
                         write(row)
-                else:
-                    for row in rows:
-                        write(pg_text_row(tuple(row)))
 
         if after_seq is None:
             copy_into(table)

@@ -606,16 +606,16 @@ class UsageIndex:
                 ).fetchone()
             if row is not None and row["there"]:
                 obsolete.append(table)
-        if self.db.is_postgres:
-            for table in (self.usage, self.context, self.aliases):
-                row = c.execute(
-                    "SELECT COUNT(*) AS n FROM pg_attribute a JOIN pg_collation l "
-                    "ON l.oid = a.attcollation WHERE a.attrelid = to_regclass(?) "
-                    "AND a.attnum > 0 AND NOT a.attisdropped AND l.collname <> 'C'",
-                    (table,),
-                ).fetchone()
-                if row is not None and row["n"]:
-                    obsolete.append(table)
+        if self.db.is_postgres:  # text columns in another collation than "C"
+            row = c.execute(
+                "SELECT COUNT(*) AS n FROM pg_attribute a JOIN pg_collation l "
+                "ON l.oid = a.attcollation WHERE a.attrelid IN "
+                "(to_regclass(?), to_regclass(?), to_regclass(?)) "
+                "AND a.attnum > 0 AND NOT a.attisdropped AND l.collname <> 'C'",
+                (self.usage, self.context, self.aliases),
+            ).fetchone()
+            if row is not None and row["n"]:
+                obsolete.append(self.usage)
         if obsolete:
             for t in (*obsolete, self.usage, self.context, self.aliases):
                 c.execute(f"DROP TABLE IF EXISTS {t}")
@@ -795,10 +795,10 @@ class UsageIndex:
         seq already in the tables), copied straight in when that is all of them."""
         rows, pairs, alias_events = prepared
         after = None if claimed <= lo else claimed
-        ready = self.db.is_postgres  # NUL mapped by prepare()
-        c.insert_new(self.usage, COLUMNS, rows, after_seq=after, nul_mapped=ready)
+        # On PostgreSQL, prepare() has mapped NUL already
+        c.insert_new(self.usage, COLUMNS, rows, after_seq=after)
         if pairs:
-            c.insert_new(self.context, ("pair", "seq"), pairs, after_seq=after, nul_mapped=ready)
+            c.insert_new(self.context, ("pair", "seq"), pairs, after_seq=after)
         for seq, event in alias_events:
             if after is None or seq > after:
                 self._apply_alias(c, seq, event)
