@@ -8,7 +8,7 @@ from __future__ import annotations
 import base64
 import threading
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -158,16 +158,39 @@ def recorded_failure(cli: CliContext, operation: str, request: JSON) -> Iterator
 def stop_on_signals() -> Iterator[threading.Event]:
     """An event set by Ctrl-C or SIGTERM while the block runs (in the main thread;
     elsewhere nothing is installed), so a consumer loop stops cleanly; the previous
-    handlers come back afterwards."""
+    handlers come back afterwards.
+
+    The handler only writes a byte to a pipe and a watcher thread sets the event:
+    ``Event.set()`` inside a handler can deadlock, because the handler runs in the main
+    thread between bytecodes, possibly while that thread holds the event's own lock
+    inside ``Event.wait()``.
+    """
+    import os
     import signal
 
     stop = threading.Event()
-    previous: dict[signal.Signals, Any] = {}
-    if threading.current_thread() is threading.main_thread():
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            previous[sig] = signal.signal(sig, lambda *_: stop.set())
+    if threading.current_thread() is not threading.main_thread():
+        yield stop
+        return
+    read_fd, write_fd = os.pipe()
+    os.set_blocking(write_fd, False)
+
+    def on_signal(*_: object) -> None:
+        with suppress(OSError):  # pipe full: a stop is already pending
+            os.write(write_fd, b"\0")
+
+    def watch() -> None:
+        if os.read(read_fd, 1):  # b"" once the block has ended
+            stop.set()
+
+    watcher = threading.Thread(target=watch, name="stop-on-signal", daemon=True)
+    watcher.start()
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield stop
     finally:
         for number, handler in previous.items():
             signal.signal(number, handler)
+        os.close(write_fd)
+        watcher.join()
+        os.close(read_fd)

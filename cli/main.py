@@ -21,7 +21,7 @@ from cli.audit_cmds import register as register_audit
 from cli.common import ctx_of as _ctx
 from cli.common import emit as _emit
 from cli.common import jsonable as _jsonable
-from cli.common import parse_pairs
+from cli.common import parse_pairs, stop_on_signals
 from cli.consume import consume_app
 from cli.context import CliContext
 from cli.crypto_cmds import data_key_app, envelope_app, random_bytes, reencrypt
@@ -320,9 +320,6 @@ def stream(
     """
     if ctx.invoked_subcommand is not None:
         return
-    import signal
-    import threading
-
     from consumers.relay import CLOUDTRAIL_VIEW, AuditRelay
 
     cli = _ctx(ctx)
@@ -353,12 +350,8 @@ def stream(
             n = relay.run_once()
             typer.echo(f"published {n} records to {relay.topic}")
         else:
-            stop = threading.Event()
-            signal.signal(signal.SIGTERM, lambda *_: stop.set())
-            try:
+            with stop_on_signals() as stop:  # Ctrl-C/SIGTERM: a clean stop
                 relay.run_forever(poll_interval=poll_interval, stop=stop)
-            except KeyboardInterrupt:
-                stop.set()
     finally:
         relay.close()
 

@@ -80,6 +80,7 @@ class RelayProcess:
     def env(self) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("KEYLEDGER_")}
         env["PYTHONPATH"] = str(ROOT)
+        env["PYTHONFAULTHANDLER"] = "1"  # SIGABRT dumps every thread's stack to the log
         return env
 
     def args(self, *extra: str) -> list[str]:
@@ -111,7 +112,18 @@ class RelayProcess:
     def signal(self, sig: int) -> int:
         assert self.process is not None and self.log is not None
         self.process.send_signal(sig)
-        code = self.process.wait(timeout=60)
+        try:
+            code = self.process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.process.send_signal(signal.SIGABRT)  # where it hangs, for the report
+            self.process.wait(timeout=30)
+            self.log.close()
+            self.process = None
+            tail = (self.log_dir / f"relay-{self.view}-{self.starts}.log").read_bytes()[-6000:]
+            raise AssertionError(
+                f"relay {self.view} still running 60 s after signal {sig}:\n"
+                + tail.decode(errors="replace")
+            ) from None
         self.log.close()
         self.process = None
         return code
