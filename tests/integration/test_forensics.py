@@ -576,6 +576,54 @@ def test_an_index_in_the_old_layout_is_dropped_and_rebuilt(generated: Generated)
         assert not there
 
 
+def test_an_index_without_name_numbers_is_dropped_and_rebuilt(generated: Generated) -> None:
+    index = UsageIndex(generated.db)
+    index.catch_up()
+    clean = index.snapshot()
+    with generated.db.transaction(commit=True) as c:  # the previous layout
+        for name in ("kl_usage_key_cov", "kl_usage_principal_cov", "kl_usage_fail"):
+            c.execute(index._drop_index(name))
+        c.execute(f"ALTER TABLE {index.usage} DROP COLUMN principal_no")
+        c.execute(f"DELETE FROM {index.usage} WHERE seq > 10")  # not what the log says
+    reopened = UsageIndex(generated.db)
+    assert reopened.position == 0
+    reopened.catch_up()
+    assert reopened.snapshot() == clean
+
+
+def test_names_that_share_a_number_stop_the_index_and_write_nothing(
+    generated: Generated, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from projections import usage
+
+    index = UsageIndex(generated.db)
+    index.catch_up()
+    clean = index.snapshot()
+    principal = next(r[-1] for r in clean if r[0] == "kl_usage" and r[-1] is not None)
+
+    def counts() -> list[int]:
+        with generated.db.transaction(commit=False) as c:
+            return [
+                int(c.select_values(f"SELECT COUNT(*) FROM {t}")[0][0])
+                for t in (index.usage, index.context, index.names)
+            ]
+
+    with monkeypatch.context() as m:  # within one batch
+        m.setattr(usage, "name_number", lambda name: 7)
+        with pytest.raises(usage.NameCollision, match="have the same number 7"):
+            index.rebuild()
+    assert index.position == 0 and counts() == [0, 0, 0]
+    with generated.db.transaction(commit=True) as c:  # with a name stored before
+        c.execute(f"INSERT INTO {index.names} (no, name) VALUES (?, 'someone else')", (principal,))
+    with pytest.raises(usage.NameCollision, match="'someone else' have the same number"):
+        index.catch_up()
+    assert index.position == 0 and counts() == [0, 0, 1]
+    with generated.db.transaction(commit=True) as c:
+        c.execute(f"DELETE FROM {index.names}")
+    index.rebuild()
+    assert index.snapshot() == clean
+
+
 @pytest.mark.parametrize("generated", ["postgres"], indirect=True)
 def test_an_index_with_text_in_the_database_collation_is_dropped_and_rebuilt(
     generated: Generated,

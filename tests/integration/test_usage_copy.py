@@ -8,7 +8,14 @@ import orjson
 import pytest
 
 from ledger.service import Caller, KeyLedger
-from projections.usage import COLUMNS, Filters, UsageIndex, prepare
+from projections.usage import (
+    COLUMNS,
+    TABLE_COLUMNS,
+    Filters,
+    UsageIndex,
+    name_number,
+    prepare,
+)
 
 pytestmark = pytest.mark.softhsm
 
@@ -25,7 +32,7 @@ def test_rows_for_postgresql_carry_nul_as_the_replacement_character() -> None:
     event = {
         "topic": "ledger.domain.model:ApiCall.Failed",
         "timestamp": "2026-11-01T00:00:00+00:00",
-        "call": {"operation": "Encrypt", "user_agent": "agent\x00x"},
+        "call": {"operation": "Encrypt", "user_agent": "agent\x00x", "principal": "p\x00"},
         "request": {"keyId": "alias/a\x00b", "encryptionContext": {"k\x00": "v\x00"}},
     }
     plain = {**event, "call": {"operation": "Encrypt", "user_agent": "agent"}, "request": {}}
@@ -35,6 +42,8 @@ def test_rows_for_postgresql_carry_nul_as_the_replacement_character() -> None:
     assert rows[0][COLUMNS.index("user_agent")] == "agent\ufffdx"
     assert rows[0][COLUMNS.index("key_sent")] == "alias/a\ufffdb"
     assert pairs == [("2:k\ufffd=v\ufffd", 1)]
+    # the number of the principal as stored (the names table holds that text)
+    assert rows[0][TABLE_COLUMNS.index("principal_no")] == name_number("p\ufffd")
     assert rows[1] == prepare(records)[0][1]  # rows without NUL as they are
     # SQLite keeps the exact text
     assert prepare(records)[0][0][COLUMNS.index("user_agent")] == "agent\x00x"

@@ -12,7 +12,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from projections.usage import COLUMNS, epoch_us, prepare, prepare_reference
+from projections.usage import (
+    COLUMNS,
+    TABLE_COLUMNS,
+    epoch_us,
+    name_number,
+    prepare,
+    prepare_reference,
+)
 
 TS = "2026-11-01T12:34:56.789012+00:00"
 
@@ -137,7 +144,9 @@ def test_the_ledgers_own_event_shape_takes_the_fast_path() -> None:
         "topic": "ledger.domain.model:ApiCall.Succeeded",
     }
     rows, pairs, aliases = prepare([(7, orjson.dumps(event))])
-    row = dict(zip(COLUMNS, rows[0], strict=True))
+    row = dict(zip(TABLE_COLUMNS, rows[0], strict=True))
+    assert row["key_no"] == name_number("arn:dst")
+    assert row["principal_no"] == name_number("arn:aws:iam::111122223333:user/u")
     assert row["ts"] == epoch_us(TS)
     assert row["kind"] == "ApiCall.Succeeded"
     assert row["source_key_arn"] == "arn:src"
@@ -217,3 +226,14 @@ def test_stats_periods_are_utc_days_and_hours(iso: str, day: str, hour: str) -> 
     us = epoch_us(iso)
     assert period_text("day", period_number("day", us)) == day
     assert period_text("hour", period_number("hour", us)) == hour
+
+
+def test_name_numbers_are_fixed() -> None:
+    """Stored indexes hold these numbers: another function would need a rebuild."""
+    assert name_number("arn:aws:kms:us-east-1:111122223333:key/k") == name_number(
+        "arn:aws:kms:us-east-1:111122223333:key/k"
+    )
+    assert name_number("") == -1970711489451281740  # BLAKE2b, 8 bytes, big-endian
+    assert name_number("arn:aws:iam::111122223333:root") != name_number(
+        "arn:aws:iam::111122223333:root "
+    )
