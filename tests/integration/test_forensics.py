@@ -554,18 +554,28 @@ def test_overlapping_batches_write_each_row_once_without_the_unique_index(
     assert index.snapshot() == clean
 
 
-def test_an_index_in_the_old_layout_is_dropped_and_rebuilt(generated: Generated) -> None:
+def _assert_dropped_and_rebuilt(generated: Generated, *changes: str) -> UsageIndex:
+    """Make the index, run ``changes`` (an earlier version's layout) and cut its rows
+    short: opening it again must drop it and catch up to the same tables."""
     index = UsageIndex(generated.db)
     index.catch_up()
     clean = index.snapshot()
-    old = generated.db.table("kl_usage_ctx")
     with generated.db.transaction(commit=True) as c:
-        c.execute(f"CREATE TABLE {old} (pair TEXT NOT NULL, seq BIGINT NOT NULL)")
+        for sql in changes:
+            c.execute(sql.format(usage=index.usage, aliases=index.aliases))
         c.execute(f"DELETE FROM {index.usage} WHERE seq > 10")  # not what the log says
     reopened = UsageIndex(generated.db)
     assert reopened.position == 0
     reopened.catch_up()
     assert reopened.snapshot() == clean
+    return reopened
+
+
+def test_an_index_in_the_old_layout_is_dropped_and_rebuilt(generated: Generated) -> None:
+    old = generated.db.table("kl_usage_ctx")
+    _assert_dropped_and_rebuilt(
+        generated, f"CREATE TABLE {old} (pair TEXT NOT NULL, seq BIGINT NOT NULL)"
+    )
     with generated.db.transaction(commit=False) as c:
         if generated.db.is_postgres:
             there = c.execute("SELECT to_regclass(?) AS t", (old,)).fetchone()["t"]
@@ -578,17 +588,9 @@ def test_an_index_in_the_old_layout_is_dropped_and_rebuilt(generated: Generated)
 
 def test_an_index_without_name_numbers_is_dropped_and_rebuilt(generated: Generated) -> None:
     index = UsageIndex(generated.db)
-    index.catch_up()
-    clean = index.snapshot()
-    with generated.db.transaction(commit=True) as c:  # the previous layout
-        for name in ("kl_usage_key_cov", "kl_usage_principal_cov", "kl_usage_fail"):
-            c.execute(index._drop_index(name))
-        c.execute(f"ALTER TABLE {index.usage} DROP COLUMN principal_no")
-        c.execute(f"DELETE FROM {index.usage} WHERE seq > 10")  # not what the log says
-    reopened = UsageIndex(generated.db)
-    assert reopened.position == 0
-    reopened.catch_up()
-    assert reopened.snapshot() == clean
+    drops = [index._drop_index(n) for n in ("kl_usage_key_cov", "kl_usage_principal_cov")]
+    drops.append(index._drop_index("kl_usage_fail"))  # the indexes on the numbers first
+    _assert_dropped_and_rebuilt(generated, *drops, "ALTER TABLE {usage} DROP COLUMN principal_no")
 
 
 def test_names_that_share_a_number_stop_the_index_and_write_nothing(
@@ -630,16 +632,9 @@ def test_an_index_with_text_in_the_database_collation_is_dropped_and_rebuilt(
 ) -> None:
     # Tables of the previous version had text in the database's collation; the index
     # keys are now compared byte by byte ("C"), so such tables are rebuilt.
-    index = UsageIndex(generated.db)
-    index.catch_up()
-    clean = index.snapshot()
-    with generated.db.transaction(commit=True) as c:
-        c.execute(f'ALTER TABLE {index.aliases} ALTER COLUMN key_arn TYPE TEXT COLLATE "default"')
-        c.execute(f"DELETE FROM {index.usage} WHERE seq > 10")  # not what the log says
-    reopened = UsageIndex(generated.db)
-    assert reopened.position == 0
-    reopened.catch_up()
-    assert reopened.snapshot() == clean
+    index = _assert_dropped_and_rebuilt(
+        generated, 'ALTER TABLE {aliases} ALTER COLUMN key_arn TYPE TEXT COLLATE "default"'
+    )
     with generated.db.transaction(commit=False) as c:
         collations = c.select_values(
             "SELECT DISTINCT l.collname FROM pg_attribute a JOIN pg_collation l "
