@@ -562,7 +562,7 @@ def _assert_dropped_and_rebuilt(generated: Generated, *changes: str) -> UsageInd
     clean = index.snapshot()
     with generated.db.transaction(commit=True) as c:
         for sql in changes:
-            c.execute(sql.format(usage=index.usage, aliases=index.aliases))
+            c.execute(sql.format(usage=index.usage, aliases=index.aliases, pairs=index.context))
         c.execute(f"DELETE FROM {index.usage} WHERE seq > 10")  # not what the log says
     reopened = UsageIndex(generated.db)
     assert reopened.position == 0
@@ -591,6 +591,12 @@ def test_an_index_without_name_numbers_is_dropped_and_rebuilt(generated: Generat
     drops = [index._drop_index(n) for n in ("kl_usage_key_cov", "kl_usage_principal_cov")]
     drops.append(index._drop_index("kl_usage_fail"))  # the indexes on the numbers first
     _assert_dropped_and_rebuilt(generated, *drops, "ALTER TABLE {usage} DROP COLUMN principal_no")
+
+
+def test_context_pairs_without_numbers_are_dropped_and_rebuilt(generated: Generated) -> None:
+    drop = UsageIndex(generated.db)._drop_index("kl_usage_pairs_key")
+    old = ("ALTER TABLE {pairs} DROP COLUMN pair_no", "ALTER TABLE {pairs} ADD COLUMN pair TEXT")
+    _assert_dropped_and_rebuilt(generated, drop, *old)
 
 
 def test_names_that_share_a_number_stop_the_index_and_write_nothing(
