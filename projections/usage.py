@@ -33,6 +33,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from operator import itemgetter
 from typing import Any
 
 import msgspec
@@ -126,6 +127,8 @@ TABLE_COLUMNS = COLUMNS + NUMBER_COLUMNS
 _INTEGERS = ("seq", "ts", *NUMBER_COLUMNS)
 COLUMN_TYPES = tuple("int8" if c in _INTEGERS else "text" for c in TABLE_COLUMNS)
 _KEY_AT, _PRINCIPAL_AT = COLUMNS.index("key_arn"), COLUMNS.index("principal")
+_KEY_NAME = itemgetter(len(COLUMNS), _KEY_AT)  # (key_no, key_arn) of a row
+_PRINCIPAL_NAME = itemgetter(len(COLUMNS) + 1, _PRINCIPAL_AT)
 _ROW = ", ".join(f"u.{c}" for c in COLUMNS)
 # (columns, partial-index condition); few indexes keep the rebuild fast.
 _INDEXES = {
@@ -185,21 +188,15 @@ def numbered(
     """``prepare``'s pairs as ``(number, seq)``, and the distinct ``(number, name)`` of
     those pairs and of the rows' key ARNs and principals. Raises NameCollision when two
     of the names have one number."""
-    key_no, principal_no = len(COLUMNS), len(COLUMNS) + 1
+    distinct = set(map(_KEY_NAME, rows))
+    distinct.update(map(_PRINCIPAL_NAME, rows))
+    numbers = {pair: name_number(pair) for pair in {pair for pair, _ in pairs}}
+    distinct.update((no, pair) for pair, no in numbers.items())
     found: dict[int, str] = {}
-    for row in rows:
-        for no, name in ((row[key_no], row[_KEY_AT]), (row[principal_no], row[_PRINCIPAL_AT])):
-            if no is not None and found.setdefault(no, name) != name:
-                raise NameCollision(_collision(no, name, found[no]))
-    numbers: dict[str, int] = {}
-    out: list[tuple[int, int]] = []
-    for pair, seq in pairs:
-        no = numbers.get(pair)
-        if no is None:
-            no = numbers[pair] = name_number(pair)
-            if found.setdefault(no, pair) != pair:
-                raise NameCollision(_collision(no, pair, found[no]))
-        out.append((no, seq))
+    for no, name in distinct:
+        if no is not None and found.setdefault(no, name) != name:
+            raise NameCollision(_collision(no, name, found[no]))
+    out = [(numbers[pair], seq) for pair, seq in pairs]
     return out, list(found.items())
 
 
