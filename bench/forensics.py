@@ -20,6 +20,7 @@ bounded while rebuilding.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import random
 import resource
@@ -112,12 +113,13 @@ def percentiles(samples: list[float]) -> tuple[float, float]:
     return statistics.median(s), p95
 
 
-def canned_queries(
-    index: UsageIndex, catalog: KeyCatalog, rng: random.Random
-) -> dict[str, tuple[Callable[[], Any], Callable[[], Any]]]:
-    """name -> (index query, full-scan equivalent), each with fresh random arguments."""
+@functools.cache
+def _choices(
+    index: UsageIndex, catalog: KeyCatalog
+) -> tuple[list[dict[str, Any]], list[str], list[str], int]:
+    """Keys (not deleted), principals, alias ARNs and the last call's time (us), read
+    once per index: the distinct principals take a full read of the table."""
     docs = [d for d in catalog.key_docs() if not d["deleted"]]
-    keys = [d["arn"] for d in docs]
     with index.db.transaction(commit=False) as c:
         principals = [
             r["principal"]
@@ -129,6 +131,15 @@ def canned_queries(
         ]
         last = c.execute(f"SELECT MAX(ts) AS ts FROM {index.usage}").fetchone()
     end = int(last["ts"]) if last and last["ts"] is not None else 0
+    return docs, principals, aliases, end
+
+
+def canned_queries(
+    index: UsageIndex, catalog: KeyCatalog, rng: random.Random
+) -> dict[str, tuple[Callable[[], Any], Callable[[], Any]]]:
+    """name -> (index query, full-scan equivalent), each with fresh random arguments."""
+    docs, principals, aliases, end = _choices(index, catalog)
+    keys = [d["arn"] for d in docs]
     db = index.db
     key = rng.choice(keys)
     alias = rng.choice(aliases) if aliases else None
