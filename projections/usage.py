@@ -1096,12 +1096,15 @@ class UsageIndex:
             if f.key_arns and not f.alias_arn and not f.key_sent:
                 # The keys' calls, then ReEncrypts from them to other keys: each from
                 # its own index (an OR of the two looked up every row in the table).
-                found: list[dict[str, Any]] = []
+                # Seqs first, then their rows: the key's covering index answers filters
+                # on time, operation, kind and error alone (PostgreSQL read every row
+                # of the key to find its few lifecycle events: 85 ms against 5).
+                found: set[int] = set()
                 for parts in self._key_branches(f.key_arns):
                     where, params = self._where(f, parts)
-                    sql = f"SELECT {_ROW} FROM {self.usage} u{where}"
-                    found.extend(dict(r) for r in c.execute(sql, params).fetchall())
-                return sorted(found, key=lambda r: int(r["seq"]))
+                    sql = f"SELECT u.seq FROM {self.usage} u{where}"
+                    found.update(int(r[0]) for r in c.select_values(sql, params))
+                return self._rows_at(c, sorted(found))
             where, params = self._where(f)
             sql = f"SELECT {_ROW} FROM {self.usage} u{where} ORDER BY u.seq"
             if f.limit is not None:
@@ -1152,10 +1155,13 @@ class UsageIndex:
                 got += newest(clause, args)
                 if got >= limit:
                     break
-        last = sorted(found)[-limit:]
+        return self._rows_at(c, sorted(found)[-limit:])
+
+    def _rows_at(self, c: SqlCursor, seqs: Sequence[int]) -> list[dict[str, Any]]:
+        """The rows of ``seqs`` (ascending), in seq order."""
         rows: list[dict[str, Any]] = []
-        for i in range(0, len(last), 1000):  # bound the parameters per statement
-            chunk = last[i : i + 1000]
+        for i in range(0, len(seqs), 1000):  # bound the parameters per statement
+            chunk = seqs[i : i + 1000]
             marks = ", ".join("?" for _ in chunk)
             sql = f"SELECT {_ROW} FROM {self.usage} u WHERE u.seq IN ({marks}) ORDER BY u.seq"
             rows.extend(dict(r) for r in c.execute(sql, chunk).fetchall())
