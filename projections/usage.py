@@ -1231,6 +1231,9 @@ class UsageIndex:
     def _times(self, c: SqlCursor, seqs: Iterable[int]) -> dict[int, str]:
         out: dict[int, str] = {}
         wanted = sorted(seqs)
+        if self.db.is_postgres and wanted:  # one array parameter (500 marks: 5 ms each)
+            q = f"SELECT seq, time FROM {self.usage} WHERE seq = ANY(?)"
+            return {int(seq): time for seq, time in c.select_values(q, [wanted])}
         for i in range(0, len(wanted), 500):
             chunk = wanted[i : i + 500]
             q = f"SELECT seq, time FROM {self.usage} WHERE seq IN ({', '.join('?' * len(chunk))})"
