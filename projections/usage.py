@@ -170,16 +170,18 @@ def name_number(name: str) -> int:
     return int.from_bytes(digest, "big", signed=True)
 
 
-def _numbered(row: tuple[Any, ...], numbers: dict[Any, int | None]) -> tuple[Any, ...]:
-    """``row`` with the numbers of its key ARN and principal after it (None for a
-    value that is no string); ``numbers`` caches them."""
-    out = []
-    for value in (row[_KEY_AT], row[_PRINCIPAL_AT]):
-        n = numbers.get(value, -1) if value is not None else None
-        if n == -1:
-            n = numbers[value] = name_number(value) if type(value) is str else None
-        out.append(n)
-    return (*row, *out)
+def _number_of(value: Any, numbers: dict[Any, int | None]) -> int | None:
+    """``name_number(value)``, None for a value that is no string; ``numbers``
+    caches them."""
+    n = numbers.get(value, -1)
+    if n == -1:
+        n = numbers[value] = name_number(value) if type(value) is str else None
+    return n
+
+
+def _with_numbers(row: tuple[Any, ...], numbers: dict[Any, int | None]) -> tuple[Any, ...]:
+    """``row`` with the numbers of its key ARN and principal after it."""
+    return (*row, _number_of(row[_KEY_AT], numbers), _number_of(row[_PRINCIPAL_AT], numbers))
 
 
 def numbered(
@@ -416,7 +418,7 @@ def prepare_reference(
         if for_postgres and _JSON_NUL in raw:
             row = pg_text_row(row)
             row_pairs = [pg_text_row(pair) for pair in row_pairs]
-        rows.append(_numbered(row, numbers))
+        rows.append(_with_numbers(row, numbers))
         pairs.extend(row_pairs)
         topic = short_topic(event)
         if topic.startswith("Alias.") or topic == "Key.Deleted":
@@ -559,14 +561,6 @@ def prepare(records: Sequence[tuple[Any, Any]], *, for_postgres: bool = False) -
                 seen = contexts[key] = (share(text, text), names)
             text, names = seen
         principal, key_arn = call.principal, e.key_arn
-        key_no = numbers.get(key_arn, -1)
-        if key_no == -1:
-            key_no = numbers[key_arn] = name_number(key_arn) if type(key_arn) is str else None
-        principal_no = numbers.get(principal, -1)
-        if principal_no == -1:
-            principal_no = numbers[principal] = (
-                name_number(principal) if type(principal) is str else None
-            )
         row: tuple[Any, ...] = (
             seq,
             ts,
@@ -585,8 +579,8 @@ def prepare(records: Sequence[tuple[Any, Any]], *, for_postgres: bool = False) -
             share(algorithm, algorithm) if type(algorithm) is str else None,
             share(e.error_code, e.error_code),
             call.request_id,
-            key_no,
-            principal_no,
+            _number_of(key_arn, numbers),
+            _number_of(principal, numbers),
         )
         row_pairs: list[tuple[str, int]] = []
         first, second = req.encryptionContext, req.destinationEncryptionContext
@@ -599,7 +593,7 @@ def prepare(records: Sequence[tuple[Any, Any]], *, for_postgres: bool = False) -
         if second and first:  # a pair in both contexts is one row
             row_pairs = list(dict.fromkeys(row_pairs))
         if for_postgres and b"\\" in raw and _JSON_NUL in raw:  # memchr first
-            row = _numbered(pg_text_row(row[: len(COLUMNS)]), numbers)  # of the mapped text
+            row = _with_numbers(pg_text_row(row[: len(COLUMNS)]), numbers)  # the mapped text
             row_pairs = [pg_text_row(pair) for pair in row_pairs]
         rows.append(row)
         pairs += row_pairs
@@ -922,18 +916,28 @@ class UsageIndex:
         c.executemany(
             f"INSERT INTO {self.names} (no, name) VALUES (?, ?) ON CONFLICT DO NOTHING", names
         )
-        for i in range(0, len(names), 500):
-            chunk = names[i : i + 500]
+        select = f"SELECT no, name FROM {self.names} WHERE"
+        stored = dict(self._select_in(c, select, "no", [no for no, _ in names]))
+        for no, name in names:
+            if stored.get(no) != name:
+                raise NameCollision(_collision(no, name, stored.get(no)))
+
+    def _select_in(
+        self, c: SqlCursor, select: str, column: str, values: Sequence[Any]
+    ) -> list[tuple[Any, ...]]:
+        """The rows of ``select`` (which ends in WHERE) with ``column`` in ``values``:
+        one array parameter on PostgreSQL (chunks of 500 marks cost it 5 ms each),
+        chunks of 500 marks on SQLite."""
+        if not values:
+            return []
+        if self.db.is_postgres:
+            return c.select_values(f"{select} {column} = ANY(?)", [list(values)])
+        out: list[tuple[Any, ...]] = []
+        for i in range(0, len(values), 500):
+            chunk = values[i : i + 500]
             marks = ", ".join("?" for _ in chunk)
-            stored = dict(
-                c.select_values(
-                    f"SELECT no, name FROM {self.names} WHERE no IN ({marks})",
-                    [no for no, _ in chunk],
-                )
-            )
-            for no, name in chunk:
-                if stored.get(no) != name:
-                    raise NameCollision(_collision(no, name, stored.get(no)))
+            out += c.select_values(f"{select} {column} IN ({marks})", chunk)
+        return out
 
     def _apply_alias(self, c: SqlCursor, seq: int, event: dict[str, Any]) -> None:
         topic = str(event["topic"])
@@ -982,23 +986,19 @@ class UsageIndex:
 
     # ---------------------------------------------------------------- queries
 
-    def _numbered(self, column: str, names: Sequence[str]) -> str:
-        """SQL: ``column`` (key_no or principal_no) is the number of one of ``names``
-        (one ``?`` each), as stored: an unknown name matches nothing."""
-        if len(names) == 1:
+    def _is_named(self, column: str, count: int = 1) -> str:
+        """SQL: ``column`` (key_no, principal_no or pair_no) is the stored number of
+        one of ``count`` names (a ``?`` each): a name not stored matches nothing."""
+        if count == 1:
             return f"{column} = (SELECT n.no FROM {self.names} n WHERE n.name = ?)"
-        marks = ", ".join("?" for _ in names)
+        marks = ", ".join("?" for _ in range(count))
         return f"{column} IN (SELECT n.no FROM {self.names} n WHERE n.name IN ({marks}))"
 
     def _names_of(self, c: SqlCursor, numbers: Iterable[Any]) -> dict[Any, str]:
         """The names of stored ``numbers`` (None maps to None)."""
         wanted = sorted({n for n in numbers if n is not None})
         out: dict[Any, Any] = {None: None}
-        for i in range(0, len(wanted), 500):
-            chunk = wanted[i : i + 500]
-            marks = ", ".join("?" for _ in chunk)
-            sql = f"SELECT no, name FROM {self.names} WHERE no IN ({marks})"
-            out.update(c.select_values(sql, chunk))
+        out.update(self._select_in(c, f"SELECT no, name FROM {self.names} WHERE", "no", wanted))
         return out
 
     def _key_parts(self, f: Filters) -> list[tuple[str, list[Any]]]:
@@ -1006,9 +1006,10 @@ class UsageIndex:
         parts: list[tuple[str, list[Any]]] = []
         if f.key_arns:
             marks = ", ".join("?" for _ in f.key_arns)
+            named = self._is_named("u.key_no", len(f.key_arns))
             parts.append(
                 (
-                    f"{self._numbered('u.key_no', f.key_arns)} OR u.source_key_arn IN ({marks})",
+                    f"{named} OR u.source_key_arn IN ({marks})",
                     [*f.key_arns, *f.key_arns],
                 )
             )
@@ -1035,7 +1036,7 @@ class UsageIndex:
         keys = list(key_arns)
         marks = ", ".join("?" for _ in keys)
         return [
-            [(self._numbered("u.key_no", keys), keys)],
+            [(self._is_named("u.key_no", len(keys)), keys)],
             [
                 (
                     f"u.source_key_arn IN ({marks}) AND "
@@ -1057,7 +1058,7 @@ class UsageIndex:
             for _, p in parts:
                 params.extend(p)
         if f.principal:
-            clauses.append(self._numbered("u.principal_no", [f.principal]))
+            clauses.append(self._is_named("u.principal_no"))
             params.append(f.principal)
         if f.operations:
             clauses.append(f"u.operation IN ({', '.join('?' for _ in f.operations)})")
@@ -1077,7 +1078,7 @@ class UsageIndex:
         elif f.error:
             clauses.append("u.error_code IS NOT NULL")
         for k, v in f.context:
-            pair = self._numbered("x.pair_no", ["?"])
+            pair = self._is_named("x.pair_no")
             clauses.append(f"u.seq IN (SELECT x.seq FROM {self.context} x WHERE {pair})")
             params.append(context_pair(k, v))
         if f.source_ip:
@@ -1123,7 +1124,7 @@ class UsageIndex:
         """
         parts: list[tuple[str, list[Any]]] = []
         for arn in f.key_arns:
-            parts.append((self._numbered("u.key_no", [arn]), [arn]))
+            parts.append((self._is_named("u.key_no"), [arn]))
             parts.append(("u.source_key_arn = ?", [arn]))
         if f.key_sent:
             parts.append((_SENT_CLAUSE, [f.key_sent]))
@@ -1147,7 +1148,7 @@ class UsageIndex:
             ).fetchall()
             got = 0
             for p in periods:  # newest first; periods of one alias ARN never overlap
-                clause = self._numbered("u.key_no", [p["key_arn"]]) + " AND u.seq > ?"
+                clause = self._is_named("u.key_no") + " AND u.seq > ?"
                 args = [p["key_arn"], p["from_seq"]]
                 if p["to_seq"] is not None:
                     clause += " AND u.seq <= ?"
@@ -1229,17 +1230,8 @@ class UsageIndex:
         return rows[:top] if top is not None else rows
 
     def _times(self, c: SqlCursor, seqs: Iterable[int]) -> dict[int, str]:
-        out: dict[int, str] = {}
-        wanted = sorted(seqs)
-        if self.db.is_postgres and wanted:  # one array parameter (500 marks: 5 ms each)
-            q = f"SELECT seq, time FROM {self.usage} WHERE seq = ANY(?)"
-            return {int(seq): time for seq, time in c.select_values(q, [wanted])}
-        for i in range(0, len(wanted), 500):
-            chunk = wanted[i : i + 500]
-            q = f"SELECT seq, time FROM {self.usage} WHERE seq IN ({', '.join('?' * len(chunk))})"
-            for r in c.execute(q, chunk).fetchall():
-                out[int(r["seq"])] = r["time"]
-        return out
+        select = f"SELECT seq, time FROM {self.usage} WHERE"
+        return {int(q): t for q, t in self._select_in(c, select, "seq", sorted(seqs))}
 
     def last_used(self, key_arn: str) -> dict[str, Any] | None:
         """The last successful cryptographic call with the key (GetKeyLastUsage), as
@@ -1249,7 +1241,7 @@ class UsageIndex:
         marks = ", ".join("?" for _ in ops)
         found: list[dict[str, Any]] = []
         with self.db.transaction(commit=False) as c:
-            for column in (self._numbered("u.key_no", [key_arn]), "u.source_key_arn = ?"):
+            for column in (self._is_named("u.key_no"), "u.source_key_arn = ?"):
                 row = c.execute(
                     f"SELECT {_ROW} FROM {self.usage} u WHERE {column} AND u.error_code IS NULL "
                     f"AND u.operation IN ({marks}) ORDER BY u.seq DESC LIMIT 1",
