@@ -10,6 +10,7 @@ with ``seq`` 1-based and contiguous and ``prev`` the previous record's hash.
 from __future__ import annotations
 
 import hashlib
+import sqlite3
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import datetime
@@ -271,6 +272,39 @@ class CopyBinary(CopyData):
     binary = True
 
 
+class SQLiteBatch(bytes):
+    """Rows in a serialized in-memory SQLite database (``sqlite_batch``): a worker
+    process builds it, the writer attaches it (``LedgerDatabase.transaction_with``) and
+    inserts its rows in one INSERT ... SELECT, in C. ``executemany`` in the writer bound
+    each value from Python: 3.4 against 1.4 us a row of the usage index."""
+
+
+#: The schema name a ``SQLiteBatch`` is attached under.
+BATCH_SCHEMA = "kl_batch"
+
+
+def sqlite_batch(tables: Sequence[tuple[str, str, Sequence[Sequence[Any]]]]) -> SQLiteBatch | None:
+    """A ``SQLiteBatch`` of ``(table name, column definitions, rows)``: each table
+    created with those definitions (the destination's, so values get the same types)
+    and its rows inserted in order. None where this Python's sqlite3 cannot serialize a
+    database. Names and definitions are trusted, never user input; raises sqlite3's
+    error for a row that does not fit its table."""
+    conn = sqlite3.connect(":memory:", isolation_level=None)
+    try:
+        if not hasattr(conn, "serialize"):  # pragma: no cover - Python < 3.11
+            return None
+        conn.execute("BEGIN")
+        for name, columns, rows in tables:
+            conn.execute(f"CREATE TABLE {name} ({columns})")
+            if rows:
+                marks = ", ".join("?" for _ in rows[0])
+                conn.executemany(f"INSERT INTO {name} VALUES ({marks})", rows)
+        conn.execute("COMMIT")
+        return SQLiteBatch(conn.serialize())
+    finally:
+        conn.close()
+
+
 _COPY_SIGNATURE = b"PGCOPY\n\xff\r\n\x00" + bytes(8)  # no flags, no header extension
 _COPY_TRAILER = b"\xff\xff"
 
@@ -462,6 +496,29 @@ class LedgerDatabase:
     def transaction(self, *, commit: bool) -> Iterator[SqlCursor]:
         with self.datastore.transaction(commit=commit) as raw:
             yield SqlCursor(raw, self)
+
+    @contextmanager
+    def transaction_with(self, batch: SQLiteBatch | None) -> Iterator[SqlCursor]:
+        """A committing transaction; on SQLite with ``batch`` (if any) attached as
+        schema ``BATCH_SCHEMA`` for its duration, detached afterwards (ATTACH cannot
+        run inside a transaction, so this takes its own connection from the pool).
+        Raises TypeError for a batch on PostgreSQL; sqlite3's error for one that is
+        no database."""
+        if batch is None:
+            with self.transaction(commit=True) as c:
+                yield c
+            return
+        if self.is_postgres:
+            raise TypeError("a SQLite batch is for SQLite")
+        with self.datastore.get_connection(commit=True) as conn:
+            raw = conn.cursor().sqlite_cursor.connection
+            raw.execute(f"ATTACH ':memory:' AS {BATCH_SCHEMA}")
+            try:
+                raw.deserialize(batch, name=BATCH_SCHEMA)
+                with conn.transaction(commit=True) as cursor:
+                    yield SqlCursor(cursor, self)
+            finally:
+                raw.execute(f"DETACH {BATCH_SCHEMA}")
 
     @contextmanager
     def ddl_transaction(self) -> Iterator[SqlCursor]:

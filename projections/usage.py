@@ -39,7 +39,16 @@ from typing import Any
 import msgspec
 import orjson
 
-from ledger.persistence import CopyData, LedgerDatabase, SqlCursor, copy_rows, pg_text_row
+from ledger.persistence import (
+    BATCH_SCHEMA,
+    CopyData,
+    LedgerDatabase,
+    SqlCursor,
+    SQLiteBatch,
+    copy_rows,
+    pg_text_row,
+    sqlite_batch,
+)
 from ledger.records import LedgerRecord
 
 USAGE = "kl_usage"
@@ -220,10 +229,17 @@ def _reader_spec(db: LedgerDatabase) -> dict[str, Any] | None:
 
 
 def _prepare_batch(
-    lo: int, hi: int, data: Sequence[tuple[int, bytes]], for_postgres: bool
+    lo: int, hi: int, data: Sequence[tuple[int, bytes]], for_postgres: bool, in_sqlite: bool
 ) -> tuple[int, int, int, Batch]:
+    """``prepare`` and ``numbered`` a batch; with ``in_sqlite`` (in a worker, for a
+    SQLite ledger) its rows and pairs come as one ``SQLiteBatch``, pairs then empty."""
     rows, pairs, alias_events = prepare(data, for_postgres=for_postgres)
     pair_numbers, names = numbered(rows, pairs)
+    if in_sqlite and not for_postgres:
+        tables = ((USAGE, usage_columns(False), rows), (CONTEXT, _PAIR_COLUMNS, pair_numbers))
+        batch = sqlite_batch(tables)
+        if batch is not None:
+            return lo, hi, len(data), (batch, [], alias_events, names)
     return lo, hi, len(data), (rows, pair_numbers, alias_events, names)
 
 
@@ -377,9 +393,10 @@ def usage_row(seq: int, event: dict[str, Any], share: Callable[[Any], Any]) -> t
 #: Index rows (``TABLE_COLUMNS``), context pairs, alias-changing events.
 Prepared = tuple[list[tuple[Any, ...]], list[tuple[str, int]], list[tuple[int, dict[str, Any]]]]
 #: Rows, pairs as numbers (``numbered``; both formatted for COPY, from a PostgreSQL
-#: worker, or not), alias-changing events, and the names of the numbers.
+#: worker; or both in one SQLiteBatch, pairs then empty, from a SQLite worker; or as
+#: they are), alias-changing events, and the names of the numbers.
 Batch = tuple[
-    list[tuple[Any, ...]] | CopyData,
+    list[tuple[Any, ...]] | CopyData | SQLiteBatch,
     list[tuple[int, int]] | CopyData,
     list[tuple[int, dict[str, Any]]],
     list[tuple[int, str]],
@@ -632,6 +649,29 @@ class Filters:
     limit: int | None = None  # the last N matches
 
 
+def _text_type(postgres: bool) -> str:
+    # Text compares byte by byte, as on SQLite: PostgreSQL's default collation
+    # (C.UTF-8 here) sorted index keys through strcoll, a fifth of the time of
+    # building the indexes. Lookups are by equality, which is byte equality either way.
+    return 'TEXT COLLATE "C"' if postgres else "TEXT"
+
+
+def usage_columns(postgres: bool) -> str:
+    """The column definitions of the usage table (``TABLE_COLUMNS``)."""
+    # On SQLite seq is the rowid (no separate primary-key index).
+    types = {
+        "seq": "BIGINT PRIMARY KEY" if postgres else "INTEGER PRIMARY KEY",
+        "ts": "BIGINT NOT NULL",
+        "key_no": "BIGINT",
+        "principal_no": "BIGINT",
+    }
+    text = _text_type(postgres)
+    return ", ".join(f"{c} {types.get(c, text)}" for c in TABLE_COLUMNS)
+
+
+_PAIR_COLUMNS = "pair_no BIGINT NOT NULL, seq BIGINT NOT NULL"
+
+
 class UsageIndex:
     """The usage index and alias history over a ledger database."""
 
@@ -645,23 +685,12 @@ class UsageIndex:
         self.names = db.table(NAMES)
         self.batch_size = batch_size
         self._lock = threading.Lock()
-        # On SQLite seq is the rowid (no separate primary-key index).
-        seq_type = "BIGINT PRIMARY KEY" if db.is_postgres else "INTEGER PRIMARY KEY"
-        # Text compares byte by byte, as on SQLite: PostgreSQL's default collation
-        # (C.UTF-8 here) sorted index keys through strcoll, a fifth of the time of
-        # building the indexes. Lookups are by equality, which is byte equality either way.
-        text = 'TEXT COLLATE "C"' if db.is_postgres else "TEXT"
-        types = {"seq": seq_type, "ts": "BIGINT NOT NULL", "key_no": "BIGINT"}
-        types["principal_no"] = "BIGINT"
-        cols = ", ".join(f"{c} {types.get(c, text)}" for c in TABLE_COLUMNS)
+        text = _text_type(db.is_postgres)
         with db.ddl_transaction() as c:
             self._drop_obsolete_tables(c)
-            c.execute(f"CREATE TABLE IF NOT EXISTS {self.usage} ({cols})")
+            c.execute(f"CREATE TABLE IF NOT EXISTS {self.usage} ({usage_columns(db.is_postgres)})")
             # No primary key: its unique index is built after a bulk load (sorted, once)
-            c.execute(
-                f"CREATE TABLE IF NOT EXISTS {self.context} (pair_no BIGINT NOT NULL, "
-                "seq BIGINT NOT NULL)"
-            )
+            c.execute(f"CREATE TABLE IF NOT EXISTS {self.context} ({_PAIR_COLUMNS})")
             c.execute(
                 f"CREATE TABLE IF NOT EXISTS {self.aliases} (alias_id {text} NOT NULL, "
                 f"alias_arn {text} NOT NULL, "
@@ -791,9 +820,11 @@ class UsageIndex:
                                 records = c.select_values(_READ_RANGE, (position, hi))
                             data = [(int(q), bytes(b)) for q, b in records]
                             job: Any = (
-                                pool.apply_async(_prepare_batch, (position, hi, data, for_postgres))
+                                pool.apply_async(
+                                    _prepare_batch, (position, hi, data, for_postgres, True)
+                                )
                                 if pool
-                                else _prepare_batch(position, hi, data, for_postgres)
+                                else _prepare_batch(position, hi, data, for_postgres, False)
                             )
                             in_flight.append(job)
                             position = hi
@@ -801,7 +832,8 @@ class UsageIndex:
                             return done
                         job = in_flight.popleft()
                         lo, upto, n, prepared = job.get() if pool else job
-                    with self.db.transaction(commit=True) as c:
+                    attach = prepared[0] if isinstance(prepared[0], SQLiteBatch) else None
+                    with self.db.transaction_with(attach) as c:
                         if n:
                             self._write(c, prepared, lo, self._claim(c))
                         c.execute(
@@ -899,10 +931,19 @@ class UsageIndex:
         rows, pairs, alias_events, names = prepared
         self._add_names(c, names)
         after = None if claimed <= lo else claimed
-        # On PostgreSQL, prepare() has mapped NUL already
-        c.insert_new(self.usage, TABLE_COLUMNS, rows, after_seq=after)
-        if pairs:
-            c.insert_new(self.context, ("pair_no", "seq"), pairs, after_seq=after)
+        if isinstance(rows, SQLiteBatch):  # attached by the caller (transaction_with)
+            where = "true" if after is None else f"seq > {int(after)}"
+            for table, columns in ((self.usage, TABLE_COLUMNS), (self.context, ("pair_no", "seq"))):
+                cols = ", ".join(columns)
+                c.execute(
+                    f"INSERT INTO {table} ({cols}) SELECT {cols} FROM {BATCH_SCHEMA}.{table} "
+                    f"WHERE {where} ON CONFLICT DO NOTHING"  # WHERE: else ON reads as a join's
+                )
+        else:
+            # On PostgreSQL, prepare() has mapped NUL already
+            c.insert_new(self.usage, TABLE_COLUMNS, rows, after_seq=after)
+            if pairs:
+                c.insert_new(self.context, ("pair_no", "seq"), pairs, after_seq=after)
         for seq, event in alias_events:
             if after is None or seq > after:
                 self._apply_alias(c, seq, event)

@@ -529,11 +529,13 @@ def test_a_rebuild_decoded_by_a_worker_process_gives_the_same_tables(
     assert seen == sorted(seen) and seen[-1] == generated.db.head_seq()  # batches in order
 
 
+@pytest.mark.parametrize("workers", [0, 2])
 def test_overlapping_batches_write_each_row_once_without_the_unique_index(
-    generated: Generated,
+    generated: Generated, workers: int
 ) -> None:
     # As after a rebuild killed with its indexes dropped, in a process that opened the
     # index before: nothing but the last seq written keeps rows from being duplicated.
+    # With workers, the batches come formatted (COPY on PostgreSQL, a SQLite batch).
     index = UsageIndex(generated.db)
     index.rebuild()
     clean = index.snapshot()
@@ -549,7 +551,7 @@ def test_overlapping_batches_write_each_row_once_without_the_unique_index(
         index._apply(c, records)  # three quarters already there
         index._apply(c, records[:50])  # all already there
     generated.db.set_position("projection:usage:v1", 50)  # an older writer's position
-    index.catch_up()
+    index.catch_up(workers=workers, batch_size=64)
     UsageIndex(generated.db)  # the unique index again: fails on a duplicate
     assert index.snapshot() == clean
 

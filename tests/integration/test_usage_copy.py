@@ -1,6 +1,6 @@
 """The usage index stores awkward text exactly, on both backends: on PostgreSQL its
 rows travel by COPY (tabs, newlines, backslashes, ``\\N`` and non-ASCII must survive
-the escaping), on SQLite as bound parameters."""
+the escaping), on SQLite as bound parameters or a serialized batch."""
 
 from __future__ import annotations
 
@@ -96,10 +96,11 @@ def test_nul_in_a_context_or_key_id_is_indexed_and_found(ledger: KeyLedger) -> N
 def test_rows_formatted_for_copy_by_workers_equal_rows_written_by_the_writer(
     ledger: KeyLedger, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """On PostgreSQL a rebuild's workers send rows already in COPY's binary format;
-    the tables must equal those written row by row (tabs, backslashes, ``\\N``, NUL)."""
+    """On PostgreSQL a rebuild's workers send rows already in COPY's binary format, on
+    SQLite in a serialized database; the tables must equal those written row by row
+    (tabs, backslashes, ``\\N``, NUL)."""
     import projections.usage as usage
-    from ledger.persistence import CopyBinary
+    from ledger.persistence import CopyBinary, SQLiteBatch
 
     root = Caller(principal="arn:aws:iam::111122223333:root")
     arn = ledger.create_key(caller=root)["KeyMetadata"]["Arn"]
@@ -125,8 +126,34 @@ def test_rows_formatted_for_copy_by_workers_equal_rows_written_by_the_writer(
     assert index.rebuild() == ledger.db.head_seq()
     assert index.snapshot() == serial
     assert len(index.trail(Filters(key_arns=[arn], context=[("n\x00ul", "v\x003")]))) == 1
-    # The formatted path is the one taken on PostgreSQL (rows on SQLite).
-    assert set(sent) == ({CopyBinary} if ledger.db.is_postgres else {list})
+    # The formatted paths are the ones taken
+    assert set(sent) == ({CopyBinary} if ledger.db.is_postgres else {SQLiteBatch})
+
+
+def test_a_sqlite_batch_is_attached_for_one_transaction_and_detached_after_a_failure(
+    ledger: KeyLedger,
+) -> None:
+    from ledger.persistence import BATCH_SCHEMA, sqlite_batch
+
+    rows = [(1, "a\x00b\tc"), (2, None), (3, "é☃")]
+    batch = sqlite_batch([("t", "seq INTEGER PRIMARY KEY, v TEXT", rows)])
+    assert batch is not None
+    if ledger.db.is_postgres:
+        with pytest.raises(TypeError), ledger.db.transaction_with(batch):
+            pass
+        return
+    with ledger.db.transaction_with(batch) as c:
+        c.execute(f"CREATE TABLE kl_probe AS SELECT * FROM {BATCH_SCHEMA}.t")
+    with pytest.raises(RuntimeError), ledger.db.transaction_with(batch) as c:
+        c.execute(f"INSERT INTO kl_probe SELECT seq + 3, v FROM {BATCH_SCHEMA}.t")
+        raise RuntimeError("stop")  # rolled back, and the batch detached all the same
+    for _ in range(3):  # attaching again on the pooled connection works
+        with ledger.db.transaction_with(batch) as c:
+            got = c.select_values("SELECT seq, v FROM kl_probe ORDER BY seq")
+            assert [tuple(r) for r in got] == rows
+    with ledger.db.transaction(commit=False) as c:
+        attached = [r[1] for r in c.select_values("PRAGMA database_list")]
+    assert BATCH_SCHEMA not in attached
 
 
 def test_copy_rows_is_binary_when_the_types_fit_and_text_otherwise(ledger: KeyLedger) -> None:
