@@ -818,7 +818,12 @@ class UsageIndex:
                             hi = min(position + batch, head)
                             with self.db.transaction(commit=False) as c:
                                 records = c.select_values(_READ_RANGE, (position, hi))
-                            data = [(int(q), bytes(b)) for q, b in records]
+                            # SQLite gives int and bytes already (0.6 s a million)
+                            data = (
+                                [(int(q), bytes(b)) for q, b in records]
+                                if for_postgres
+                                else records
+                            )
                             job: Any = (
                                 pool.apply_async(
                                     _prepare_batch, (position, hi, data, for_postgres, True)
