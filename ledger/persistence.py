@@ -518,6 +518,8 @@ class LedgerDatabase:
                 with conn.transaction(commit=True) as cursor:
                     yield SqlCursor(cursor, self)
             finally:
+                if raw.in_transaction:  # a commit that failed: DETACH needs none open
+                    raw.rollback()
                 raw.execute(f"DETACH {BATCH_SCHEMA}")
 
     @contextmanager
