@@ -340,13 +340,17 @@ def test_applying_records_twice_changes_nothing(generated: Generated) -> None:
 
 
 KILLED_REBUILD = """
-import sys, time
+import os, sys, time
 from pathlib import Path
+import projections.usage as usage
 from projections.usage import UsageIndex
 from tests.integration.test_forensics import open_without_hsm
 
 ledger = open_without_hsm(Path(sys.argv[1]), sys.argv[2] or None)
 db = ledger.db
+if sys.argv[3] == "workers":  # as a rebuild of a big ledger: forked workers, batches
+    usage.PARALLEL_MIN_RECORDS, usage.REBUILD_BATCH = 0, 100
+    os.cpu_count = lambda: 2
 def progress(done, head):
     print(done, flush=True)
     time.sleep(0.2)
@@ -363,8 +367,9 @@ def open_without_hsm(data_dir: Path, url: str | None) -> KeyLedger:
     return CliContext(settings=Settings(data_dir=data_dir, database_url=url)).ledger_without_hsm
 
 
-def kill_a_rebuild_midway(g: Generated) -> None:
-    """Start a slow rebuild in a child process and SIGKILL it after three batches."""
+def kill_a_rebuild_midway(g: Generated, mode: str = "serial") -> None:
+    """Start a slow rebuild in a child process (``mode`` serial, or workers: forked
+    decoders, SQLite batches or COPY) and SIGKILL it after three batches."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     child = subprocess.Popen(
         [
@@ -373,6 +378,7 @@ def kill_a_rebuild_midway(g: Generated) -> None:
             KILLED_REBUILD,
             str(g.settings.data_dir),
             g.settings.database_url or "",
+            mode,
         ],
         stdout=subprocess.PIPE,
         text=True,
@@ -386,13 +392,14 @@ def kill_a_rebuild_midway(g: Generated) -> None:
     assert all(line.strip().isdigit() for line in progress), progress
 
 
+@pytest.mark.parametrize("mode", ["serial", "workers"])
 def test_a_rebuild_killed_midway_then_rerun_gives_the_same_tables(
-    generated: Generated,
+    generated: Generated, mode: str
 ) -> None:
     index = UsageIndex(generated.db)
     index.rebuild()
     clean = index.snapshot()
-    kill_a_rebuild_midway(generated)
+    kill_a_rebuild_midway(generated, mode)
     # What the killed run left is consistent: rows up to its saved position, no more.
     position = index.position
     assert 0 < position < generated.db.head_seq()
@@ -401,7 +408,7 @@ def test_a_rebuild_killed_midway_then_rerun_gives_the_same_tables(
     index.rebuild()
     assert index.snapshot() == clean
     # A plain catch-up after a killed rebuild completes it to the same tables, too.
-    kill_a_rebuild_midway(generated)
+    kill_a_rebuild_midway(generated, mode)
     assert 0 < index.position < generated.db.head_seq()
     UsageIndex(generated.db).catch_up()
     assert index.snapshot() == clean
