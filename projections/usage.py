@@ -229,13 +229,13 @@ def _reader_spec(db: LedgerDatabase) -> dict[str, Any] | None:
 
 
 def _prepare_batch(
-    lo: int, hi: int, data: Sequence[tuple[int, bytes]], for_postgres: bool, in_sqlite: bool
+    lo: int, hi: int, data: Sequence[tuple[int, bytes]], for_postgres: bool, as_batch: bool
 ) -> tuple[int, int, int, Batch]:
-    """``prepare`` and ``numbered`` a batch; with ``in_sqlite`` (in a worker, for a
+    """``prepare`` and ``numbered`` a batch; with ``as_batch`` (in a worker, for a
     SQLite ledger) its rows and pairs come as one ``SQLiteBatch``, pairs then empty."""
     rows, pairs, alias_events = prepare(data, for_postgres=for_postgres)
     pair_numbers, names = numbered(rows, pairs)
-    if in_sqlite and not for_postgres:
+    if as_batch and not for_postgres:
         tables = ((USAGE, usage_columns(False), rows), (CONTEXT, _PAIR_COLUMNS, pair_numbers))
         batch = sqlite_batch(tables)
         if batch is not None:
