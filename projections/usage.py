@@ -59,7 +59,8 @@ ALIAS_HISTORY = "kl_alias_hist"
 NAMES = "kl_usage_names"  # (no, name): key ARNs, principals and pairs by number
 POSITION_NAME = "projection:usage:v1"
 WRITE_LOCK_ID = 0x6B6C7573  # "klus": one usage-index writer at a time (PostgreSQL)
-#: A rebuild of at least this many records decodes them in forked worker processes.
+#: A rebuild or catch-up of at least this many records decodes them in forked worker
+#: processes.
 PARALLEL_MIN_RECORDS = 50_000
 #: Decode (and on PostgreSQL read) processes and records per transaction in a rebuild.
 REBUILD_WORKERS = 2
@@ -295,6 +296,15 @@ def read_and_prepare(
     if rows_copy is None or pairs_copy is None:  # pragma: no cover - no formatter
         return lo, hi, len(data), (rows, pairs, alias_events, names)
     return lo, hi, len(data), (rows_copy, pairs_copy, alias_events, names)
+
+
+def _workers_for(behind: int) -> int:
+    """Decode processes for indexing ``behind`` records: ``REBUILD_WORKERS`` (at most
+    the cores) from ``PARALLEL_MIN_RECORDS`` on, none on one core or below it."""
+    if behind < PARALLEL_MIN_RECORDS:
+        return 0
+    workers = min(REBUILD_WORKERS, os.cpu_count() or 1)
+    return workers if workers > 1 else 0
 
 
 def _fork_pool(workers: int, spec: dict[str, Any] | None) -> Any:
@@ -771,7 +781,7 @@ class UsageIndex:
         self,
         progress: Callable[[int, int], None] | None = None,
         *,
-        workers: int = 0,
+        workers: int | None = None,
         batch_size: int | None = None,
     ) -> int:
         """Index every record after the tracked position; return how many were read.
@@ -779,18 +789,24 @@ class UsageIndex:
         ``progress(done, head)`` is called after each batch. With ``workers`` > 0,
         that many forked processes decode batches (on PostgreSQL each also reads its
         range of seqs over its own connection) while this one writes them in order
-        (at most ``workers + 2`` in flight).
+        (at most ``workers + 2`` in flight), in batches of ``REBUILD_BATCH`` unless
+        ``batch_size`` says otherwise. ``workers`` None: ``REBUILD_WORKERS`` when at
+        least ``PARALLEL_MIN_RECORDS`` records are behind (and the machine has more
+        than one core), else none. Forks: call it from a process whose other threads
+        hold no lock the workers need (the CLI; not a threaded server).
         """
         done = 0
-        batch = batch_size or self.batch_size
         for_postgres = self.db.is_postgres
         with self._lock:
             position = self.db.get_position(POSITION_NAME)
+            head = self.db.head_seq()
+            if workers is None:
+                workers = _workers_for(head - position)
+            batch = batch_size or (REBUILD_BATCH if workers else self.batch_size)
             # PostgreSQL: workers read too. SQLite: this process reads (a second reader
             # holds back WAL checkpoints while this one writes, which cost more).
             spec = _reader_spec(self.db) if workers > 0 else None
             pool = _fork_pool(workers, spec)
-            head = self.db.head_seq()
             range_sql = [self.db.sql(q) for q in (_READ_CHAIN, _READ_EVENTS, _READ_EVENTS_BY_ID)]
             in_flight: deque[Any] = deque()
             try:
@@ -873,11 +889,7 @@ class UsageIndex:
             c.execute("DELETE FROM {positions} WHERE name = ?", (POSITION_NAME,))
             if not self.db.is_postgres:
                 _sqlite_pragma(c, "secure_delete", secure)
-        workers = 0
-        if self.db.head_seq() >= PARALLEL_MIN_RECORDS:
-            workers = min(REBUILD_WORKERS, os.cpu_count() or 1)
-            workers = workers if workers > 1 else 0
-        n = self.catch_up(progress, workers=workers, batch_size=REBUILD_BATCH if workers else None)
+        n = self.catch_up(progress)
         with self.db.ddl_transaction() as c:
             if self.db.is_postgres:  # sorts for the index builds in memory
                 c.execute("SET LOCAL maintenance_work_mem = '256MB'")

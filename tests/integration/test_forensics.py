@@ -536,6 +536,41 @@ def test_a_rebuild_decoded_by_a_worker_process_gives_the_same_tables(
     assert seen == sorted(seen) and seen[-1] == generated.db.head_seq()  # batches in order
 
 
+def test_a_query_far_behind_the_log_catches_up_with_workers_to_the_same_tables(
+    generated: Generated, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import projections.usage as usage
+
+    index = UsageIndex(generated.db)
+    index.rebuild()
+    clean = index.snapshot()
+    head = generated.db.head_seq()
+    forked: list[int] = []
+    fork_pool = usage._fork_pool
+
+    def spy(workers: int, spec: object) -> object:
+        forked.append(workers)
+        return fork_pool(workers, spec)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(usage, "_fork_pool", spy)
+    monkeypatch.setattr(usage, "PARALLEL_MIN_RECORDS", head // 2)
+    monkeypatch.setattr(usage, "REBUILD_BATCH", 64)
+    monkeypatch.setattr(usage.os, "cpu_count", lambda: 2)
+    index.trail(Filters(limit=1))  # nothing behind: no workers
+    assert forked == [0]
+    # An index left behind by half the log (rows and position), indexes in place
+    keep = head - head // 2
+    with generated.db.transaction(commit=True) as c:
+        for table in (index.usage, index.context):
+            c.execute(f"DELETE FROM {table} WHERE seq > ?", (keep,))
+        c.execute(f"DELETE FROM {index.aliases} WHERE from_seq > ?", (keep,))
+        c.execute(f"UPDATE {index.aliases} SET to_seq = NULL WHERE to_seq > ?", (keep,))
+    generated.db.set_position("projection:usage:v1", keep)
+    assert len(index.trail(Filters(limit=5))) == 5  # its catch-up forks two workers
+    assert forked == [0, 2]
+    assert index.snapshot() == clean
+
+
 @pytest.mark.parametrize("workers", [0, 2])
 def test_overlapping_batches_write_each_row_once_without_the_unique_index(
     generated: Generated, workers: int
