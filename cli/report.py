@@ -146,11 +146,19 @@ ROW_COLUMNS = [
 ]
 
 
+#: Lifecycle events a report shows at most (the newest).
+LIFECYCLE_LIMIT = 500
+
+
 def build_report(index: UsageIndex, title: str, f: Filters, *, by: str) -> str:
     """The HTML page for the calls ``f`` selects; charts group by ``by`` (operation
     for one key, key for a principal or everything)."""
     daily = index.stats(f, by, "day")
-    lifecycle = index.trail(Filters(**{**f.__dict__, "lifecycle": True, "limit": 500}))
+    lifecycle = index.trail(Filters(**{**f.__dict__, "lifecycle": True, "limit": LIFECYCLE_LIMIT}))
+    # Say so when the limit cut the history short
+    cut = len(lifecycle) == LIFECYCLE_LIMIT
+    changes = f"the last {LIFECYCLE_LIMIT} state changes" if cut else "state changes"
+    count = f"the last {LIFECYCLE_LIMIT}" if cut else str(len(lifecycle))
     denied = index.trail(
         Filters(**{**f.__dict__, "error_code": "AccessDeniedException", "limit": 100})
     )
@@ -163,13 +171,12 @@ def build_report(index: UsageIndex, title: str, f: Filters, *, by: str) -> str:
         "<h2>Usage over time</h2>",
         f"<div class='chart' id='usage-chart'>{usage_chart(daily, f'calls per day by {by}')}</div>",
         "<h2>Lifecycle timeline</h2>",
-        f"<div class='chart' id='lifecycle-chart'>"
-        f"{timeline_chart(lifecycle, 'state changes')}</div>",
+        f"<div class='chart' id='lifecycle-chart'>{timeline_chart(lifecycle, changes)}</div>",
         f"<h2>Calls by {html.escape(by)}</h2>",
         table(index.stats(f, by), STAT_COLUMNS),
         "<h2>Calls by principal</h2>",
         table(index.stats(f, "principal", top=50), STAT_COLUMNS),
-        f"<h2>Lifecycle events ({len(lifecycle)})</h2>",
+        f"<h2>Lifecycle events ({count})</h2>",
         table(lifecycle, ROW_COLUMNS),
         f"<h2>Denied attempts (last {len(denied)})</h2>",
         table(denied, ROW_COLUMNS),

@@ -493,6 +493,21 @@ def test_the_html_report_renders_its_charts_in_headless_chromium(
     assert any(abs(c[0] - 255) + abs(c[1] - 127) + abs(c[2] - 14) < 30 for _, c in colours)
 
 
+def test_a_report_says_when_its_lifecycle_is_only_the_newest_events(
+    generated: Generated, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import cli.report as report
+
+    index = UsageIndex(generated.db)
+    changes = index.trail(Filters(lifecycle=True))
+    whole = report.build_report(index, "all calls", Filters(), by="operation")
+    assert f"Lifecycle events ({len(changes)})" in whole and "the last" not in whole
+    monkeypatch.setattr(report, "LIFECYCLE_LIMIT", len(changes) - 1)
+    cut = report.build_report(index, "all calls", Filters(), by="operation")
+    assert f"Lifecycle events (the last {len(changes) - 1})" in cut
+    assert f"the last {len(changes) - 1} state changes" in cut  # the chart's title
+
+
 def test_history_views_equal_a_replay_and_resume_anywhere(generated: Generated) -> None:
     from projections.views import HistoryViews, replay_history
 
