@@ -366,7 +366,7 @@ class SqlCursor:
         self,
         table: str,
         columns: Sequence[str],
-        rows: Sequence[Sequence[Any]] | CopyData,
+        rows: Sequence[Sequence[Any]] | CopyData | SQLiteBatch,
         *,
         after_seq: int | None = None,
     ) -> None:
@@ -382,9 +382,20 @@ class SqlCursor:
         ``after_seq`` None, on PostgreSQL; text holding NUL, on PostgreSQL, whose
         text cannot hold it: map it first with ``pg_text_row``). ``rows`` as
         ``CopyData`` (PostgreSQL only) are streamed as they are; on SQLite they raise
-        TypeError.
+        TypeError. ``rows`` as a ``SQLiteBatch`` (SQLite only; TypeError on PostgreSQL)
+        are its table of ``table``'s name, which the caller has attached
+        (``LedgerDatabase.transaction_with``): inserted with one INSERT ... SELECT.
         """
         cols = ", ".join(columns)
+        if isinstance(rows, SQLiteBatch):
+            if self._db.is_postgres:
+                raise TypeError("a SQLite batch is for SQLite")
+            where = "true" if after_seq is None else f"seq > {int(after_seq)}"
+            self.execute(
+                f"INSERT INTO {table} ({cols}) SELECT {cols} FROM {BATCH_SCHEMA}.{table} "
+                f"WHERE {where} ON CONFLICT DO NOTHING"  # WHERE: else ON reads as a join's
+            )
+            return
         if not self._db.is_postgres:
             if isinstance(rows, CopyData):
                 raise TypeError("COPY rows are for PostgreSQL")

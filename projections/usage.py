@@ -40,7 +40,6 @@ import msgspec
 import orjson
 
 from ledger.persistence import (
-    BATCH_SCHEMA,
     CopyData,
     LedgerDatabase,
     SqlCursor,
@@ -233,14 +232,14 @@ def _prepare_batch(
     lo: int, hi: int, data: Sequence[tuple[int, bytes]], for_postgres: bool, as_batch: bool
 ) -> tuple[int, int, int, Batch]:
     """``prepare`` and ``numbered`` a batch; with ``as_batch`` (in a worker, for a
-    SQLite ledger) its rows and pairs come as one ``SQLiteBatch``, pairs then empty."""
+    SQLite ledger) its rows and pairs come as one ``SQLiteBatch`` holding both."""
     rows, pairs, alias_events = prepare(data, for_postgres=for_postgres)
     pair_numbers, names = numbered(rows, pairs)
     if as_batch and not for_postgres:
-        tables = ((USAGE, usage_columns(False), rows), (CONTEXT, _PAIR_COLUMNS, pair_numbers))
+        tables = ((USAGE, usage_columns(False), rows), (CONTEXT, _PAIR_TYPES, pair_numbers))
         batch = sqlite_batch(tables)
-        if batch is not None:
-            return lo, hi, len(data), (batch, [], alias_events, names)
+        if batch is not None:  # the writer inserts both tables from it
+            return lo, hi, len(data), (batch, batch, alias_events, names)
     return lo, hi, len(data), (rows, pair_numbers, alias_events, names)
 
 
@@ -403,11 +402,11 @@ def usage_row(seq: int, event: dict[str, Any], share: Callable[[Any], Any]) -> t
 #: Index rows (``TABLE_COLUMNS``), context pairs, alias-changing events.
 Prepared = tuple[list[tuple[Any, ...]], list[tuple[str, int]], list[tuple[int, dict[str, Any]]]]
 #: Rows, pairs as numbers (``numbered``; both formatted for COPY, from a PostgreSQL
-#: worker; or both in one SQLiteBatch, pairs then empty, from a SQLite worker; or as
-#: they are), alias-changing events, and the names of the numbers.
+#: worker; or both in one SQLiteBatch, from a SQLite worker; or as they are),
+#: alias-changing events, and the names of the numbers.
 Batch = tuple[
     list[tuple[Any, ...]] | CopyData | SQLiteBatch,
-    list[tuple[int, int]] | CopyData,
+    list[tuple[int, int]] | CopyData | SQLiteBatch,
     list[tuple[int, dict[str, Any]]],
     list[tuple[int, str]],
 ]
@@ -679,7 +678,8 @@ def usage_columns(postgres: bool) -> str:
     return ", ".join(f"{c} {types.get(c, text)}" for c in TABLE_COLUMNS)
 
 
-_PAIR_COLUMNS = "pair_no BIGINT NOT NULL, seq BIGINT NOT NULL"
+PAIR_COLUMNS = ("pair_no", "seq")
+_PAIR_TYPES = "pair_no BIGINT NOT NULL, seq BIGINT NOT NULL"
 
 
 class UsageIndex:
@@ -700,7 +700,7 @@ class UsageIndex:
             self._drop_obsolete_tables(c)
             c.execute(f"CREATE TABLE IF NOT EXISTS {self.usage} ({usage_columns(db.is_postgres)})")
             # No primary key: its unique index is built after a bulk load (sorted, once)
-            c.execute(f"CREATE TABLE IF NOT EXISTS {self.context} ({_PAIR_COLUMNS})")
+            c.execute(f"CREATE TABLE IF NOT EXISTS {self.context} ({_PAIR_TYPES})")
             c.execute(
                 f"CREATE TABLE IF NOT EXISTS {self.aliases} (alias_id {text} NOT NULL, "
                 f"alias_arn {text} NOT NULL, "
@@ -948,19 +948,11 @@ class UsageIndex:
         rows, pairs, alias_events, names = prepared
         self._add_names(c, names)
         after = None if claimed <= lo else claimed
-        if isinstance(rows, SQLiteBatch):  # attached by the caller (transaction_with)
-            where = "true" if after is None else f"seq > {int(after)}"
-            for table, columns in ((self.usage, TABLE_COLUMNS), (self.context, ("pair_no", "seq"))):
-                cols = ", ".join(columns)
-                c.execute(
-                    f"INSERT INTO {table} ({cols}) SELECT {cols} FROM {BATCH_SCHEMA}.{table} "
-                    f"WHERE {where} ON CONFLICT DO NOTHING"  # WHERE: else ON reads as a join's
-                )
-        else:
-            # On PostgreSQL, prepare() has mapped NUL already
-            c.insert_new(self.usage, TABLE_COLUMNS, rows, after_seq=after)
-            if pairs:
-                c.insert_new(self.context, ("pair_no", "seq"), pairs, after_seq=after)
+        # On PostgreSQL, prepare() has mapped NUL already. A SQLiteBatch is attached by
+        # the caller (transaction_with).
+        c.insert_new(self.usage, TABLE_COLUMNS, rows, after_seq=after)
+        if pairs:
+            c.insert_new(self.context, PAIR_COLUMNS, pairs, after_seq=after)
         for seq, event in alias_events:
             if after is None or seq > after:
                 self._apply_alias(c, seq, event)
@@ -1217,14 +1209,9 @@ class UsageIndex:
         return self._rows_at(c, sorted(found)[-limit:])
 
     def _rows_at(self, c: SqlCursor, seqs: Sequence[int]) -> list[dict[str, Any]]:
-        """The rows of ``seqs`` (ascending), in seq order."""
-        rows: list[dict[str, Any]] = []
-        for i in range(0, len(seqs), 1000):  # bound the parameters per statement
-            chunk = seqs[i : i + 1000]
-            marks = ", ".join("?" for _ in chunk)
-            sql = f"SELECT {_ROW} FROM {self.usage} u WHERE u.seq IN ({marks}) ORDER BY u.seq"
-            rows.extend(dict(r) for r in c.execute(sql, chunk).fetchall())
-        return rows
+        """The rows of ``seqs``, in seq order."""
+        found = self._select_in(c, f"SELECT {_ROW} FROM {self.usage} u WHERE", "u.seq", seqs)
+        return [dict(zip(COLUMNS, r, strict=True)) for r in sorted(found, key=itemgetter(0))]
 
     def stats(
         self, f: Filters, by: str, bucket: str | None = None, top: int | None = None
