@@ -12,6 +12,10 @@ lock), so they can never disagree with the log:
   (lower levels are recomputed from at most ``2**MIN_STORED_LEVEL - 1`` record bytes),
   and ``kl_tree_head(id, size, frontier)``: the right edge of the tree, so one append
   costs O(log n) hashing and, amortised, 1/8 of a row.
+* ``kl_state_version(id, n)``: a counter that every storing transaction holding an
+  event other than a recorded call (a change of key, alias, grant or principal state)
+  increments (``bump_state_version``), so a process can tell with one read whether
+  the aggregates it has cached could be out of date.
 
 A ledger written before these tables existed is indexed on its next append
 (``backfill``), inside that transaction.
@@ -32,6 +36,7 @@ KEY_CHAIN_TABLE = "kl_key_chain"
 KEY_HEADS_TABLE = "kl_key_heads"
 CHECKPOINTS_TABLE = "kl_checkpoints"
 SIGNING_KEYS_TABLE = "kl_signing_keys"
+STATE_TABLE = "kl_state_version"
 MIN_STORED_LEVEL = 4
 _IN_CHUNK = 500
 
@@ -56,13 +61,15 @@ def create_statements(blob: str, bigint: str, prefix: str = "") -> list[str]:
         f"CREATE TABLE IF NOT EXISTS {p}{SIGNING_KEYS_TABLE} (label TEXT PRIMARY KEY, "
         "name TEXT NOT NULL, public_key TEXT NOT NULL, created TEXT NOT NULL, "
         "retired TEXT)",
+        f"CREATE TABLE IF NOT EXISTS {p}{STATE_TABLE} (id INTEGER PRIMARY KEY, "
+        f"n {bigint} NOT NULL)",
     ]
 
 
 class Sql(Protocol):
     """The storing transaction's cursor, with ``?`` placeholders and ``{name}`` tables
     (``{chain}``, ``{events}``, ``{nid}``, ``{tree}``, ``{tree_head}``,
-    ``{key_chain}``, ``{key_heads}``)."""
+    ``{key_chain}``, ``{key_heads}``, ``{state}``)."""
 
     def rows(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]: ...
 
@@ -113,6 +120,15 @@ class Frontier:
 
 def pack_frontier(frontier: Frontier) -> bytes:
     return frontier.packed()
+
+
+def bump_state_version(sql: Sql) -> None:
+    """Count one more committed change of aggregate state (``STATE_TABLE``); call inside
+    the storing transaction, so the count moves exactly when the change commits."""
+    sql.many(
+        "INSERT INTO {state} AS s (id, n) VALUES (1, 1) ON CONFLICT (id) DO UPDATE SET n = s.n + 1",
+        [()],
+    )
 
 
 def leaves_between(sql: Sql, first_seq: int, last_seq: int) -> list[bytes]:

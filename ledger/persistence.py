@@ -88,6 +88,17 @@ class CanonicalMapper(Mapper[UUID]):
         return cast(DomainEventProtocol[UUID], event)
 
 
+# Topics of recorded calls (ApiCall.Succeeded / Failed): write-once streams that change
+# no aggregate anyone caches; every other event does (see ``changes_state``).
+_CALL_TOPIC_PREFIX = "ledger.domain.model:ApiCall."
+
+
+def changes_state(events: Sequence[StoredEvent]) -> bool:
+    """True when ``events`` hold anything but recorded calls: their transaction must
+    bump the state version (``appendlog.bump_state_version``)."""
+    return any(not ev.topic.startswith(_CALL_TOPIC_PREFIX) for ev in events)
+
+
 def chain_rows(
     head_seq: int, head_hash: bytes, ids: Sequence[int], events: Sequence[StoredEvent]
 ) -> list[tuple[int, int, bytes, bytes]]:
@@ -137,13 +148,10 @@ class ChainedSQLiteRecorder(SQLiteApplicationRecorder):
         head_seq, head_hash = (row[0], bytes(row[1])) if row else (0, GENESIS)
         rows = chain_rows(head_seq, head_hash, ids, stored_events)
         c.executemany(f"INSERT INTO {CHAIN_TABLE} VALUES (?,?,?,?)", rows)
-        self.indexer.extend(
-            _SqliteSql(c, self.events_table_name),
-            head_seq,
-            head_hash,
-            rows,
-            [ev.state for ev in stored_events],
-        )
+        sql = _SqliteSql(c, self.events_table_name)
+        self.indexer.extend(sql, head_seq, head_hash, rows, [ev.state for ev in stored_events])
+        if changes_state(stored_events):
+            appendlog.bump_state_version(sql)
         return ids
 
 
@@ -159,6 +167,7 @@ def _table_names(events: str, prefix: str, nid: str) -> dict[str, str]:
         "key_heads": prefix + appendlog.KEY_HEADS_TABLE,
         "checkpoints": prefix + appendlog.CHECKPOINTS_TABLE,
         "signing_keys": prefix + appendlog.SIGNING_KEYS_TABLE,
+        "state": prefix + appendlog.STATE_TABLE,
     }
 
 
@@ -566,6 +575,13 @@ class LedgerDatabase:
                 "SELECT seq, record_hash FROM {chain} ORDER BY seq DESC LIMIT 1"
             ).fetchone()
         return (0, GENESIS) if row is None else (int(row["seq"]), row["record_hash"])
+
+    def state_version(self) -> int:
+        """How many committed transactions changed aggregate state (0 on a ledger that
+        has had none since the counter was added); see ``appendlog.STATE_TABLE``."""
+        with self.transaction(commit=False) as c:
+            got = c.select_values("SELECT n FROM {state} WHERE id = 1")
+        return int(got[0][0]) if got else 0
 
     def head_seq(self) -> int:
         return self.head()[0]

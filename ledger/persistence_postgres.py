@@ -21,6 +21,7 @@ from ledger.persistence import (
     POSITIONS_TABLE,
     _table_names,
     chain_rows,
+    changes_state,
 )
 from ledger.records import GENESIS
 
@@ -80,13 +81,10 @@ class ChainedPostgresRecorder(PostgresApplicationRecorder):
         head_seq, head_hash = (row["seq"], bytes(row["record_hash"])) if row else (0, GENESIS)
         rows = chain_rows(head_seq, head_hash, ids, stored_events)
         curs.executemany(self._insert_chain, rows)
-        self.indexer.extend(
-            _PostgresSql(curs, self._pg_names),
-            head_seq,
-            head_hash,
-            rows,
-            [ev.state for ev in stored_events],
-        )
+        sql = _PostgresSql(curs, self._pg_names)
+        self.indexer.extend(sql, head_seq, head_hash, rows, [ev.state for ev in stored_events])
+        if changes_state(stored_events):
+            appendlog.bump_state_version(sql)
         return ids
 
     @property
