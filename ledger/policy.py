@@ -63,6 +63,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 from decimal import Decimal, InvalidOperation
 from enum import Enum
+from functools import cached_property
 from typing import Literal, NoReturn, cast
 
 from ledger.errors import MalformedPolicyDocumentError
@@ -123,6 +124,12 @@ class AuthzRequest:
     action: str
     resource: str
     context: Mapping[str, object] = field(default_factory=dict)
+
+    @cached_property
+    def normalised_context(self) -> dict[str, tuple[object, ...]]:
+        """``context`` with lower-cased keys and tuple values, computed once for all the
+        policies one decision evaluates (do not change ``context`` afterwards)."""
+        return _normalise_context(self.context)
 
 
 @dataclass(frozen=True)
@@ -386,7 +393,7 @@ def evaluate(policy: Policy, request: AuthzRequest) -> Evaluation:
     A statement applies when its principal, action, resource and every condition
     match. See ``Evaluation`` for what each flag means.
     """
-    context = _normalise_context(request.context)
+    context = request.normalised_context
     resolve = _resolver(context, request)
     is_root = _caller_is_root(request)
     denied = allowed = account_allowed = False
@@ -818,12 +825,20 @@ def _normalise_context(context: Mapping[str, object]) -> dict[str, tuple[object,
     """Lower-case keys; every value as a non-empty tuple; empty and None values dropped."""
     out: dict[str, list[object]] = {}
     for key, value in context.items():
-        items: Iterable[object] = (
-            value if isinstance(value, list | tuple | set | frozenset) else (value,)
-        )
-        present = [item for item in items if item is not None]
-        if present:
-            out.setdefault(str(key).lower(), []).extend(present)
+        if value is None:
+            continue
+        if isinstance(value, list | tuple | set | frozenset):
+            present = [item for item in value if item is not None]
+            if not present:
+                continue
+        else:
+            present = [value]
+        name = (key if type(key) is str else str(key)).lower()
+        found = out.get(name)
+        if found is None:
+            out[name] = present
+        else:
+            found.extend(present)
     return {key: tuple(values) for key, values in out.items()}
 
 

@@ -31,7 +31,18 @@ def canonical(obj: Any) -> bytes:
 
 def _check_canonical_domain(obj: Any) -> bool:
     """Raise TypeError outside the domain; return True if a key is outside the BMP."""
-    if isinstance(obj, bool) or obj is None or isinstance(obj, str):
+    kind = type(obj)
+    if kind is str or obj is None or kind is bool:
+        return False
+    if kind is dict:  # the common case first, by exact type (subclasses below)
+        astral = False
+        for k, v in obj.items():
+            if type(k) is not str and not isinstance(k, str):
+                raise TypeError("canonical JSON keys must be strings")
+            if _check_canonical_domain(v) or (not k.isascii() and max(k) > "\uffff"):
+                astral = True
+        return astral
+    if isinstance(obj, bool | str):
         return False
     if isinstance(obj, int):
         if abs(obj) > 2**53:
@@ -44,7 +55,8 @@ def _check_canonical_domain(obj: Any) -> bool:
         for k, v in obj.items():
             if not isinstance(k, str):
                 raise TypeError("canonical JSON keys must be strings")
-            astral = _check_canonical_domain(v) or astral or any(ord(ch) > 0xFFFF for ch in k)
+            if _check_canonical_domain(v) or (not k.isascii() and max(k) > "\uffff"):
+                astral = True
         return astral
     if isinstance(obj, list | tuple):
         for v in obj:

@@ -278,6 +278,22 @@ def test_a_malformed_x_amz_date_is_an_incomplete_signature() -> None:
     assert caught.value.message.startswith("Date must be in ISO-8601 'basic format'.")
 
 
+@pytest.mark.parametrize(
+    "text",
+    [
+        "\u0662\u0660\u0662\u0664\u0660\u0665\u0661\u0667T120000Z",  # Arabic-Indic digits
+        "20240517T126000Z",  # no such minute
+        "20241317T120000Z",  # no such month
+    ],
+)
+def test_an_x_amz_date_of_other_digits_or_no_such_time_is_an_incomplete_signature(
+    text: str,
+) -> None:
+    with pytest.raises(IncompleteSignatureError) as caught:
+        _parse(_sign().with_header("X-Amz-Date", text))
+    assert caught.value.message.startswith("Date must be in ISO-8601 'basic format'.")
+
+
 def test_naive_now_is_a_programming_error() -> None:
     with pytest.raises(ValueError):
         _parse(_sign(), now=WHEN.replace(tzinfo=None))
