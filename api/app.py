@@ -46,8 +46,14 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from api import protocol, sts
-from ledger.errors import KeyLedgerError, UnknownOperationError, ValidationError
-from ledger.service import Caller
+from api.committer import AsyncCommitter
+from ledger.errors import (
+    KeyLedgerError,
+    LedgerUnavailableError,
+    UnknownOperationError,
+    ValidationError,
+)
+from ledger.service import Caller, deferred_records
 
 logger = logging.getLogger("keyledger.api")
 
@@ -57,6 +63,24 @@ DEFAULT_MAX_BODY = 1_048_576
 _CREDENTIAL = re.compile(r"Credential=([A-Za-z0-9]{1,128})/")
 _MAX_USER_AGENT = 1024
 _MAX_KEY_ID = 2048
+# Run on the event loop (see ``create_app``): cryptographic calls whose only write is
+# their call record.
+INLINE_OPERATIONS = frozenset(
+    {
+        "Encrypt",
+        "Decrypt",
+        "ReEncrypt",
+        "GenerateDataKey",
+        "GenerateDataKeyWithoutPlaintext",
+        "GenerateDataKeyPair",
+        "GenerateDataKeyPairWithoutPlaintext",
+        "GenerateRandom",
+        "GenerateMac",
+        "VerifyMac",
+        "Sign",
+        "Verify",
+    }
+)
 
 
 @dataclass(frozen=True)
@@ -267,6 +291,7 @@ def create_app(
     max_body: int = DEFAULT_MAX_BODY,
     request_timeout: float = 30.0,
     max_threads: int = 40,
+    inline_operations: frozenset[str] = frozenset(),
 ) -> KeyLedgerApp:
     """The KeyLedger HTTP API.
 
@@ -279,8 +304,16 @@ def create_app(
     ``max_body``: 1 MiB by default; the largest valid KMS request is a CreateKey or
     PutKeyPolicy with a 131072-character policy (up to ~768 KiB JSON-escaped) plus
     description and tags, so anything larger cannot be valid.
+
+    ``inline_operations`` (``INLINE_OPERATIONS`` or a subset; none by default) run on the
+    event loop itself, their call records committed by one committer thread in groups
+    (``api.committer``), instead of one worker-thread hop per request: about 30% less
+    server CPU per call. Only for a keystore whose calls take microseconds (SoftHSM2 in
+    process): a slow call would stall every request, and ``request_timeout`` then bounds
+    only the wait for the commit, not the operation.
     """
     state = AppState(ledger, authenticator)
+    committer = AsyncCommitter()
     # A plain executor: one hop per request, cheaper than anyio's thread runner.
     executor = concurrent.futures.ThreadPoolExecutor(
         max_workers=max_threads, thread_name_prefix="keyledger-api"
@@ -377,6 +410,10 @@ def create_app(
             await _send(send, *render(answer), content_type, request_id)
             return
         parts = dataclasses.replace(head, body=body)
+        if operation in inline_operations:
+            status, payload = await inline(led, auth, parts, operation, request_id)
+            await _send(send, status, payload, content_type, request_id)
+            return
         work = (
             functools.partial(sts_work, led, auth, parts, request_id)
             if query
@@ -397,6 +434,33 @@ def create_app(
                 )
             )
         await _send(send, status, payload, content_type, request_id)
+
+    async def inline(
+        led: Any, auth: Authenticator, parts: RequestParts, operation: str, request_id: str
+    ) -> tuple[int, bytes]:
+        """Run ``operation`` on the loop with its records deferred, then answer once the
+        committer has stored them (fail closed: a result is dropped if they are not)."""
+        with deferred_records() as records:
+            status, payload = kms_work(led, auth, parts, operation, request_id)
+        try:
+            await asyncio.wait_for(committer.commit(led, records), request_timeout)
+        except TimeoutError:
+            logger.warning(
+                "%s: commit timed out after %ss (request %s)", operation, request_timeout,
+                request_id,
+            )  # fmt: skip
+            return protocol.error_body(
+                protocol.DependencyTimeoutError(
+                    "The system timed out while trying to fulfill the request. "
+                    "The request can be retried."
+                )
+            )
+        except Exception as exc:
+            _log_unexpected(exc, f"committing {operation}", request_id)
+            return protocol.error_body(
+                LedgerUnavailableError("The ledger could not record the request.")
+            )
+        return status, payload
 
     async def health_endpoint(request: Request) -> Response:
         request_id = str(uuid.uuid4())
@@ -431,6 +495,7 @@ def create_app(
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         yield
+        await in_thread(committer.stop)
         if on_shutdown is not None:
             try:
                 await in_thread(on_shutdown)

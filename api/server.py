@@ -10,6 +10,11 @@ on request headers (h11's incomplete-event size; h11 is forced so the limit appl
 the body limit and request timeout of ``create_app``. Shutdown is uvicorn's graceful
 one; the lifespan hook closes the ledger and the keystore.
 
+Inline (``--inline``, ``KEYLEDGER_API_INLINE``; ``inline_enabled``): with SoftHSM2 the
+cryptographic operations run on the event loop and a committer thread stores their
+records in groups (``api.app.create_app``, ``api.committer``); other operations, and
+all of them with another PKCS#11 module, take one worker-thread hop each.
+
 ``X-Forwarded-For`` is not trusted (``proxy_headers`` off): the audit log records the
 peer address. Behind a proxy, pass ``forwarded_allow_ips`` explicitly.
 """
@@ -37,6 +42,8 @@ ENV_DEV = "KEYLEDGER_API_DEV"
 ENV_DEV_ACCOUNT = "KEYLEDGER_API_DEV_ACCOUNT"
 ENV_MAX_BODY = "KEYLEDGER_API_MAX_BODY"
 ENV_REQUEST_TIMEOUT = "KEYLEDGER_API_REQUEST_TIMEOUT"
+ENV_INLINE = "KEYLEDGER_API_INLINE"
+INLINE_CHOICES = ("auto", "on", "off")
 DEFAULT_DEV_ACCOUNT = "000000000000"
 MAX_HEADER_BYTES = 16 * 1024
 SQLITE_NAME = "ledger.sqlite3"
@@ -80,6 +87,20 @@ def settings_env(settings: Settings) -> dict[str, str]:
         "KEYLEDGER_CHECKPOINT_HEARTBEAT_SECONDS": str(settings.checkpoint_heartbeat_seconds),
     }
     return {k: v for k, v in values.items() if v is not None}
+
+
+def inline_enabled(settings: Settings, choice: str = "auto") -> bool:
+    """Whether the cryptographic operations run on the event loop (``create_app``'s
+    ``inline_operations``). ``auto``: only with SoftHSM2 (the embedded token, or a
+    ``KEYLEDGER_PKCS11_MODULE`` named like libsofthsm2), whose calls run in process in
+    microseconds; another PKCS#11 module may be a network HSM, whose latency would stall
+    the loop. Raises ValidationError for a choice not in ``INLINE_CHOICES``."""
+    if choice not in INLINE_CHOICES:
+        raise ValidationError(f"--inline must be one of {', '.join(INLINE_CHOICES)}.")
+    if choice != "auto":
+        return choice == "on"
+    module = settings.pkcs11_module
+    return module is None or "softhsm" in Path(module).name.lower()
 
 
 def close_ledger(ledger: Any) -> None:
@@ -137,12 +158,16 @@ def build_app(
     default_account: str = DEFAULT_DEV_ACCOUNT,
     max_body: int | None = None,
     request_timeout: float | None = None,
+    inline: str = "auto",
 ) -> KeyLedgerApp:
     """Open the ledger, keystore and authenticator for ``settings`` and build the app.
 
-    Raises HsmError or the database driver's error when they cannot be opened.
+    Raises HsmError or the database driver's error when they cannot be opened,
+    ValidationError for a bad ``inline`` choice (see ``inline_enabled``).
     """
-    from api.app import DEFAULT_MAX_BODY, AppState, create_app
+    from api.app import DEFAULT_MAX_BODY, INLINE_OPERATIONS, AppState, create_app
+
+    inline_operations = INLINE_OPERATIONS if inline_enabled(settings, inline) else frozenset()
     from api.auth import build_authenticator
     from api.backend import KmsBackend
     from ledger.bootstrap import open_ledger
@@ -176,6 +201,7 @@ def build_app(
         on_shutdown=shutdown,
         max_body=max_body or DEFAULT_MAX_BODY,
         request_timeout=request_timeout or 30.0,
+        inline_operations=inline_operations,
     )
     holder["state"] = app.state.keyledger
     return app
@@ -189,6 +215,7 @@ def _options_from_env(env: Mapping[str, str]) -> dict[str, Any]:
         "request_timeout": (
             float(env[ENV_REQUEST_TIMEOUT]) if env.get(ENV_REQUEST_TIMEOUT) else None
         ),
+        "inline": env.get(ENV_INLINE) or "auto",
     }
 
 
@@ -214,16 +241,19 @@ def serve(
     timeout_keep_alive: int = 5,
     log_level: str = "info",
     access_log: bool = False,
+    inline: str = "auto",
 ) -> None:
     """Run the API until interrupted (blocks).
 
-    Raises ValidationError for ``dev`` on a non-loopback host, or ``dev`` with several
-    workers (a reset in one worker could not swap the others' ledgers).
+    Raises ValidationError for ``dev`` on a non-loopback host, ``dev`` with several
+    workers (a reset in one worker could not swap the others' ledgers), or an
+    ``inline`` choice not in ``INLINE_CHOICES``.
     """
     import uvicorn
 
     if workers < 1:
         raise ValidationError("--workers must be at least 1.")
+    inline_enabled(settings, inline)  # refuse a bad choice before binding
     if dev:
         check_dev_host(host)
         if workers > 1:
@@ -252,6 +282,7 @@ def serve(
             default_account=default_account,
             max_body=max_body,
             request_timeout=request_timeout,
+            inline=inline,
         )
         uvicorn.run(app, **common)
         return
@@ -266,6 +297,7 @@ def serve(
         os.environ[ENV_MAX_BODY] = str(max_body)
     if request_timeout is not None:
         os.environ[ENV_REQUEST_TIMEOUT] = str(request_timeout)
+    os.environ[ENV_INLINE] = inline
     uvicorn.run("api.server:app_from_env", factory=True, workers=workers, **common)
 
 
@@ -275,6 +307,7 @@ __all__ = [
     "build_app",
     "check_dev_host",
     "close_ledger",
+    "inline_enabled",
     "is_loopback",
     "reset_ledger",
     "serve",

@@ -50,14 +50,23 @@ def serve(
     access_log: Annotated[
         bool, typer.Option("--access-log", help="Log one line per request (uvicorn's).")
     ] = False,
+    inline: Annotated[
+        str,
+        typer.Option(
+            envvar="KEYLEDGER_API_INLINE",
+            help="Run Encrypt, Decrypt, GenerateDataKey, Sign ... on the event loop with "
+            "grouped commits: auto (with SoftHSM2 only), on, off.",
+        ),
+    ] = "auto",
 ) -> None:
     """Serve the KMS JSON API (X-Amz-Target TrentService.*) and STS GetCallerIdentity."""
-    from api.server import check_dev_host
+    from api.server import check_dev_host, inline_enabled
     from api.server import serve as run_server
 
     cli = ctx_of(ctx)
+    inline_enabled(cli.settings, inline)  # fail before printing anything
     if dev:
-        check_dev_host(host)  # fail before printing anything
+        check_dev_host(host)
     mode = " (dev mode)" if dev else ""
     typer.echo(f"KeyLedger API listening on {_url(host, port)}{mode}")
     if dev:
@@ -71,4 +80,5 @@ def serve(
         default_account=dev_account,
         request_timeout=request_timeout,
         access_log=access_log,
+        inline=inline,
     )

@@ -291,6 +291,7 @@ class _Attempt:
 
 _CURRENT: ContextVar[_Attempt | None] = ContextVar("keyledger_current_call", default=None)
 _DRY_RUN: ContextVar[bool] = ContextVar("keyledger_dry_run", default=False)
+_DEFERRED: ContextVar[list[Any] | None] = ContextVar("keyledger_deferred", default=None)
 DRY_RUN_MESSAGE = "The request would have succeeded, but the DryRun option is set."
 
 
@@ -305,6 +306,26 @@ def dry_run() -> Iterator[None]:
         yield
     finally:
         _DRY_RUN.reset(token)
+
+
+@contextlib.contextmanager
+def deferred_records() -> Iterator[list[Any]]:
+    """Operations called inside do not commit their call records (success or failure)
+    themselves: the records are appended to the yielded list, and the caller must
+    commit them (``KeyLedger.save``) before it lets any result or error of those calls
+    out. Changes of key state still commit at once. The HTTP API uses this to run the
+    cryptographic operations on its event loop and group their records in one
+    transaction from its own committer thread.
+
+    Security: a result held back this way must be dropped, not returned, if the commit
+    fails (fail closed, as ``_commit_call``).
+    """
+    records: list[Any] = []
+    token = _DEFERRED.set(records)
+    try:
+        yield records
+    finally:
+        _DEFERRED.reset(token)
 
 
 def _refuse_if_dry_run() -> None:
@@ -455,6 +476,10 @@ class KeyLedger(Application[UUID]):
         """Store an ApiCall record through group commit (its id never conflicts)."""
         if any(isinstance(e, ApiCall.Succeeded) for e in call_record.pending_events):
             _refuse_if_dry_run()
+        deferred = _DEFERRED.get()
+        if deferred is not None:
+            deferred.append(call_record)
+            return
         try:
             self._group.commit(call_record)
         except Exception as exc:  # fail closed: no record, no result

@@ -1,0 +1,111 @@
+"""Group commit for requests the event loop runs itself.
+
+The cryptographic operations run on the event loop with their call records deferred
+(``ledger.service.deferred_records``); the loop hands the records here and awaits the
+returned future. One thread stores everything queued since its last transaction in
+one ``save`` and resolves the futures on the loop: one thread hop per batch instead of
+two per request, and no pool of threads contending for the GIL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import queue
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+_STOP = object()
+MAX_BATCH = 256
+
+
+class AsyncCommitter:
+    """Commits record batches from a thread of its own; started on first use."""
+
+    def __init__(self, *, max_batch: int = MAX_BATCH) -> None:
+        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._max_batch = max_batch
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    def commit(self, ledger: Any, records: Sequence[Any]) -> asyncio.Future[None]:
+        """A future (of the running loop) that completes when ``records`` are stored by
+        ``ledger.save(*records)``, or fails with that save's exception."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[None] = loop.create_future()
+        if not records:
+            future.set_result(None)
+            return future
+        self._start()
+        self._queue.put((ledger, records, loop, future))
+        return future
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Store what is queued, then end the thread (idempotent)."""
+        with self._lock:
+            thread, self._thread = self._thread, None
+        if thread is not None:
+            self._queue.put(_STOP)
+            thread.join(timeout)
+
+    def _start(self) -> None:
+        if self._thread is not None:
+            return
+        with self._lock:
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._run, name="keyledger-committer", daemon=True
+                )
+                self._thread.start()
+
+    def _run(self) -> None:
+        stopping = False
+        while not stopping:
+            item = self._queue.get()
+            if item is _STOP:
+                return
+            batch = [item]
+            while len(batch) < self._max_batch:
+                try:
+                    more = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if more is _STOP:
+                    stopping = True
+                    break
+                batch.append(more)
+            self._store(batch)
+
+    @staticmethod
+    def _store(batch: list[Any]) -> None:
+        # Requests of one ledger share a transaction (a dev reset may swap the ledger).
+        groups: dict[int, list[Any]] = {}
+        for item in batch:
+            groups.setdefault(id(item[0]), []).append(item)
+        for items in groups.values():
+            error: BaseException | None = None
+            try:
+                items[0][0].save(*(r for item in items for r in item[1]))
+            except BaseException as exc:  # every waiter gets the batch's failure
+                error = exc
+            by_loop: dict[int, tuple[asyncio.AbstractEventLoop, list[Any]]] = {}
+            for _, _, loop, future in items:
+                by_loop.setdefault(id(loop), (loop, []))[1].append(future)
+            for loop, futures in by_loop.values():  # one wake-up per loop and batch
+                # A closed loop: nobody waits any more.
+                with contextlib.suppress(RuntimeError):
+                    loop.call_soon_threadsafe(_settle, futures, error)
+
+
+def _settle(futures: list[asyncio.Future[None]], error: BaseException | None) -> None:
+    for future in futures:
+        if future.done():  # the request timed out meanwhile
+            continue
+        if error is None:
+            future.set_result(None)
+        else:
+            future.set_exception(error)
+
+
+__all__ = ["AsyncCommitter"]
