@@ -313,7 +313,8 @@ def create_app(
     only the wait for the commit, not the operation.
     """
     state = AppState(ledger, authenticator)
-    committer = AsyncCommitter()
+    in_flight = [0]  # inline requests between arrival and answer (event loop only)
+    committer = AsyncCommitter(in_flight=lambda: in_flight[0])
     # A plain executor: one hop per request, cheaper than anyio's thread runner.
     executor = concurrent.futures.ThreadPoolExecutor(
         max_workers=max_threads, thread_name_prefix="keyledger-api"
@@ -411,7 +412,11 @@ def create_app(
             return
         parts = dataclasses.replace(head, body=body)
         if operation in inline_operations:
-            status, payload = await inline(led, auth, parts, operation, request_id)
+            in_flight[0] += 1
+            try:
+                status, payload = await inline(led, auth, parts, operation, request_id)
+            finally:
+                in_flight[0] -= 1
             await _send(send, status, payload, content_type, request_id)
             return
         work = (

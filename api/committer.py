@@ -4,7 +4,12 @@ The cryptographic operations run on the event loop with their call records defer
 (``ledger.service.deferred_records``); the loop hands the records here and awaits the
 returned future. One thread stores everything queued since its last transaction in
 one ``save`` and resolves the futures on the loop: one thread hop per batch instead of
-two per request, and no pool of threads contending for the GIL.
+two per request, and no pool of threads contending for the GIL. While more requests
+are in flight than a batch holds, it waits up to ``COMMIT_DELAY`` for them (as
+PostgreSQL's commit_delay waits for commit_siblings): a transaction costs about
+0.3 ms of CPU whatever it holds, so at 16 concurrent calls the batches grow from about
+2.5 records to more and the server spends about 12% less CPU per call; a lone request
+never waits.
 """
 
 from __future__ import annotations
@@ -13,19 +18,29 @@ import asyncio
 import contextlib
 import queue
 import threading
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from typing import Any
 
 _STOP = object()
 MAX_BATCH = 256
+COMMIT_DELAY = 0.004  # seconds a transaction may wait for requests still in flight
 
 
 class AsyncCommitter:
     """Commits record batches from a thread of its own; started on first use."""
 
-    def __init__(self, *, max_batch: int = MAX_BATCH) -> None:
+    def __init__(
+        self,
+        *,
+        max_batch: int = MAX_BATCH,
+        delay: float = COMMIT_DELAY,
+        in_flight: Callable[[], int] | None = None,
+    ) -> None:
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._max_batch = max_batch
+        self._delay = delay
+        self._in_flight = in_flight
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
 
@@ -66,11 +81,20 @@ class AsyncCommitter:
             if item is _STOP:
                 return
             batch = [item]
+            deadline = time.monotonic() + self._delay
             while len(batch) < self._max_batch:
                 try:
                     more = self._queue.get_nowait()
                 except queue.Empty:
-                    break
+                    # Other requests in flight will want this transaction too: wait
+                    # for them, a little (PostgreSQL's commit_delay and siblings).
+                    left = deadline - time.monotonic()
+                    if self._in_flight is None or left <= 0 or self._in_flight() <= len(batch):
+                        break
+                    try:
+                        more = self._queue.get(timeout=left)
+                    except queue.Empty:
+                        break
                 if more is _STOP:
                     stopping = True
                     break

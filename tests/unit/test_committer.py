@@ -118,3 +118,49 @@ def test_a_waiter_that_gave_up_is_left_alone(timeout: float) -> None:
     asyncio.run(main())
     committer.stop()
     assert ledger.saves == [("late",)]
+
+
+def test_a_transaction_waits_briefly_for_requests_still_in_flight() -> None:
+    ledger = Recorder()
+    in_flight = [3]
+    committer = AsyncCommitter(delay=1.0, in_flight=lambda: in_flight[0])
+
+    async def main() -> None:
+        futures = []
+        for i in range(3):  # three requests, each committing 20 ms after the last
+            futures.append(committer.commit(ledger, [i]))
+            await asyncio.sleep(0.02)
+        await asyncio.gather(*futures)
+
+    asyncio.run(main())
+    committer.stop()
+    assert ledger.saves == [(0, 1, 2)]  # one transaction: it waited for its siblings
+
+
+def test_a_lone_request_is_stored_without_waiting() -> None:
+    ledger = Recorder()
+    committer = AsyncCommitter(delay=5.0, in_flight=lambda: 1)
+
+    async def main() -> float:
+        started = time.monotonic()
+        await committer.commit(ledger, ["only"])
+        return time.monotonic() - started
+
+    assert asyncio.run(main()) < 1.0
+    committer.stop()
+    assert ledger.saves == [("only",)]
+
+
+def test_the_wait_for_siblings_is_bounded_by_the_delay() -> None:
+    ledger = Recorder()
+    committer = AsyncCommitter(delay=0.05, in_flight=lambda: 99)  # siblings never come
+
+    async def main() -> float:
+        started = time.monotonic()
+        await committer.commit(ledger, ["first"])
+        return time.monotonic() - started
+
+    waited = asyncio.run(main())
+    committer.stop()
+    assert 0.04 <= waited < 1.0
+    assert ledger.saves == [("first",)]
