@@ -159,11 +159,14 @@ def build_app(
     max_body: int | None = None,
     request_timeout: float | None = None,
     inline: str = "auto",
+    keystore: Any | None = None,
 ) -> KeyLedgerApp:
     """Open the ledger, keystore and authenticator for ``settings`` and build the app.
 
-    Raises HsmError or the database driver's error when they cannot be opened,
-    ValidationError for a bad ``inline`` choice (see ``inline_enabled``).
+    ``keystore``: an open keystore to use instead of opening the settings' own (one
+    SoftHSM2 conf per process: tests share the session's token); the app's shutdown
+    closes it. Raises HsmError or the database driver's error when they cannot be
+    opened, ValidationError for a bad ``inline`` choice (see ``inline_enabled``).
     """
     from api.app import DEFAULT_MAX_BODY, INLINE_OPERATIONS, AppState, create_app
 
@@ -172,7 +175,7 @@ def build_app(
     from api.backend import KmsBackend
     from ledger.bootstrap import open_ledger
 
-    ledger: Any = KmsBackend(open_ledger(settings))
+    ledger: Any = KmsBackend(open_ledger(settings, keystore=keystore))
     try:
         authenticator = build_authenticator(
             ledger, settings, dev=dev, default_account=default_account

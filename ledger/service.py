@@ -30,7 +30,7 @@ from datetime import datetime
 from typing import Any, TypeVar
 from uuid import UUID
 
-from eventsourcing.application import AggregateNotFoundError, Application
+from eventsourcing.application import AggregateNotFoundError, Application, ProcessingEvent
 from eventsourcing.persistence import IntegrityError, Mapper
 
 from ledger import authz, envelope, signatures
@@ -404,9 +404,20 @@ class KeyLedger(Application[UUID]):
         """Application.save; after a save that may have changed state, the next call
         reads the state version afresh (see ``_fresh``), so this process sees its own
         changes at once."""
+        if objs and not kwargs and all(type(o) is ApiCall for o in objs):
+            # Recorded calls (every API call's one write): Application.save without
+            # its runtime Protocol isinstance checks, a fifth of a batch's CPU.
+            processing = ProcessingEvent[UUID]()
+            for obj in objs:
+                processing.events.extend(obj.collect_events())
+                processing.aggregates[obj.id] = obj
+            recordings = self._record(processing)
+            self._take_snapshots(processing)
+            self._notify(recordings)
+            self.notify(processing.events)
+            return recordings
         recordings = super().save(*objs, **kwargs)
-        if not all(isinstance(o, ApiCall) for o in objs):
-            self._state_saved_at = time.monotonic()
+        self._state_saved_at = time.monotonic()
         return recordings
 
     def _state_version(self) -> int:

@@ -1,7 +1,8 @@
 """Inline cryptographic calls (``keyledger serve --inline``): with SoftHSM2 they run on
 the event loop and are answered only after the committer stored their records, in
 groups; a failed or slow commit never lets a result out; other HSMs take worker
-threads. Real ledger (SQLite) and SoftHSM2, the app driven in process over ASGI."""
+threads. Real ledger (SQLite) and SoftHSM2 (the session's token: one per process),
+the app driven in process over ASGI."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import json
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,7 @@ import pytest
 from api.server import build_app, inline_enabled
 from ledger.domain.model import ApiCall
 from ledger.errors import ValidationError
+from ledger.keystore.pkcs11_adapter import Pkcs11KeyStore
 from ledger.settings import Settings
 
 pytestmark = pytest.mark.softhsm
@@ -33,29 +35,33 @@ AUTH = (
 )
 
 
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("inline") / "data"
-
-
-@pytest.fixture
-def settings(data_dir: Path) -> Settings:
-    return Settings(data_dir=data_dir)
-
-
-def _app(settings: Settings, inline: str, **options: Any) -> Any:
-    return build_app(settings, dev=True, default_account=ACCOUNT, inline=inline, **options)
-
-
 def _ledger(app: Any) -> Any:
     return app.state.keyledger.ledger.ledger  # KmsBackend -> KeyLedger
 
 
 @pytest.fixture
-def on(settings: Settings) -> Iterator[Any]:
-    app = _app(settings, "on")
-    yield app
-    _ledger(app).close()
+def make_app(tmp_path: Path, softhsm_keystore: Pkcs11KeyStore) -> Iterator[Callable[..., Any]]:
+    """Build apps (dev mode, SQLite in ``tmp_path``) on the session's token; closes their
+    ledgers afterwards (the shared keystore stays open)."""
+    apps: list[Any] = []
+
+    def make(inline: str, **options: Any) -> Any:
+        settings = Settings(data_dir=tmp_path / "data")
+        app = build_app(
+            settings, dev=True, default_account=ACCOUNT, inline=inline,
+            keystore=softhsm_keystore, **options,
+        )  # fmt: skip
+        apps.append(app)
+        return app
+
+    yield make
+    for app in apps:
+        _ledger(app).close()
+
+
+@pytest.fixture
+def on(make_app: Callable[..., Any]) -> Any:
+    return make_app("on")
 
 
 def _call(client: httpx.AsyncClient, operation: str, body: dict[str, Any]) -> Any:
@@ -146,50 +152,44 @@ def test_a_failed_commit_answers_an_internal_error_and_never_the_result(
 
 
 def test_a_commit_slower_than_the_timeout_answers_503_and_still_stores_the_record(
-    settings: Settings, monkeypatch: pytest.MonkeyPatch
+    make_app: Callable[..., Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    app = _app(settings, "on", request_timeout=0.2)
-    try:
-        key = _key(app)
-        head = _ledger(app).db.head_seq()
-        _spy_saves(app, monkeypatch, delay=0.6)
-        plaintext = base64.b64encode(b"x").decode()
-        (response,) = _run(app, [("Encrypt", {"KeyId": key, "Plaintext": plaintext})])
-        assert response.status_code == 503
-        assert response.json()["__type"] == "DependencyTimeoutException"
-        deadline = time.monotonic() + 10
-        while _ledger(app).db.head_seq() == head and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert _ledger(app).db.head_seq() == head + 1
-    finally:
-        _ledger(app).close()
+    app = make_app("on", request_timeout=0.2)
+    key = _key(app)
+    head = _ledger(app).db.head_seq()
+    _spy_saves(app, monkeypatch, delay=0.6)
+    plaintext = base64.b64encode(b"x").decode()
+    (response,) = _run(app, [("Encrypt", {"KeyId": key, "Plaintext": plaintext})])
+    assert response.status_code == 503
+    assert response.json()["__type"] == "DependencyTimeoutException"
+    deadline = time.monotonic() + 10
+    while _ledger(app).db.head_seq() == head and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _ledger(app).db.head_seq() == head + 1
 
 
 @pytest.mark.parametrize(("inline", "on_loop"), [("on", True), ("off", False)])
 def test_the_inline_choice_decides_where_the_operation_runs(
-    settings: Settings, monkeypatch: pytest.MonkeyPatch, inline: str, on_loop: bool
+    make_app: Callable[..., Any], monkeypatch: pytest.MonkeyPatch, inline: str, on_loop: bool
 ) -> None:
-    app = _app(settings, inline)
-    try:
-        key = _key(app)
-        ledger = _ledger(app)
-        real = ledger.encrypt
-        threads: list[str] = []
+    app = make_app(inline)
+    key = _key(app)
+    ledger = _ledger(app)
+    real = ledger.encrypt
+    threads: list[str] = []
 
-        @functools.wraps(real)  # the API reads the method's signature
-        def encrypt(**kwargs: Any) -> Any:
-            threads.append(threading.current_thread().name)
-            return real(**kwargs)
+    @functools.wraps(real)  # the API reads the method's signature
+    def encrypt(**kwargs: Any) -> Any:
+        threads.append(threading.current_thread().name)
+        return real(**kwargs)
 
-        monkeypatch.setattr(ledger, "encrypt", encrypt)
-        plaintext = base64.b64encode(b"x").decode()
-        (response,) = _run(app, [("Encrypt", {"KeyId": key, "Plaintext": plaintext})])
-        assert response.status_code == 200
-        # asyncio.run runs the loop in this test's thread
-        assert (threads == [threading.current_thread().name]) is on_loop
-        assert threads[0].startswith("keyledger-api") is not on_loop
-    finally:
-        _ledger(app).close()
+    monkeypatch.setattr(ledger, "encrypt", encrypt)
+    plaintext = base64.b64encode(b"x").decode()
+    (response,) = _run(app, [("Encrypt", {"KeyId": key, "Plaintext": plaintext})])
+    assert response.status_code == 200
+    # asyncio.run runs the loop in this test's thread
+    assert (threads == [threading.current_thread().name]) is on_loop
+    assert threads[0].startswith("keyledger-api") is not on_loop
 
 
 def test_auto_runs_inline_with_softhsm_only(tmp_path: Path) -> None:
