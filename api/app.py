@@ -46,7 +46,7 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from api import protocol, sts
-from api.committer import AsyncCommitter
+from api.committer import AsyncCommitter, LoopCommitter
 from ledger.errors import (
     KeyLedgerError,
     LedgerUnavailableError,
@@ -292,6 +292,7 @@ def create_app(
     request_timeout: float = 30.0,
     max_threads: int = 40,
     inline_operations: frozenset[str] = frozenset(),
+    commit_on_loop: bool = False,
 ) -> KeyLedgerApp:
     """The KeyLedger HTTP API.
 
@@ -310,11 +311,15 @@ def create_app(
     (``api.committer``), instead of one worker-thread hop per request: about 30% less
     server CPU per call. Only for a keystore whose calls take microseconds (SoftHSM2 in
     process): a slow call would stall every request, and ``request_timeout`` then bounds
-    only the wait for the commit, not the operation.
+    only the wait for the commit, not the operation. ``commit_on_loop``: their records
+    are stored by the loop itself (``LoopCommitter``, for SQLite) rather than by a
+    committer thread (``AsyncCommitter``, for PostgreSQL).
     """
     state = AppState(ledger, authenticator)
     in_flight = [0]  # inline requests between arrival and answer (event loop only)
-    committer = AsyncCommitter(in_flight=lambda: in_flight[0])
+    committer: AsyncCommitter | LoopCommitter = (
+        LoopCommitter() if commit_on_loop else AsyncCommitter(in_flight=lambda: in_flight[0])
+    )
     # A plain executor: one hop per request, cheaper than anyio's thread runner.
     executor = concurrent.futures.ThreadPoolExecutor(
         max_workers=max_threads, thread_name_prefix="keyledger-api"

@@ -160,12 +160,14 @@ def build_app(
     request_timeout: float | None = None,
     inline: str = "auto",
     keystore: Any | None = None,
+    commit_on_loop: bool | None = None,
 ) -> KeyLedgerApp:
     """Open the ledger, keystore and authenticator for ``settings`` and build the app.
 
     ``keystore``: an open keystore to use instead of opening the settings' own (one
     SoftHSM2 conf per process: tests share the session's token); the app's shutdown
-    closes it. Raises HsmError or the database driver's error when they cannot be
+    closes it. ``commit_on_loop`` (default: for SQLite, not PostgreSQL) see
+    ``api.app.create_app``. Raises HsmError or the database driver's error when they cannot be
     opened, ValidationError for a bad ``inline`` choice (see ``inline_enabled``).
     """
     from api.app import DEFAULT_MAX_BODY, INLINE_OPERATIONS, AppState, create_app
@@ -205,6 +207,9 @@ def build_app(
         max_body=max_body or DEFAULT_MAX_BODY,
         request_timeout=request_timeout or 30.0,
         inline_operations=inline_operations,
+        commit_on_loop=(
+            not settings.database_url if commit_on_loop is None else commit_on_loop
+        ),  # SQLite: see api.committer
     )
     holder["state"] = app.state.keyledger
     return app

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from api.committer import AsyncCommitter
+from api.committer import AsyncCommitter, LoopCommitter
 
 
 class Recorder:
@@ -87,7 +87,7 @@ def test_nothing_to_store_completes_at_once_without_a_thread() -> None:
         await asyncio.wait_for(committer.commit(Recorder(), []), 1)
 
     asyncio.run(main())
-    assert not any(t.name == "keyledger-committer" for t in threading.enumerate())
+    assert committer._thread is None  # never started
 
 
 def test_stop_stores_what_is_queued_then_ends_the_thread() -> None:
@@ -100,9 +100,10 @@ def test_stop_stores_what_is_queued_then_ends_the_thread() -> None:
         await asyncio.sleep(0)
 
     asyncio.run(main())
+    thread = committer._thread
     committer.stop()
     assert sorted(r for s in ledger.saves for r in s) == list(range(10))
-    assert not any(t.name == "keyledger-committer" for t in threading.enumerate())
+    assert thread is not None and not thread.is_alive()
 
 
 @pytest.mark.parametrize("timeout", [0.05])
@@ -164,3 +165,50 @@ def test_the_wait_for_siblings_is_bounded_by_the_delay() -> None:
     committer.stop()
     assert 0.04 <= waited < 1.0
     assert ledger.saves == [("first",)]
+
+
+# ------------------------------------------------------------------ LoopCommitter
+
+
+def test_loop_committer_stores_one_pass_of_the_loop_in_one_save_on_the_loop() -> None:
+    ledger = Recorder()
+    committer = LoopCommitter()
+
+    async def main() -> None:
+        futures = [committer.commit(ledger, [i, -i]) for i in range(1, 6)]  # one pass
+        await asyncio.gather(*futures)
+        await committer.commit(ledger, ["next"])  # a later pass: a transaction of its own
+
+    asyncio.run(main())
+    assert ledger.saves == [(1, -1, 2, -2, 3, -3, 4, -4, 5, -5), ("next",)]
+    assert ledger.threads == {threading.current_thread().name}  # asyncio.run's loop
+
+
+def test_loop_committer_fails_every_waiter_of_a_failed_save_and_keeps_going() -> None:
+    failing, fine = Recorder(fail=OSError("disk full")), Recorder()
+    committer = LoopCommitter()
+
+    async def main() -> list[Any]:
+        outcomes = await asyncio.gather(
+            committer.commit(failing, ["a"]),
+            committer.commit(failing, ["b"]),
+            committer.commit(fine, ["c"]),
+            return_exceptions=True,
+        )
+        await committer.commit(fine, ["d"])
+        return outcomes
+
+    a, b, c = asyncio.run(main())
+    assert isinstance(a, OSError) and isinstance(b, OSError) and c is None
+    assert fine.saves == [("c",), ("d",)]
+
+
+def test_loop_committer_completes_nothing_to_store_at_once() -> None:
+    ledger = Recorder()
+
+    async def main() -> bool:
+        future = LoopCommitter().commit(ledger, [])
+        return future.done()
+
+    assert asyncio.run(main())
+    assert ledger.saves == []
