@@ -73,6 +73,7 @@ def _shapes() -> JSON:
     return shapes
 
 
+@functools.cache
 def model_operations() -> frozenset[str]:
     """Every operation in the KMS model (implemented or not)."""
     return frozenset(_model()["operations"])
