@@ -59,7 +59,7 @@ typecheck: venv
 	$(BIN)/mypy
 
 pytest: softhsm chromium venv postgres
-	$(BIN)/pytest -n $(PYTEST_WORKERS)
+	$(BIN)/pytest -n $(PYTEST_WORKERS) --dist loadgroup
 
 test: lint typecheck pytest
 

@@ -22,7 +22,8 @@ from api.backend import KmsBackend
 from api.protocol import implemented_operations
 from tests.api.conftest import Server
 
-pytestmark = pytest.mark.softhsm
+# One worker runs the whole module: its last test checks what the others called.
+pytestmark = [pytest.mark.softhsm, pytest.mark.xdist_group("boto3-operations")]
 
 ACCOUNT = "111122223333"
 CONTEXT = {"purpose": "boto3-ops", "tenant": "t1"}
