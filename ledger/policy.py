@@ -330,12 +330,21 @@ class Statement:
 
 @dataclass(frozen=True, slots=True)
 class Policy:
-    """A parsed, immutable policy document; evaluate it with ``evaluate``."""
+    """A parsed, immutable policy document; evaluate it with ``evaluate``.
+
+    ``context_free``: no statement has a condition or a policy variable, so what the
+    policy says depends only on the principal, action and resource; ``evaluate`` then
+    keeps its answers in ``memo`` (at most ``_MEMO_SIZE``).
+    """
 
     version: str
     id: str | None
     identity: bool
     statements: tuple[Statement, ...]
+    context_free: bool = field(default=False, compare=False)
+    memo: dict[tuple[str, str, str, str], Evaluation] = field(
+        default_factory=dict, compare=False, repr=False
+    )
 
 
 def parse_policy(text: str, *, identity: bool = False) -> Policy:
@@ -384,15 +393,46 @@ def parse_policy(text: str, *, identity: bool = False) -> Policy:
                 _malformed(f"Duplicate statement Sid {_show(statement.sid)}.")
             sids.add(statement.sid)
         statements.append(statement)
-    return Policy(version=version, id=policy_id, identity=identity, statements=tuple(statements))
+    return Policy(
+        version=version,
+        id=policy_id,
+        identity=identity,
+        statements=tuple(statements),
+        context_free=all(_context_free(st) for st in statements),
+    )
+
+
+def _context_free(statement: Statement) -> bool:
+    """No condition and no policy variable: only principal, action, resource matter."""
+    patterns = [statement.actions, *([statement.resources] if statement.resources else [])]
+    return not statement.conditions and all(
+        text.static is not None for p in patterns for text in p.patterns
+    )
 
 
 def evaluate(policy: Policy, request: AuthzRequest) -> Evaluation:
     """Which statements of ``policy`` apply to ``request``. Never raises for a parsed policy.
 
     A statement applies when its principal, action, resource and every condition
-    match. See ``Evaluation`` for what each flag means.
+    match. See ``Evaluation`` for what each flag means. A context-free policy's answer
+    is remembered per (principal, account, action, resource).
     """
+    if not policy.context_free:
+        return _evaluate(policy, request)
+    key = (request.principal_arn, request.principal_account, request.action, request.resource)
+    found = policy.memo.get(key)
+    if found is None:
+        found = _evaluate(policy, request)
+        if len(policy.memo) >= _MEMO_SIZE:
+            policy.memo.clear()
+        policy.memo[key] = found
+    return found
+
+
+_MEMO_SIZE = 4096
+
+
+def _evaluate(policy: Policy, request: AuthzRequest) -> Evaluation:
     context = request.normalised_context
     resolve = _resolver(context, request)
     is_root = _caller_is_root(request)

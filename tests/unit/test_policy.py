@@ -1155,3 +1155,75 @@ def test_parsing_arbitrary_json_either_succeeds_or_raises_malformed(document: ob
 def test_parsing_arbitrary_text_either_succeeds_or_raises_malformed(text: str) -> None:
     with contextlib.suppress(MalformedPolicyDocumentError):
         parse_policy(text)
+
+
+# ------------------------------------------------------------------ memo of answers
+
+MEMO_POLICIES = [
+    DEFAULT_KEY_POLICY,
+    json.dumps(
+        {
+            "Statement": [
+                {
+                    "Effect": "Allow",
+                    "Principal": {"AWS": [ALICE, OTHER_ACCOUNT]},
+                    "Action": ["kms:Encrypt", "kms:Gen*"],
+                    "Resource": "*",
+                },
+                {
+                    "Effect": "Deny",
+                    "NotPrincipal": {"AWS": [ROOT, BOB]},
+                    "NotAction": "kms:Describe*",
+                    "Resource": KEY_ARN,
+                },
+                {
+                    "Effect": "Allow",
+                    "Principal": "*",
+                    "Action": "kms:Decrypt",
+                    "Resource": "arn:aws:kms:us-east-1:*:key/*",
+                },
+            ]
+        }
+    ),
+]
+
+
+@pytest.mark.parametrize("text", MEMO_POLICIES)
+def test_a_context_free_policy_remembers_exactly_what_evaluation_answers(text: str) -> None:
+    policy = parse_policy(text)
+    assert policy.context_free
+    cases = [
+        request(p, action=a, resource=r)
+        for p in (ROOT, ALICE, BOB, APP_ROLE, OTHER_ROOT, CAROL)
+        for a in ("kms:Encrypt", "kms:Decrypt", "kms:GenerateDataKey", "kms:DescribeKey")
+        for r in (KEY_ARN, KEY_ARN.replace("us-east-1", "eu-west-1"))
+    ]
+    fresh = [parse_policy(text) for _ in cases]  # a new Policy each: nothing remembered
+    expected = [evaluate(f, c) for f, c in zip(fresh, cases, strict=True)]
+    assert [evaluate(policy, c) for c in cases] == expected  # fills the memo
+    assert len(policy.memo) == len(cases)
+    assert [evaluate(policy, c) for c in cases] == expected  # answers from it
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {"Condition": {"StringEquals": {"kms:EncryptionContext:app": "a"}}},
+        {"Resource": "arn:aws:kms:*:${aws:PrincipalAccount}:key/*"},
+    ],
+)
+def test_a_policy_with_a_condition_or_a_variable_is_evaluated_every_time(
+    extra: dict[str, Any],
+) -> None:
+    policy = key_policy(statement(**extra))
+    assert not policy.context_free
+    first = evaluate(policy, request(context={"kms:EncryptionContext:app": "a"}))
+    evaluate(policy, request(context={"kms:EncryptionContext:app": "b"}))
+    assert policy.memo == {}
+    assert first.allowed
+
+
+def test_a_context_dependent_answer_changes_with_the_context() -> None:
+    policy = key_policy(statement(Condition={"IpAddress": {"aws:SourceIp": "10.0.0.0/8"}}))
+    assert evaluate(policy, request(context={"aws:SourceIp": "10.1.2.3"})).allowed
+    assert not evaluate(policy, request(context={"aws:SourceIp": "192.0.2.1"})).allowed
