@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, ItemsView, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -106,6 +106,32 @@ def action_for(operation: str, *, side: str | None = None) -> str:
     if operation == "ReEncrypt":
         return "kms:ReEncryptFrom" if side == "source" else "kms:ReEncryptTo"
     return "kms:" + operation
+
+
+class LazyContext(Mapping[str, object]):
+    """A condition context built on first use (by ``build``): a decision that only
+    context-free policies settle (``policy.Policy.context_free``) never builds it."""
+
+    def __init__(self, build: Callable[[], dict[str, object]]) -> None:
+        self._build: Callable[[], dict[str, object]] | None = build
+        self._context: dict[str, object] = {}
+
+    def _built(self) -> dict[str, object]:
+        if self._build is not None:
+            self._context, self._build = self._build(), None
+        return self._context
+
+    def __getitem__(self, key: str) -> object:
+        return self._built()[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._built())
+
+    def __len__(self) -> int:
+        return len(self._built())
+
+    def items(self) -> ItemsView[str, object]:
+        return self._built().items()
 
 
 def condition_context(

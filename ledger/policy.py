@@ -433,7 +433,8 @@ _MEMO_SIZE = 4096
 
 
 def _evaluate(policy: Policy, request: AuthzRequest) -> Evaluation:
-    context = request.normalised_context
+    # Without conditions or variables nothing reads the context: do not build it.
+    context = {} if policy.context_free else request.normalised_context
     resolve = _resolver(context, request)
     is_root = _caller_is_root(request)
     denied = allowed = account_allowed = False

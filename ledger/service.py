@@ -752,14 +752,15 @@ class KeyLedger(Application[UUID]):
         op = attempt.call.operation
         encryption_context = self._request_context(attempt, side)
         principal = self._principal(attempt)
-        context = self._conditions(attempt, key, encryption_context)
+        # Both built only if a policy with conditions or the grants have to be read.
+        context = authz.LazyContext(lambda: self._conditions(attempt, key, encryption_context))
         authz.authorize_key(
             principal=principal,
             action=authz.action_for(op, side=side),
             operation=op,
             key_arn=key.arn,
             key_policy=self._policies.get(key.policy),
-            key_grants=[grants.GrantSpec.from_json(g["grant"]) for g in key.grants.values()],
+            key_grants=(grants.GrantSpec.from_json(g["grant"]) for g in key.grants.values()),
             context=context,
             encryption_context=encryption_context,
             grant_request=attempt.request if op == "CreateGrant" else None,

@@ -1227,3 +1227,32 @@ def test_a_context_dependent_answer_changes_with_the_context() -> None:
     policy = key_policy(statement(Condition={"IpAddress": {"aws:SourceIp": "10.0.0.0/8"}}))
     assert evaluate(policy, request(context={"aws:SourceIp": "10.1.2.3"})).allowed
     assert not evaluate(policy, request(context={"aws:SourceIp": "192.0.2.1"})).allowed
+
+
+def test_authorize_key_builds_the_condition_context_only_when_a_policy_reads_it() -> None:
+    from ledger import authz
+
+    built: list[int] = []
+
+    def context() -> dict[str, object]:
+        built.append(1)
+        return {"aws:SourceIp": "10.1.2.3"}
+
+    alice = authz.principal_of(ALICE, [parse_policy(json.dumps({"Statement": [
+        {"Effect": "Allow", "Action": "kms:*", "Resource": "*"}]}), identity=True)])  # fmt: skip
+    plain = parse_policy(DEFAULT_KEY_POLICY)
+    conditional = key_policy(
+        statement(Condition={"IpAddress": {"aws:SourceIp": "10.0.0.0/8"}}),
+    )
+
+    def decide(policy: Policy) -> None:
+        authz.authorize_key(
+            principal=alice, action="kms:Encrypt", operation="Encrypt", key_arn=KEY_ARN,
+            key_policy=policy, key_grants=(), context=authz.LazyContext(context),
+            encryption_context=None,
+        )  # fmt: skip
+
+    decide(plain)
+    assert built == []  # context-free policies settled it
+    decide(conditional)
+    assert built == [1]  # built once, for the condition
