@@ -490,7 +490,7 @@ def _payload_hash(index: dict[str, list[str]], body: bytes) -> str:
 def _canonical_uri(path: str) -> str:
     # botocore: remove dot segments and empty segments, then encode the wire path once more.
     path = path.partition("?")[0]
-    if not path:
+    if not path or path == "/":  # every KMS and STS call
         return "/"
     segments: list[str] = []
     for segment in path.split("/"):
@@ -515,6 +515,8 @@ def _parse_query(query_string: str) -> list[tuple[str, str]]:
 
 
 def _canonical_query(query: list[tuple[str, str]], *, drop_signature: bool) -> str:
+    if not query:
+        return ""
     encoded = sorted(
         (quote(name, safe=_UNRESERVED), quote(value, safe=_UNRESERVED))
         for name, value in query
