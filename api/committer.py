@@ -21,7 +21,7 @@ import contextlib
 import queue
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 _STOP = object()
@@ -105,16 +105,7 @@ class AsyncCommitter:
 
     @staticmethod
     def _store(batch: list[Any]) -> None:
-        # Requests of one ledger share a transaction (a dev reset may swap the ledger).
-        groups: dict[int, list[Any]] = {}
-        for item in batch:
-            groups.setdefault(id(item[0]), []).append(item)
-        for items in groups.values():
-            error: BaseException | None = None
-            try:
-                items[0][0].save(*(r for item in items for r in item[1]))
-            except BaseException as exc:  # every waiter gets the batch's failure
-                error = exc
+        for items, error in _save_by_ledger(batch):
             by_loop: dict[int, tuple[asyncio.AbstractEventLoop, list[Any]]] = {}
             for _, _, loop, future in items:
                 by_loop.setdefault(id(loop), (loop, []))[1].append(future)
@@ -122,6 +113,24 @@ class AsyncCommitter:
                 # A closed loop: nobody waits any more.
                 with contextlib.suppress(RuntimeError):
                     loop.call_soon_threadsafe(_settle, futures, error)
+
+
+def _save_by_ledger(
+    batch: list[Any],
+) -> Iterator[tuple[list[Any], BaseException | None]]:
+    """Store the records of ``batch`` items ``(ledger, records, ...)``, one transaction
+    per ledger (a dev reset may swap the ledger); yields each group of items with its
+    save's exception, which every waiter of the group gets."""
+    groups: dict[int, list[Any]] = {}
+    for item in batch:
+        groups.setdefault(id(item[0]), []).append(item)
+    for items in groups.values():
+        error: BaseException | None = None
+        try:
+            items[0][0].save(*(r for item in items for r in item[1]))
+        except BaseException as exc:
+            error = exc
+        yield items, error
 
 
 def _settle(futures: list[asyncio.Future[None]], error: BaseException | None) -> None:
@@ -166,16 +175,8 @@ class LoopCommitter:
 
     def _flush(self) -> None:
         batch, self._pending = self._pending, []
-        groups: dict[int, list[Any]] = {}
-        for item in batch:
-            groups.setdefault(id(item[0]), []).append(item)
-        for items in groups.values():
-            error: BaseException | None = None
-            try:
-                items[0][0].save(*(r for item in items for r in item[1]))
-            except BaseException as exc:  # every waiter gets the batch's failure
-                error = exc
-            _settle([future for _, _, future in items], error)
+        for items, error in _save_by_ledger(batch):
+            _settle([item[-1] for item in items], error)
 
 
 __all__ = ["AsyncCommitter", "LoopCommitter"]
