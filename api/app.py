@@ -4,7 +4,10 @@ STS ``GetCallerIdentity`` (Query protocol) on ``POST /``.
 Request path: read the body (at most ``max_body`` bytes; never more is buffered) ->
 authenticate (SigV4 service ``kms``, or ``sts`` for form-urlencoded bodies) -> parse and
 validate against botocore's model -> call the KeyLedger operation in a worker thread ->
-serialize. Every response carries ``x-amzn-RequestId``.
+serialize. Every response carries ``x-amzn-RequestId``. Inline operations
+(``create_app``'s ``inline_operations``) run all of that on the event loop with their
+call records deferred, and are answered once a committer (``api.committer``) has
+stored the records.
 
 Audit: every failure before the operation runs (oversize body, authentication, unknown
 target, malformed or invalid body, unsupported members) is recorded with
@@ -15,7 +18,7 @@ and not again here. If the rejection cannot be recorded, the answer is 500.
 Timeout: an operation still running after ``request_timeout`` seconds is answered
 ``DependencyTimeoutException`` (503, retried by the SDKs); its thread cannot be
 killed and runs to completion, recording its own outcome (it keeps its pool thread
-until then).
+until then). For an inline operation the timeout bounds only the wait for its commit.
 
 Security: request bodies, plaintexts and exception messages of unexpected errors are
 never logged or returned; a 500 says only "An internal error occurred."
@@ -310,7 +313,7 @@ def create_app(
     description and tags, so anything larger cannot be valid.
 
     ``inline_operations`` (``INLINE_OPERATIONS`` or a subset; none by default) run on the
-    event loop itself, their call records committed by one committer thread in groups
+    event loop itself, their call records stored in groups by a committer
     (``api.committer``), instead of one worker-thread hop per request: about 30% less
     server CPU per call. Only for a keystore whose calls take microseconds (SoftHSM2 in
     process): a slow call would stall every request, and ``request_timeout`` then bounds

@@ -11,9 +11,9 @@ the body limit and request timeout of ``create_app``. Shutdown is uvicorn's grac
 one; the lifespan hook closes the ledger and the keystore.
 
 Inline (``--inline``, ``KEYLEDGER_API_INLINE``; ``inline_enabled``): with SoftHSM2 the
-cryptographic operations run on the event loop and a committer thread stores their
-records in groups (``api.app.create_app``, ``api.committer``); other operations, and
-all of them with another PKCS#11 module, take one worker-thread hop each.
+cryptographic operations run on the event loop and a committer stores their records
+in groups (``api.app.create_app``, ``api.committer``); other operations, and all of
+them with another PKCS#11 module, take one worker-thread hop each.
 
 ``X-Forwarded-For`` is not trusted (``proxy_headers`` off): the audit log records the
 peer address. Behind a proxy, pass ``forwarded_allow_ips`` explicitly.
@@ -166,16 +166,16 @@ def build_app(
 
     ``keystore``: an open keystore to use instead of opening the settings' own (one
     SoftHSM2 conf per process: tests share the session's token); the app's shutdown
-    closes it. ``commit_on_loop`` (default: for SQLite, not PostgreSQL) see
-    ``api.app.create_app``. Raises HsmError or the database driver's error when they cannot be
-    opened, ValidationError for a bad ``inline`` choice (see ``inline_enabled``).
+    closes it. ``commit_on_loop`` (default: for SQLite, not for PostgreSQL): see
+    ``api.app.create_app``. Raises HsmError or the database driver's error when they
+    cannot be opened, ValidationError for a bad ``inline`` choice (``inline_enabled``).
     """
     from api.app import DEFAULT_MAX_BODY, INLINE_OPERATIONS, AppState, create_app
-
-    inline_operations = INLINE_OPERATIONS if inline_enabled(settings, inline) else frozenset()
     from api.auth import build_authenticator
     from api.backend import KmsBackend
     from ledger.bootstrap import open_ledger
+
+    inline_operations = INLINE_OPERATIONS if inline_enabled(settings, inline) else frozenset()
 
     ledger: Any = KmsBackend(open_ledger(settings, keystore=keystore))
     try:

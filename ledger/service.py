@@ -314,8 +314,8 @@ def deferred_records() -> Iterator[list[Any]]:
     themselves: the records are appended to the yielded list, and the caller must
     commit them (``KeyLedger.save``) before it lets any result or error of those calls
     out. Changes of key state still commit at once. The HTTP API uses this to run the
-    cryptographic operations on its event loop and group their records in one
-    transaction from its own committer thread.
+    cryptographic operations on its event loop and store the records of many calls in
+    one transaction (``api.committer``).
 
     Security: a result held back this way must be dropped, not returned, if the commit
     fails (fail closed, as ``_commit_call``).

@@ -99,3 +99,14 @@ def test_calls_read_no_events_while_nothing_changes(
     with pytest.raises(DisabledError):
         _encrypt(ledger, key)
     assert reads, "a change of state must bring the cached key up to date"
+
+
+def test_recorded_calls_are_told_apart_by_their_topic() -> None:
+    from eventsourcing.utils import get_topic
+
+    from ledger.domain.model import ApiCall, Key
+    from ledger.persistence import _CALL_TOPIC_PREFIX
+
+    for event in (ApiCall.Succeeded, ApiCall.Failed):
+        assert get_topic(event).startswith(_CALL_TOPIC_PREFIX)
+    assert not get_topic(Key.Created).startswith(_CALL_TOPIC_PREFIX)
