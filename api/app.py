@@ -57,6 +57,7 @@ from ledger.errors import (
     ValidationError,
 )
 from ledger.service import Caller, deferred_records
+from ledger.service import request_id as recorded_as
 
 logger = logging.getLogger("keyledger.api")
 
@@ -349,7 +350,15 @@ def create_app(
         led: Any, auth: Authenticator, parts: RequestParts, operation: str | None,
         request_id: str,
     ) -> tuple[int, bytes]:  # fmt: skip
-        """Authenticate, parse, run and serialize one KMS request (in a worker thread)."""
+        """Authenticate, parse, run and serialize one KMS request (in a worker thread, or
+        on the loop for an inline operation); its record carries ``request_id``."""
+        with recorded_as(request_id):
+            return _kms_work(led, auth, parts, operation, request_id)
+
+    def _kms_work(
+        led: Any, auth: Authenticator, parts: RequestParts, operation: str | None,
+        request_id: str,
+    ) -> tuple[int, bytes]:  # fmt: skip
         label = operation or "Unknown"
         caller: Caller | None = None
         try:
@@ -386,6 +395,12 @@ def create_app(
     def sts_work(
         led: Any, auth: Authenticator, parts: RequestParts, request_id: str
     ) -> tuple[int, bytes]:
+        with recorded_as(request_id):
+            return _sts_work(led, auth, parts, request_id)
+
+    def _sts_work(
+        led: Any, auth: Authenticator, parts: RequestParts, request_id: str
+    ) -> tuple[int, bytes]:
         label = "GetCallerIdentity"
         caller: Caller | None = None
         try:
@@ -416,9 +431,12 @@ def create_app(
         try:
             body = await _read_body(scope, receive, head, max_body)
         except KeyLedgerError as err:  # oversize or unreadable: recorded, never buffered
-            answer = await in_thread(
-                functools.partial(record, led, label, _anonymous(head), b"", err, request_id)
-            )
+
+            def rejected(err: KeyLedgerError = err) -> KeyLedgerError:
+                with recorded_as(request_id):
+                    return record(led, label, _anonymous(head), b"", err, request_id)
+
+            answer = await in_thread(rejected)
             await _send(send, *render(answer), content_type, request_id)
             return
         parts = dataclasses.replace(head, body=body)

@@ -292,6 +292,7 @@ class _Attempt:
 _CURRENT: ContextVar[_Attempt | None] = ContextVar("keyledger_current_call", default=None)
 _DRY_RUN: ContextVar[bool] = ContextVar("keyledger_dry_run", default=False)
 _DEFERRED: ContextVar[list[Any] | None] = ContextVar("keyledger_deferred", default=None)
+_REQUEST_ID: ContextVar[list[str] | None] = ContextVar("keyledger_request_id", default=None)
 DRY_RUN_MESSAGE = "The request would have succeeded, but the DryRun option is set."
 
 
@@ -326,6 +327,19 @@ def deferred_records() -> Iterator[list[Any]]:
         yield records
     finally:
         _DEFERRED.reset(token)
+
+
+@contextlib.contextmanager
+def request_id(value: str) -> Iterator[None]:
+    """The first call begun inside gets ``value`` (a UUID string) as its request id, the
+    ``requestID`` of its CloudTrail record; later calls get ids of their own, so no two
+    records share one. The HTTP API passes the id it answers in ``x-amzn-RequestId``,
+    so a client's request id finds its record, as in AWS."""
+    token = _REQUEST_ID.set([value])
+    try:
+        yield
+    finally:
+        _REQUEST_ID.reset(token)
 
 
 def _refuse_if_dry_run() -> None:
@@ -378,9 +392,10 @@ class KeyLedger(Application[UUID]):
 
     def _call(self, operation: str, caller: Caller) -> CallContext:
         account, region = self.scope_of(caller)
+        given = _REQUEST_ID.get()
         return CallContext(
             operation=operation,
-            request_id=str(uuid.uuid4()),
+            request_id=given.pop() if given else str(uuid.uuid4()),
             principal=caller.principal,
             region=region,
             account_id=account,
