@@ -56,8 +56,7 @@ from ledger.errors import (
     UnknownOperationError,
     ValidationError,
 )
-from ledger.service import Caller, deferred_records
-from ledger.service import request_id as recorded_as
+from ledger.service import Caller, deferred_records, record_request_id
 
 logger = logging.getLogger("keyledger.api")
 
@@ -352,7 +351,7 @@ def create_app(
     ) -> tuple[int, bytes]:  # fmt: skip
         """Authenticate, parse, run and serialize one KMS request (in a worker thread, or
         on the loop for an inline operation); its record carries ``request_id``."""
-        with recorded_as(request_id):
+        with record_request_id(request_id):
             return _kms_work(led, auth, parts, operation, request_id)
 
     def _kms_work(
@@ -395,7 +394,7 @@ def create_app(
     def sts_work(
         led: Any, auth: Authenticator, parts: RequestParts, request_id: str
     ) -> tuple[int, bytes]:
-        with recorded_as(request_id):
+        with record_request_id(request_id):
             return _sts_work(led, auth, parts, request_id)
 
     def _sts_work(
@@ -433,7 +432,7 @@ def create_app(
         except KeyLedgerError as err:  # oversize or unreadable: recorded, never buffered
 
             def rejected(err: KeyLedgerError = err) -> KeyLedgerError:
-                with recorded_as(request_id):
+                with record_request_id(request_id):
                     return record(led, label, _anonymous(head), b"", err, request_id)
 
             answer = await in_thread(rejected)

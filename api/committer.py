@@ -2,16 +2,14 @@
 
 The cryptographic operations run on the event loop with their call records deferred
 (``ledger.service.deferred_records``); the loop hands the records to a committer and
-awaits the returned future. ``LoopCommitter`` (SQLite) stores the records of one pass
-of the loop in one ``save`` from a callback. ``AsyncCommitter`` (PostgreSQL): one
-thread stores everything queued since its last transaction in one ``save`` and
-resolves the futures on the loop: one thread hop per batch instead of two per request,
-and no pool of threads contending for the GIL. While more requests
-are in flight than a batch holds, it waits up to ``COMMIT_DELAY`` for them (as
-PostgreSQL's commit_delay waits for commit_siblings): a SQLite transaction cost about
-0.3 ms of CPU whatever it held, so at 16 concurrent calls the batches grew from about
-2.5 records to 5 and the server spent about 10% less CPU per call; a lone request
-never waits.
+awaits the returned future.
+
+``LoopCommitter`` (SQLite) stores the records of one pass of the loop in one ``save``
+from a callback. ``AsyncCommitter`` (PostgreSQL): one thread stores everything queued
+since its last transaction in one ``save`` and resolves the futures on the loop, one
+thread hop per batch instead of two per request. While more requests are in flight
+than a batch holds, it waits up to ``COMMIT_DELAY`` for them (as PostgreSQL's
+commit_delay waits for commit_siblings); a lone request never waits.
 """
 
 from __future__ import annotations

@@ -26,6 +26,7 @@ from eventsourcing.utils import get_topic, resolve_topic
 
 from ledger import appendlog
 from ledger.appendlog import AppendIndexer
+from ledger.domain.model import ApiCall
 from ledger.records import GENESIS, LedgerRecord, canonical
 
 CHAIN_TABLE = "kl_chain"
@@ -90,7 +91,7 @@ class CanonicalMapper(Mapper[UUID]):
 
 # Topics of recorded calls (ApiCall.Succeeded / Failed): write-once streams that change
 # no aggregate anyone caches; every other event does (see ``changes_state``).
-_CALL_TOPIC_PREFIX = "ledger.domain.model:ApiCall."
+_CALL_TOPIC_PREFIX = get_topic(ApiCall) + "."
 
 
 def changes_state(events: Sequence[StoredEvent]) -> bool:

@@ -32,16 +32,8 @@ def canonical(obj: Any) -> bytes:
 def _check_canonical_domain(obj: Any) -> bool:
     """Raise TypeError outside the domain; return True if a key is outside the BMP."""
     kind = type(obj)
-    if kind is str or obj is None or kind is bool:
+    if kind is str or obj is None or kind is bool:  # the common leaves, by exact type
         return False
-    if kind is dict:  # the common case first, by exact type (subclasses below)
-        astral = False
-        for k, v in obj.items():
-            if type(k) is not str and not isinstance(k, str):
-                raise TypeError("canonical JSON keys must be strings")
-            if _check_canonical_domain(v) or (not k.isascii() and max(k) > "\uffff"):
-                astral = True
-        return astral
     if isinstance(obj, bool | str):
         return False
     if isinstance(obj, int):

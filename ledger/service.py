@@ -330,7 +330,7 @@ def deferred_records() -> Iterator[list[Any]]:
 
 
 @contextlib.contextmanager
-def request_id(value: str) -> Iterator[None]:
+def record_request_id(value: str) -> Iterator[None]:
     """The first call begun inside gets ``value`` (a UUID string) as its request id, the
     ``requestID`` of its CloudTrail record; later calls get ids of their own, so no two
     records share one. The HTTP API passes the id it answers in ``x-amzn-RequestId``,
