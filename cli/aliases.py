@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -68,21 +68,21 @@ def aliases_list(
 
     cli = ctx_of(ctx)
     request = {"keyId": key, "limit": limit, "marker": marker}
-    if cli.as_principal:  # a principal's listing is authorized (and a refusal recorded)
-        cli.ledger_without_hsm.authorize_listing(
-            caller=cli.caller, operation="ListAliases", request=request
-        )
-        if key is not None:
-            cli.ledger_without_hsm.authorize_read(
-                caller=cli.caller, operation="ListAliases", key_id=key
-            )
-    with recorded_failure(cli, "ListAliases", request):
+
+    def answer() -> dict[str, Any]:
         state = point_in_time(cli, as_of, at_seq)
         key_uuid = cli.ledger_without_hsm.resolve_key_id(key) if key is not None else None
         if state is None:
-            resp = cli.catalog.list_aliases(key_uuid=key_uuid, limit=limit, marker=marker)
-        else:
-            rows = list_aliases_at(state, key_uuid)["Aliases"]
-            page, fields = paginate(rows, limit=limit, marker=marker)
-            resp = {"Aliases": page, **fields}
+            return cli.catalog.list_aliases(key_uuid=key_uuid, limit=limit, marker=marker)
+        rows = list_aliases_at(state, key_uuid)["Aliases"]
+        page, fields = paginate(rows, limit=limit, marker=marker)
+        return {"Aliases": page, **fields}
+
+    if cli.as_principal:  # a principal's listing is authorized and recorded
+        resp = cli.ledger_without_hsm.run_read(
+            caller=cli.caller, operation="ListAliases", request=request, answer=answer, key_id=key
+        )
+    else:
+        with recorded_failure(cli, "ListAliases", request):
+            resp = answer()
     emit_list(cli, resp, "Aliases", lambda a: f"{a['AliasName']}  {a['TargetKeyId']}")

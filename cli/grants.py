@@ -104,17 +104,28 @@ def grants_list(
             grantee_principal=grantee,
         )
     else:
+
+        def answer() -> dict[str, Any]:
+            key_uuid = ledger.resolve_key_id(key)
+            arn = cli.settings.key_arn(str(key_uuid))
+            rows = [
+                g
+                for g in list_grants_at(state, key_uuid, arn)["Grants"]
+                if (grant_id is None or g["GrantId"] == grant_id)
+                and (grantee is None or g["GranteePrincipal"] == grantee)
+            ]
+            page, fields = paginate(rows, limit=limit, marker=marker)
+            return {"Grants": page, **fields}
+
         if cli.as_principal:  # the principal must be allowed ListGrants on the key now
-            ledger.authorize_read(caller=cli.caller, operation="ListGrants", key_id=key)
-        key_uuid = ledger.resolve_key_id(key)
-        rows = [
-            g
-            for g in list_grants_at(state, key_uuid, cli.settings.key_arn(str(key_uuid)))["Grants"]
-            if (grant_id is None or g["GrantId"] == grant_id)
-            and (grantee is None or g["GranteePrincipal"] == grantee)
-        ]
-        page, fields = paginate(rows, limit=limit, marker=marker)
-        resp = {"Grants": page, **fields}
+            request = {"keyId": key, "grantId": grant_id, "granteePrincipal": grantee,
+                       "limit": limit, "marker": marker}  # fmt: skip
+            resp = ledger.run_read(
+                caller=cli.caller, operation="ListGrants", request=request,
+                answer=answer, listing=False, key_id=key,
+            )  # fmt: skip
+        else:
+            resp = answer()
     emit_list(cli, resp, "Grants", _grant_line)
 
 
@@ -128,14 +139,19 @@ def grants_list_retirable(
     """ListRetirableGrants across all keys, from the catalog."""
     cli = ctx_of(ctx)
     request = {"retiringPrincipal": retiring, "limit": limit, "marker": marker}
-    if cli.as_principal:
-        cli.ledger_without_hsm.authorize_listing(
-            caller=cli.caller, operation="ListRetirableGrants", request=request
-        )
-    with recorded_failure(cli, "ListRetirableGrants", request):
-        resp = cli.catalog.list_retirable_grants(
+
+    def answer() -> dict[str, Any]:
+        return cli.catalog.list_retirable_grants(
             retiring_principal=retiring, limit=limit, marker=marker
         )
+
+    if cli.as_principal:  # a principal's listing is authorized and recorded
+        resp = cli.ledger_without_hsm.run_read(
+            caller=cli.caller, operation="ListRetirableGrants", request=request, answer=answer
+        )
+    else:
+        with recorded_failure(cli, "ListRetirableGrants", request):
+            resp = answer()
     emit_list(cli, resp, "Grants", lambda g: f"{g['KeyId']}  {_grant_line(g)}")
 
 

@@ -128,12 +128,14 @@ def keys_list(ctx: typer.Context, limit: LimitOpt = None, marker: MarkerOpt = No
     """ListKeys, from the key catalog projection."""
     cli = ctx_of(ctx)
     request = {"limit": limit, "marker": marker}
-    if cli.as_principal:  # a principal's listing is authorized (and a refusal recorded)
-        cli.ledger_without_hsm.authorize_listing(
-            caller=cli.caller, operation="ListKeys", request=request
-        )
-    with recorded_failure(cli, "ListKeys", request):
-        resp = cli.catalog.list_keys(limit=limit, marker=marker)
+    if cli.as_principal:  # a principal's listing is authorized and recorded
+        resp = cli.ledger_without_hsm.run_read(
+            caller=cli.caller, operation="ListKeys", request=request,
+            answer=lambda: cli.catalog.list_keys(limit=limit, marker=marker),
+        )  # fmt: skip
+    else:
+        with recorded_failure(cli, "ListKeys", request):
+            resp = cli.catalog.list_keys(limit=limit, marker=marker)
     emit_list(cli, resp, "Keys", lambda k: k["KeyArn"])
 
 
@@ -148,10 +150,6 @@ def keys_describe(
     from projections.catalog import describe_key_at
 
     cli = ctx_of(ctx)
-    if cli.as_principal and (as_of is not None or at_seq is not None):
-        cli.ledger_without_hsm.authorize_read(
-            caller=cli.caller, operation="DescribeKey", key_id=key
-        )
     if cli.as_principal and as_of is None and at_seq is None:
         # A principal's DescribeKey goes through the service: authorized and recorded.
         resp = cli.ledger_without_hsm.describe_key(caller=cli.caller, key_id=key)
@@ -159,14 +157,23 @@ def keys_describe(
         emit(cli, resp, f"{md['Arn']}  {md['KeyState']}  {md['KeySpec']}  {md['KeyUsage']}  "
                         f"{md['Description']!r}")  # fmt: skip
         return
-    with recorded_failure(cli, "DescribeKey", {"keyId": key}):
+
+    def answer() -> dict[str, Any]:
         state = point_in_time(cli, as_of, at_seq)
         key_uuid = resolve_key_at(cli, state, key)
         arn = cli.settings.key_arn(str(key_uuid))
         if state is None:
-            resp = cli.catalog.describe_key(key_uuid, arn)
-        else:
-            resp = describe_key_at(state, key_uuid, arn)
+            return cli.catalog.describe_key(key_uuid, arn)
+        return describe_key_at(state, key_uuid, arn)
+
+    if cli.as_principal:  # point in time: authorized on the key as it is now, and recorded
+        resp = cli.ledger_without_hsm.run_read(
+            caller=cli.caller, operation="DescribeKey", request={"keyId": key},
+            answer=answer, listing=False, key_id=key,
+        )  # fmt: skip
+    else:
+        with recorded_failure(cli, "DescribeKey", {"keyId": key}):
+            resp = answer()
     md = resp["KeyMetadata"]
     emit(
         cli,
@@ -349,12 +356,19 @@ def policy_get(
     if state is None:
         resp = cli.ledger_without_hsm.get_key_policy(caller=cli.caller, key_id=key)
     else:
+
+        def answer() -> dict[str, Any]:
+            key_uuid = cli.ledger_without_hsm.resolve_key_id(key)
+            return get_key_policy_at(state, key_uuid, cli.settings.key_arn(str(key_uuid)))
+
         if cli.as_principal:  # the principal must be allowed GetKeyPolicy on the key now
-            cli.ledger_without_hsm.authorize_read(
-                caller=cli.caller, operation="GetKeyPolicy", key_id=key
-            )
-        key_uuid = cli.ledger_without_hsm.resolve_key_id(key)
-        resp = get_key_policy_at(state, key_uuid, cli.settings.key_arn(str(key_uuid)))
+            resp = cli.ledger_without_hsm.run_read(
+                caller=cli.caller, operation="GetKeyPolicy",
+                request={"keyId": key, "policyName": "default"},
+                answer=answer, listing=False, key_id=key,
+            )  # fmt: skip
+        else:
+            resp = answer()
     emit(cli, resp, resp["Policy"])
 
 

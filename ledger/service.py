@@ -100,6 +100,13 @@ from ledger.settings import Settings
 T = TypeVar("T")
 JSON = dict[str, Any]
 
+
+def _given(request: JSON) -> JSON:
+    """The members the caller sent: a request built with None for what was not sent
+    is recorded as CloudTrail logs it, without them."""
+    return {k: v for k, v in request.items() if v is not None}
+
+
 MAX_PLAINTEXT = 4096
 MAX_CIPHERTEXT = 6144
 MAX_DESCRIPTION = 8192
@@ -803,33 +810,52 @@ class KeyLedger(Application[UUID]):
                 "The new key policy will not allow you to update the key policy in the future."
             )
 
-    def authorize_listing(self, *, caller: Caller, operation: str, request: JSON) -> None:
-        """Authorize (and on refusal record) an account-wide read such as ListKeys that
-        the read side answers. Raises AccessDeniedError."""
+    def run_read(
+        self,
+        *,
+        caller: Caller,
+        operation: str,
+        request: JSON,
+        answer: Callable[[], T],
+        listing: bool = True,
+        key_id: str | None = None,
+    ) -> T:
+        """A read that the read side answers (the key catalog, a point-in-time replay),
+        as one recorded call: authorized on the identity side when ``listing`` (an
+        account-wide read such as ListKeys) and on ``key_id``'s key when given, then
+        answered by ``answer``. A success is recorded as a read-only call, as CloudTrail
+        does; a refusal or a failure of ``answer`` with its error code.
 
-        def body(call: CallContext, attempt: _Attempt) -> None:
-            self._authorize_identity(attempt, "kms:" + operation)
+        ``request`` is what the caller sent (members that are None are left out).
+        Raises AccessDeniedError, NotFoundError, whatever KeyLedgerError ``answer``
+        raises, and LedgerUnavailableError when the record cannot be stored (then
+        nothing is answered).
+        """
+        sent = _given(request)
 
-        self._run(operation, caller, request, body, read_only=True)
+        def body(call: CallContext, attempt: _Attempt) -> T:
+            if listing:
+                self._authorize_identity(attempt, "kms:" + operation)
+            if key_id is not None:
+                self._key_for(key_id, attempt, allow_alias=True)
+            out = answer()
+            self._record_read(call, attempt, sent)
+            return out
 
-    def authorize_read(self, *, caller: Caller, operation: str, key_id: str) -> None:
-        """Authorize (and on refusal record) a read of one key that the read side
-        answers, e.g. a point-in-time DescribeKey. Raises NotFoundError,
-        AccessDeniedError."""
+        return self._run(operation, caller, sent, body, read_only=True)
 
-        def body(call: CallContext, attempt: _Attempt) -> None:
-            self._key_for(key_id, attempt, allow_alias=True)
-
-        self._run(operation, caller, {"keyId": key_id}, body, read_only=True)
-
-    def resolve_key_id_as(self, caller: Caller, key_id: str, operation: str) -> UUID:
-        """``resolve_key_id`` in the caller's account and region (for read-side calls
-        answered outside the service). Raises NotFoundError, ValidationError."""
-        token = _CURRENT.set(_Attempt(self._call(operation, caller), caller))
-        try:
-            return self.resolve_key_id(key_id)
-        finally:
-            _CURRENT.reset(token)
+    def _record_read(self, call: CallContext, attempt: _Attempt, request: JSON) -> None:
+        """Record a successful read-only call (DescribeKey, List*, Get*): AWS logs them
+        with null responseElements. Raises LedgerUnavailableError."""
+        self._commit_call(
+            ApiCall.succeeded(
+                call=call,
+                timestamp=self.clock.now(),
+                key_arn=attempt.key_arn,
+                request=request,
+                read_only=True,
+            )
+        )
 
     def scope_of(self, caller: Caller) -> tuple[str, str]:
         """The (account, region) a caller's requests act in."""
@@ -1163,15 +1189,20 @@ class KeyLedger(Application[UUID]):
         *,
         allow_alias: bool = False,
     ) -> JSON:
-        """A read-only operation on one key: the state table applies; a failure is
-        recorded, a success is not (read calls are not yet part of the log)."""
+        """A read-only operation on one key: the state table applies; a success is
+        recorded as a read-only call, a failure with its error code. Raises
+        LedgerUnavailableError (and no answer) when the record cannot be stored."""
+
+        sent = _given(request)
 
         def body(call: CallContext, attempt: _Attempt) -> JSON:
             key = self._key_for(key_id, attempt, allow_alias=allow_alias)
             key.check(operation)
-            return answer(key)
+            out = answer(key)
+            self._record_read(call, attempt, sent)
+            return out
 
-        return self._run(operation, caller, request, body, read_only=True)
+        return self._run(operation, caller, sent, body, read_only=True)
 
     def describe_key(self, *, caller: Caller, key_id: str) -> JSON:
         """DescribeKey from the write model (accepts aliases). Raises NotFoundError."""
@@ -1249,7 +1280,13 @@ class KeyLedger(Application[UUID]):
             page, fields = paginate(tags, limit=limit, marker=marker, default=50, maximum=50)
             return {"Tags": page, **fields}
 
-        return self._read("ListResourceTags", caller, {"keyId": key_id}, key_id, answer)
+        return self._read(
+            "ListResourceTags",
+            caller,
+            {"keyId": key_id, "limit": limit, "marker": marker},
+            key_id,
+            answer,
+        )
 
     # ------------------------------------------------------------ key policies
 
@@ -1311,7 +1348,13 @@ class KeyLedger(Application[UUID]):
             page, fields = paginate(["default"], limit=limit, marker=marker)
             return {"PolicyNames": page, **fields}
 
-        return self._read("ListKeyPolicies", caller, {"keyId": key_id}, key_id, answer)
+        return self._read(
+            "ListKeyPolicies",
+            caller,
+            {"keyId": key_id, "limit": limit, "marker": marker},
+            key_id,
+            answer,
+        )
 
     # ------------------------------------------------------------ rotation
 
@@ -1399,7 +1442,13 @@ class KeyLedger(Application[UUID]):
             page, fields = paginate(rows, limit=limit, marker=marker)
             return {"Rotations": page, **fields}
 
-        return self._read("ListKeyRotations", caller, {"keyId": key_id}, key_id, answer)
+        return self._read(
+            "ListKeyRotations",
+            caller,
+            {"keyId": key_id, "limit": limit, "marker": marker},
+            key_id,
+            answer,
+        )
 
     # ------------------------------------------------------------ deletion
 
@@ -1693,7 +1742,14 @@ class KeyLedger(Application[UUID]):
             page, fields = paginate(rows, limit=limit, marker=marker)
             return {"Grants": page, **fields}
 
-        return self._read("ListGrants", caller, {"keyId": key_id}, key_id, answer)
+        request: JSON = {
+            "keyId": key_id,
+            "grantId": grant_id,
+            "granteePrincipal": grantee_principal,
+            "limit": limit,
+            "marker": marker,
+        }
+        return self._read("ListGrants", caller, request, key_id, answer)
 
     def retire_grant(
         self,

@@ -34,9 +34,9 @@ def test_dry_runs_check_everything_and_change_nothing(api_server: Server, kms: A
     grant = {"KeyId": key, "GranteePrincipal": "arn:aws:iam::111122223333:user/g",
              "Operations": ["Decrypt"], "DryRun": True}  # fmt: skip
     assert _code(kms.create_grant, **grant) == "DryRunOperationException"
-    assert kms.list_grants(KeyId=key)["Grants"] == []
 
     records = LedgerView(api_server.data_dir).records_after(before)
+    assert kms.list_grants(KeyId=key)["Grants"] == []
     codes = [(r["call"]["operation"], r.get("error_code")) for r in records]
     assert codes == [
         ("Encrypt", "DryRunOperationException"),

@@ -83,3 +83,47 @@ def test_principal_lifecycle_and_acting_as_it(tmp_path: Path) -> None:
         assert op in trail
     assert "AccessDeniedException" in trail
     assert cli("audit", "verify").stdout.decode().startswith("OK:")
+
+
+READER = {
+    "Version": "2012-10-17",
+    "Statement": [
+        {"Effect": "Allow", "Action": ["kms:ListKeys", "kms:DescribeKey"], "Resource": "*"}
+    ],
+}
+
+
+def test_a_principals_cli_reads_are_recorded_as_read_only_calls(tmp_path: Path) -> None:
+    """``--as NAME`` reads answered by the catalog or a replay are one recorded call
+    each, as the API's are; the operator's own reads of the projections are not calls."""
+    from tests.api.conftest import LedgerView
+
+    cli = Cli(tmp_path / "data")
+    view = LedgerView(tmp_path / "data")
+    cli("principals", "create", "reader")
+    cli("principals", "attach-policy", "reader", "--policy-name", "read", "--policy", "-",
+        stdin=json.dumps(READER).encode())  # fmt: skip
+    key = json.loads(cli("--json", "keys", "create").stdout)["KeyMetadata"]
+    at = view.head()
+
+    def records_of(*args: str) -> list[tuple[str, str, str | None]]:
+        before = view.head()
+        cli(*args)
+        return [
+            (r["call"]["operation"], r["topic"].rsplit(".", 1)[-1], r.get("key_arn"))
+            for r in view.records_after(before)
+        ]
+
+    assert records_of("--as", "reader", "keys", "list", "--limit", "5") == [
+        ("ListKeys", "Succeeded", None)
+    ]
+    assert records_of("--as", "reader", "keys", "describe", key["KeyId"], "--at-seq", str(at)) == [
+        ("DescribeKey", "Succeeded", key["Arn"])
+    ]
+    assert records_of("keys", "list") == []  # the operator reading the projection
+    before = view.head()
+    cli("--as", "reader", "keys", "list", "--marker", "bad", expect=1)
+    [failed] = view.records_after(before)
+    assert failed["call"]["operation"] == "ListKeys"
+    assert failed["error_code"] == "InvalidMarkerException"
+    assert failed["request"] == {"marker": "bad"}
