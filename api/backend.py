@@ -8,10 +8,15 @@ other operation; the catalog is caught up before it answers.
 
 from __future__ import annotations
 
-from typing import Any
+import threading
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
 
 from ledger.service import Caller, KeyLedger
 from projections.catalog import KeyCatalog
+
+if TYPE_CHECKING:
+    from projections.usage import UsageIndex
 
 JSON = dict[str, Any]
 
@@ -22,6 +27,8 @@ class KmsBackend:
     def __init__(self, ledger: KeyLedger) -> None:
         self.ledger = ledger
         self.catalog = KeyCatalog(ledger.db)
+        self._usage: UsageIndex | None = None
+        self._usage_lock = threading.Lock()
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.ledger, name)
@@ -87,3 +94,34 @@ class KmsBackend:
                 retiring_principal=retiring_principal, limit=limit, marker=marker
             ),
         )  # fmt: skip
+
+    def get_key_last_usage(self, *, caller: Caller, key_id: str) -> JSON:
+        """GetKeyLastUsage, answered by the usage index (caught up first, in this
+        process: a threaded server never forks decode workers).
+
+        Raises NotFoundError, AccessDeniedError (recorded)."""
+        from consumers.cloudtrail import event_id
+
+        def last_used(key_arn: str) -> JSON | None:
+            row = self._usage_index().last_used(key_arn, workers=0)
+            if row is None:
+                return None
+            return {
+                "Operation": row["operation"],
+                "Timestamp": datetime.fromisoformat(row["time"]),
+                "CloudTrailEventId": event_id(self.ledger.ledger_id, int(row["seq"])),
+                "KmsRequestId": row["request_id"],
+            }
+
+        out: JSON = self.ledger.key_last_usage(caller=caller, key_id=key_id, last_used=last_used)
+        return out
+
+    def _usage_index(self) -> UsageIndex:
+        """The usage index, opened at the first call that needs it (its tables are made
+        then, not at start-up)."""
+        with self._usage_lock:
+            if self._usage is None:
+                from projections.usage import UsageIndex
+
+                self._usage = UsageIndex(self.ledger.db)
+            return self._usage

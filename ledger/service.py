@@ -1384,6 +1384,28 @@ class KeyLedger(Application[UUID]):
 
         return self._key_command("DisableKeyRotation", caller, key_id, request, change)
 
+    def key_last_usage(
+        self, *, caller: Caller, key_id: str, last_used: Callable[[str], JSON | None]
+    ) -> JSON:
+        """GetKeyLastUsage: the key's last successful cryptographic call, as
+        ``last_used(key_arn)`` finds it (the usage index: operation, timestamp, event id,
+        request id), or an empty KeyLastUsage. A key id or key ARN of the caller's
+        account only (no alias, no other account). Tracking starts at the key's creation:
+        every call since is in the ledger.
+
+        Raises NotFoundError, AccessDeniedError.
+        """
+
+        def answer(key: Key) -> JSON:
+            return {
+                "KeyId": key.arn,
+                "KeyLastUsage": last_used(key.arn) or {},
+                "TrackingStartDate": key.created_on,
+                "KeyCreationDate": key.created_on,
+            }
+
+        return self._read("GetKeyLastUsage", caller, {"keyId": key_id}, key_id, answer)
+
     def get_key_rotation_status(self, *, caller: Caller, key_id: str) -> JSON:
         """GetKeyRotationStatus."""
 

@@ -1278,10 +1278,10 @@ class UsageIndex:
         select = f"SELECT seq, time FROM {self.usage} WHERE"
         return {int(q): t for q, t in self._select_in(c, select, "seq", sorted(seqs))}
 
-    def last_used(self, key_arn: str) -> dict[str, Any] | None:
+    def last_used(self, key_arn: str, *, workers: int | None = None) -> dict[str, Any] | None:
         """The last successful cryptographic call with the key (GetKeyLastUsage), as
-        a row, or None."""
-        self.catch_up()
+        a row, or None. ``workers`` goes to ``catch_up`` (0 in a threaded server)."""
+        self.catch_up(workers=workers)
         ops = sorted(CRYPTO_OPERATIONS)
         marks = ", ".join("?" for _ in ops)
         found: list[dict[str, Any]] = []

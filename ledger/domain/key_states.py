@@ -131,6 +131,9 @@ KEY_STATE_TABLE: Final[Mapping[str, Mapping[str, Outcome]]] = MappingProxyType(
         "DeriveSharedSecret": _ASYMMETRIC_OR_HMAC,
         # Key lifecycle.
         "DescribeKey": _ALWAYS,
+        # Inferred: a newer operation, not in the 2022 table. Botocore lists neither
+        # DisabledException nor KMSInvalidStateException for it.
+        "GetKeyLastUsage": _ALWAYS,
         # ✓ | ✓ | [3] | [5].
         "EnableKey": _row(ALLOWED, ALLOWED, INVALID_STATE, INVALID_STATE),
         "DisableKey": _row(ALLOWED, ALLOWED, INVALID_STATE, INVALID_STATE),

@@ -107,6 +107,16 @@ class LedgerView:
         finally:
             ledger.close()
 
+    def ledger_id(self) -> str:
+        from cli.context import CliContext
+        from ledger.settings import Settings
+
+        ledger = CliContext(settings=Settings(data_dir=self.data_dir)).ledger_without_hsm
+        try:
+            return str(ledger.ledger_id)
+        finally:
+            ledger.close()
+
     def head(self) -> int:
         from cli.context import CliContext
         from ledger.settings import Settings

@@ -20,7 +20,8 @@ from cryptography.hazmat.primitives.asymmetric import ec, padding
 
 from api.backend import KmsBackend
 from api.protocol import implemented_operations
-from tests.api.conftest import Server
+from consumers.cloudtrail import cloudtrail_view
+from tests.api.conftest import LedgerView, Server
 
 # One worker runs the whole module: its last test checks what the others called.
 pytestmark = [pytest.mark.softhsm, pytest.mark.xdist_group("boto3-operations")]
@@ -131,6 +132,37 @@ def test_describe_key_by_id_arn_alias_name_and_alias_arn(
 def test_update_key_description_shows_in_describe_key(client: Any, other: dict[str, Any]) -> None:
     client.update_key_description(KeyId=other["KeyId"], Description="renamed")
     assert client.describe_key(KeyId=other["KeyId"])["KeyMetadata"]["Description"] == "renamed"
+
+
+def test_get_key_last_usage_names_the_last_cryptographic_call(
+    client: Any, api_server: Server
+) -> None:
+    md = new_key(client, Description="last usage")
+    fresh = client.get_key_last_usage(KeyId=md["KeyId"])
+    assert fresh["KeyId"] == md["Arn"] and not fresh.get("KeyLastUsage")
+    assert fresh["TrackingStartDate"] == fresh["KeyCreationDate"] == md["CreationDate"]
+
+    client.describe_key(KeyId=md["KeyId"])  # a read is not a cryptographic use
+    blob = client.encrypt(KeyId=md["KeyId"], Plaintext=b"x")
+    decrypted = client.decrypt(CiphertextBlob=blob["CiphertextBlob"])
+    client.describe_key(KeyId=md["KeyId"])
+    used = client.get_key_last_usage(KeyId=md["Arn"])["KeyLastUsage"]
+    assert used["Operation"] == "Decrypt"
+    assert used["KmsRequestId"] == decrypted["ResponseMetadata"]["RequestId"]
+    assert isinstance(used["Timestamp"], datetime) and used["Timestamp"] >= md["CreationDate"]
+    # The event id is the CloudTrail eventID of the Decrypt's record.
+    view = LedgerView(api_server.data_dir)
+    [(seq, record)] = [
+        (seq, r) for seq, r in enumerate(view.records_after(0), start=1)
+        if r.get("call", {}).get("request_id") == used["KmsRequestId"]
+    ]  # fmt: skip
+    assert record["call"]["operation"] == "Decrypt" and "error_code" not in record
+    trail = cloudtrail_view(record, seq=seq, ledger_id=view.ledger_id())
+    assert used["CloudTrailEventId"] == trail["eventID"]
+
+    with pytest.raises(ClientError) as err:  # aliases are not accepted, as in AWS
+        client.get_key_last_usage(KeyId="alias/boto3-sym")
+    assert error_code(err) == "NotFoundException"
 
 
 def test_describe_key_of_an_unknown_key_is_not_found(client: Any) -> None:

@@ -46,6 +46,8 @@ READS: list[tuple[str, Callable[[Any, dict[str, str]], Any], Any, str | None]] =
      {"keyId": "sym"}, "sym"),
     ("GetPublicKey", lambda c, k: c.get_public_key(KeyId=k["signer"]),
      {"keyId": "signer"}, "signer"),
+    ("GetKeyLastUsage", lambda c, k: c.get_key_last_usage(KeyId=k["sym"]),
+     {"keyId": "sym"}, "sym"),
     ("ListKeyPolicies", lambda c, k: c.list_key_policies(KeyId=k["sym"], Limit=5),
      {"keyId": "sym", "limit": 5}, "sym"),
     ("ListKeyRotations", lambda c, k: c.list_key_rotations(KeyId=k["sym"]),
