@@ -1,6 +1,8 @@
 """``keyledger serve --workers 2`` on one PostgreSQL schema: concurrent boto3 Encrypts
 from 8 threads all succeed, the shared ledger's chain verifies with exactly one event
-per call, and SIGTERM shuts the server down gracefully (exit code 0).
+per call, concurrent GetKeyLastUsage calls (the usage index caught up by whichever
+worker answers) agree on the last Encrypt, and SIGTERM shuts the server down gracefully
+(exit code 0).
 
 Which worker answered a request is not visible to a client (no response header says,
 and none is added for tests), so the test checks that two worker processes run, not
@@ -91,6 +93,7 @@ def test_two_workers_share_one_postgres_ledger_and_stop_on_sigterm(workers: Serv
 
     errors: list[BaseException] = []
     blobs: list[bytes] = []
+    request_ids: set[str] = set()
     lock = threading.Lock()
 
     def run(n: int) -> None:
@@ -100,6 +103,7 @@ def test_two_workers_share_one_postgres_ledger_and_stop_on_sigterm(workers: Serv
                 out = kms.encrypt(KeyId=key_id, Plaintext=b"payload %d" % i)
                 with lock:
                     blobs.append(out["CiphertextBlob"])
+                    request_ids.add(out["ResponseMetadata"]["RequestId"])
         except BaseException as exc:
             with lock:
                 errors.append(exc)
@@ -118,6 +122,29 @@ def test_two_workers_share_one_postgres_ledger_and_stop_on_sigterm(workers: Serv
     assert count == head
     out = workers.cli("audit", "verify")
     assert out.startswith(f"OK: {head} events")
+
+    # GetKeyLastUsage from both workers at once: each catches the shared usage index up
+    # (one writer at a time) and names one of the Encrypts.
+    last: list[dict[str, object]] = []
+
+    def last_usage() -> None:
+        try:
+            used = workers.client(creds).get_key_last_usage(KeyId=key_id)["KeyLastUsage"]
+            with lock:
+                last.append(used)
+        except BaseException as exc:
+            with lock:
+                errors.append(exc)
+
+    readers = [threading.Thread(target=last_usage) for _ in range(6)]
+    for t in readers:
+        t.start()
+    for t in readers:
+        t.join()
+    assert errors == [] and len(last) == 6
+    assert {used["Operation"] for used in last} == {"Encrypt"}
+    assert len({used["KmsRequestId"] for used in last}) == 1
+    assert last[0]["KmsRequestId"] in request_ids
 
     workers.proc.send_signal(signal.SIGTERM)
     assert workers.proc.wait(timeout=15) == 0
