@@ -248,6 +248,43 @@ def test_a_benign_day_of_traffic_fires_nothing(world: World) -> None:
     assert w.printed == []
 
 
+READ_KEYS = json.dumps({"Version": "2012-10-17", "Statement": [
+    {"Effect": "Allow", "Action": ["kms:DescribeKey", "kms:GetKeyPolicy", "kms:ListGrants"],
+     "Resource": "*"}]})  # fmt: skip
+
+
+def test_a_principal_reading_ten_keys_in_minutes_fires_reconnaissance_once(world: World) -> None:
+    """Successful reads are records, so a quiet enumeration of keys is visible: ten
+    distinct keys read by one principal in under ten minutes fire once; the admin
+    reading the same keys an hour apart does not."""
+    w, led = world, world.ledger
+    keys = [w.key() for _ in range(11)]
+    scout = w.user("scout", "10.0.0.7", policy=READ_KEYS)
+    for key in keys[:6]:  # the admin, slowly: one key every 12 minutes
+        w.tick(720)
+        led.describe_key(caller=ADMIN, key_id=key)
+    reads = (
+        lambda k: led.describe_key(caller=scout, key_id=k),
+        lambda k: led.get_key_policy(caller=scout, key_id=k),
+        lambda k: led.list_grants(caller=scout, key_id=k),
+    )
+    for i, key in enumerate(keys[:9]):
+        w.tick(20)
+        reads[i % 3](key)
+        led.describe_key(caller=scout, key_id=keys[0])  # the same key again: counted once
+    w.tick(20)
+    led.describe_key(caller=scout, key_id=keys[9])
+    tenth = w.seq()
+    led.describe_key(caller=scout, key_id=keys[10])  # the window restarted after the alert
+
+    w.relay()
+    assert w.detect() == DetectResult(evaluated=w.seq(), replayed=0, alerts=1)
+    [alert] = w.alerts()
+    assert (alert["name"], alert["seq"]) == ("kms_key_reconnaissance", tenth)
+    assert alert["principal"] == scout.principal
+    assert len(alert["correlatedSeqs"]) == 19
+
+
 def test_the_cli_prints_one_json_line_per_alert_and_a_summary_on_stderr(world: World) -> None:
     from typer.testing import CliRunner
 

@@ -222,7 +222,7 @@ def test_rules_for_another_logsource_are_refused() -> None:
 
 def test_every_shipped_rule_is_valid_sigma_for_aws_cloudtrail() -> None:
     files = sorted(default_rules_dir().glob("*.yml"))
-    assert len(files) == 7
+    assert len(files) == 8
     kinds: list[str] = []
     for path in files:
         text = path.read_text(encoding="utf-8")
@@ -239,8 +239,8 @@ def test_every_shipped_rule_is_valid_sigma_for_aws_cloudtrail() -> None:
                 assert isinstance(rule, SigmaCorrelationRule)
         for doc in yaml.safe_load_all(text):  # and our evaluator accepts the same file
             assert doc["id"] and doc["title"] and doc["level"]
-    assert kinds.count("SigmaCorrelationRule") == 1
-    assert len(load_rules().rules) == 7
+    assert kinds.count("SigmaCorrelationRule") == 2
+    assert len(load_rules().rules) == 8
 
 
 def test_scheduled_deletion_and_disable_fire_only_on_success() -> None:
@@ -456,3 +456,59 @@ def test_alerts_carry_identifying_fields_and_no_request_values() -> None:
 def test_a_rules_dir_without_rules_is_refused(tmp_path: Path) -> None:
     with pytest.raises(SigmaRuleError, match="no rule files"):
         load_rules(tmp_path)
+
+
+# ------------------------------------------------------------------ key reconnaissance
+
+
+def read(name: str, key: int, seconds: int, principal: str = ALICE, **kw: Any) -> dict[str, Any]:
+    """A read of key number ``key`` (its resolved ARN in resources)."""
+    rec = record(name, seconds=seconds, principal=principal, **kw)
+    arn = f"arn:aws:kms:us-east-1:{ACCOUNT}:key/00000000-0000-4000-8000-{key:012d}"
+    rec["resources"] = [{"accountId": ACCOUNT, "type": "AWS::KMS::Key", "ARN": arn}]
+    rec["requestParameters"] = {"keyId": arn}
+    rec["readOnly"] = True
+    return rec
+
+
+READ_NAMES = ["DescribeKey", "GetKeyPolicy", "ListGrants", "GetPublicKey", "ListResourceTags",
+              "GetKeyRotationStatus", "ListKeyPolicies", "ListKeyRotations",
+              "GetKeyLastUsage"]  # fmt: skip
+
+
+def test_reads_of_ten_distinct_keys_by_one_principal_within_ten_minutes_fire_once() -> None:
+    feed = fresh()
+    fired: set[tuple[str | None, int]] = set()
+    for i in range(9):  # nine keys, each read twice, by every kind of read
+        fired |= feed(read(READ_NAMES[i], i, seconds=i * 30))
+        fired |= feed(read("DescribeKey", i, seconds=i * 30 + 1))
+    assert fired == set()
+    # The tenth key, refused: a refused read counts too (it names the key it probed).
+    assert feed(read("GetKeyPolicy", 9, seconds=300, error="AccessDeniedException")) == {
+        ("kms_key_reconnaissance", 19)
+    }
+    alert = feed.alerts[-1]
+    assert alert.principal == ALICE and len(alert.correlated_seqs) == 19
+    assert feed(read("DescribeKey", 10, seconds=310)) == set()  # the window restarted
+
+
+def test_reads_spread_over_more_than_ten_minutes_or_principals_do_not_fire() -> None:
+    feed = fresh()
+    fired: set[tuple[str | None, int]] = set()
+    for i in range(10):  # ten keys, but the first is more than ten minutes before the last
+        fired |= feed(read("DescribeKey", i, seconds=0 if i == 0 else 600 + i))
+    carol, dave = (f"arn:aws:iam::{ACCOUNT}:user/{n}" for n in ("carol", "dave"))
+    for i in range(10):  # ten keys within a minute, between two other principals
+        fired |= feed(read("DescribeKey", 100 + i, seconds=700 + i, principal=(carol, dave)[i % 2]))
+    assert fired == set()
+
+
+def test_listings_and_cryptographic_calls_are_not_key_reads() -> None:
+    feed = fresh()
+    fired: set[tuple[str | None, int]] = set()
+    for i in range(12):
+        fired |= feed(read("Encrypt", i, seconds=i))
+        listing = record("ListKeys", seconds=i, request={"limit": 5})
+        del listing["resources"]
+        fired |= feed(listing)
+    assert fired == set()
