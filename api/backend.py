@@ -9,6 +9,7 @@ other operation; the catalog is caught up before it answers.
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
@@ -33,7 +34,9 @@ class KmsBackend:
     def __getattr__(self, name: str) -> Any:
         return getattr(self.ledger, name)
 
-    def _listing(self, operation: str, caller: Caller, request: JSON, answer: Any) -> JSON:
+    def _listing(
+        self, operation: str, caller: Caller, request: JSON, answer: Callable[[str], JSON]
+    ) -> JSON:
         """Authorize, catch the catalog up, answer with ``answer(arn_prefix)`` and record
         the call (a success as a read-only call).
 
@@ -43,8 +46,7 @@ class KmsBackend:
 
         def run() -> JSON:
             self.catalog.catch_up()
-            result: JSON = answer(prefix)
-            return result
+            return answer(prefix)
 
         out: JSON = self.ledger.run_read(
             caller=caller, operation=operation, request=request, answer=run
