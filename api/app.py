@@ -66,10 +66,19 @@ DEFAULT_MAX_BODY = 1_048_576
 _CREDENTIAL = re.compile(r"Credential=([A-Za-z0-9]{1,128})/")
 _MAX_USER_AGENT = 1024
 _MAX_KEY_ID = 2048
-# Run on the event loop (see ``create_app``): cryptographic calls whose only write is
-# their call record.
+# Run on the event loop (see ``create_app``): calls whose only write is their call
+# record and that read nothing but the key: cryptographic calls and reads of one key.
+# The catalog-answered listings and GetKeyLastUsage catch a projection up: threads.
 INLINE_OPERATIONS = frozenset(
     {
+        "DescribeKey",
+        "GetKeyPolicy",
+        "GetKeyRotationStatus",
+        "GetPublicKey",
+        "ListKeyPolicies",
+        "ListKeyRotations",
+        "ListResourceTags",
+        "ListGrants",
         "Encrypt",
         "Decrypt",
         "ReEncrypt",

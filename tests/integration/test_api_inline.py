@@ -140,6 +140,7 @@ def test_a_failed_commit_answers_an_internal_error_and_never_the_result(
             ("Encrypt", {"KeyId": key, "Plaintext": plaintext}),
             ("Decrypt", {"CiphertextBlob": blob}),
             ("GenerateDataKey", {"KeyId": key, "KeySpec": "AES_256"}),
+            ("DescribeKey", {"KeyId": key}),  # a read: its record too, or no answer
         ],
     )
     for response in responses:
@@ -170,25 +171,44 @@ def test_a_commit_slower_than_the_timeout_answers_503_and_still_stores_the_recor
     assert _ledger(app).db.head_seq() == head + 1
 
 
-@pytest.mark.parametrize(("inline", "on_loop"), [("on", True), ("off", False)])
+@pytest.mark.parametrize(
+    ("inline", "operation", "on_loop"),
+    [
+        ("on", "Encrypt", True),
+        ("off", "Encrypt", False),
+        ("on", "DescribeKey", True),  # a read of one key, from the key itself
+        ("on", "ListKeys", False),  # the catalog is caught up: never on the loop
+    ],
+)
 def test_the_inline_choice_decides_where_the_operation_runs(
-    make_app: Callable[..., Any], monkeypatch: pytest.MonkeyPatch, inline: str, on_loop: bool
+    make_app: Callable[..., Any],
+    monkeypatch: pytest.MonkeyPatch,
+    inline: str,
+    operation: str,
+    on_loop: bool,
 ) -> None:
     app = make_app(inline)
     key = _key(app)
     ledger = _ledger(app)
-    real = ledger.encrypt
     threads: list[str] = []
+    if operation == "ListKeys":
+        ledger = app.state.keyledger.ledger  # KmsBackend: answered from its catalog
+    name = {"Encrypt": "encrypt", "DescribeKey": "describe_key", "ListKeys": "list_keys"}
+    real = getattr(ledger, name[operation])
 
     @functools.wraps(real)  # the API reads the method's signature
-    def encrypt(**kwargs: Any) -> Any:
+    def spy(**kwargs: Any) -> Any:
         threads.append(threading.current_thread().name)
         return real(**kwargs)
 
-    monkeypatch.setattr(ledger, "encrypt", encrypt)
-    plaintext = base64.b64encode(b"x").decode()
-    (response,) = _run(app, [("Encrypt", {"KeyId": key, "Plaintext": plaintext})])
-    assert response.status_code == 200
+    monkeypatch.setattr(ledger, name[operation], spy)
+    body: dict[str, Any] = {"KeyId": key}
+    if operation == "Encrypt":
+        body["Plaintext"] = base64.b64encode(b"x").decode()
+    if operation == "ListKeys":
+        body = {}
+    (response,) = _run(app, [(operation, body)])
+    assert response.status_code == 200, response.text
     # asyncio.run runs the loop in this test's thread
     assert (threads == [threading.current_thread().name]) is on_loop
     assert threads[0].startswith("keyledger-api") is not on_loop
