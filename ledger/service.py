@@ -495,13 +495,20 @@ class KeyLedger(Application[UUID]):
         self, call: CallContext, key_arn: str, request: JSON, material_id: str | None
     ) -> None:
         """Record one successful use of a key (group commit); see ``_commit_call``."""
+        self._record_success(call, key_arn, request, {"keyMaterialId": material_id})
+
+    def _record_success(
+        self, call: CallContext, key_arn: str | None, request: JSON, additional: JSON | None
+    ) -> None:
+        """Record a successful call that changes no key state (a use, a read, random
+        bytes). Raises LedgerUnavailableError."""
         self._commit_call(
             ApiCall.succeeded(
                 call=call,
                 timestamp=self.clock.now(),
                 key_arn=key_arn,
                 request=request,
-                additional={"keyMaterialId": material_id},
+                additional=additional,
             )
         )
 
@@ -847,15 +854,7 @@ class KeyLedger(Application[UUID]):
     def _record_read(self, call: CallContext, attempt: _Attempt, request: JSON) -> None:
         """Record a successful read-only call (DescribeKey, List*, Get*): AWS logs them
         with null responseElements. Raises LedgerUnavailableError."""
-        self._commit_call(
-            ApiCall.succeeded(
-                call=call,
-                timestamp=self.clock.now(),
-                key_arn=attempt.key_arn,
-                request=request,
-                read_only=True,
-            )
-        )
+        self._record_success(call, attempt.key_arn, request, None)
 
     def scope_of(self, caller: Caller) -> tuple[str, str]:
         """The (account, region) a caller's requests act in."""
@@ -2068,18 +2067,15 @@ class KeyLedger(Application[UUID]):
                 raise IncorrectKeyError(INCORRECT_KEY_MESSAGE)
             else:
                 blob, material_id = self._seal(dest, plaintext, dest_context, "ReEncrypt")
-            self._commit_call(
-                ApiCall.succeeded(
-                    call=call,
-                    timestamp=self.clock.now(),
-                    key_arn=dest.arn,
-                    request=request,
-                    additional={
-                        "sourceKeyArn": source.arn,
-                        "sourceKeyMaterialId": source_material.material_id,
-                        "keyMaterialId": material_id,
-                    },
-                )
+            self._record_success(
+                call,
+                dest.arn,
+                request,
+                {
+                    "sourceKeyArn": source.arn,
+                    "sourceKeyMaterialId": source_material.material_id,
+                    "keyMaterialId": material_id,
+                },
             )
             return {
                 "CiphertextBlob": blob,
@@ -2107,11 +2103,7 @@ class KeyLedger(Application[UUID]):
                 raise ValidationError("NumberOfBytes is required.")
             check_range("numberOfBytes", number_of_bytes, 1, 1024)
             data = self.keystore.generate_random(number_of_bytes)
-            self._commit_call(
-                ApiCall.succeeded(
-                    call=call, timestamp=self.clock.now(), key_arn=None, request=request
-                )
-            )
+            self._record_success(call, None, request, None)
             return {"Plaintext": data}
 
         return self._run("GenerateRandom", caller, request, body, read_only=True)
