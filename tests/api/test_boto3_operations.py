@@ -23,8 +23,9 @@ from api.protocol import implemented_operations
 from consumers.cloudtrail import cloudtrail_view
 from tests.api.conftest import LedgerView, Server
 
-# One worker runs the whole module: its last test checks what the others called.
-pytestmark = [pytest.mark.softhsm, pytest.mark.xdist_group("boto3-operations")]
+# Its last test checks what the others called: `make test` runs a module whole, in order,
+# on one worker (--dist loadfile).
+pytestmark = pytest.mark.softhsm
 
 ACCOUNT = "111122223333"
 CONTEXT = {"purpose": "boto3-ops", "tenant": "t1"}
