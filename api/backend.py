@@ -69,10 +69,16 @@ class KmsBackend:
         limit: int | None = None,
         marker: str | None = None,
     ) -> JSON:
-        """ListAliases of the caller's account and region, all or of one key."""
+        """ListAliases of the caller's account and region, all or of one key.
+
+        Raises AccessDeniedError, NotFoundError (an unknown or deleted key),
+        InvalidMarkerError (all recorded)."""
 
         def answer(prefix: str) -> JSON:
-            key_uuid = None if key_id is None else self.ledger.resolve_key_id(key_id)
+            key_uuid = None
+            if key_id is not None:  # a key of the caller's account that exists
+                key_uuid = self.ledger.resolve_key_id(key_id)
+                self.ledger.load_key(key_uuid)  # NotFoundError, as AWS answers
             return self.catalog.list_aliases(
                 key_uuid=key_uuid, limit=limit, marker=marker, arn_prefix=prefix
             )

@@ -73,6 +73,8 @@ def aliases_list(
         state = point_in_time(cli, as_of, at_seq)
         key_uuid = cli.ledger_without_hsm.resolve_key_id(key) if key is not None else None
         if state is None:
+            if key_uuid is not None:
+                cli.ledger_without_hsm.load_key(key_uuid)  # NotFoundError, as AWS answers
             return cli.catalog.list_aliases(key_uuid=key_uuid, limit=limit, marker=marker)
         rows = list_aliases_at(state, key_uuid)["Aliases"]
         page, fields = paginate(rows, limit=limit, marker=marker)

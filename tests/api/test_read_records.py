@@ -134,6 +134,23 @@ def test_a_listing_that_fails_after_authorization_is_one_failure(
     assert record["request"] == {"marker": "not-a-marker"}
 
 
+def test_list_aliases_of_an_unknown_key_is_not_found_and_one_failure(
+    api_server: Server, kms: Any
+) -> None:
+    view = LedgerView(api_server.data_dir)
+    before = view.head()
+    with pytest.raises(ClientError) as err:
+        kms.list_aliases(KeyId="00000000-0000-4000-8000-000000000000")
+    assert err.value.response["Error"]["Code"] == "NotFoundException"
+    assert err.value.response["Error"]["Message"] == (
+        f"Key 'arn:aws:kms:us-east-1:{ACCOUNT}:key/00000000-0000-4000-8000-000000000000' "
+        "does not exist"
+    )
+    record = _one_record(view, before, err.value.response)
+    assert record["error_code"] == "NotFoundException"
+    assert record["request"] == {"keyId": "00000000-0000-4000-8000-000000000000"}
+
+
 def test_a_read_of_another_accounts_key_refused_is_recorded(
     api_server: Server, keys: dict[str, str]
 ) -> None:

@@ -127,6 +127,8 @@ def test_management_scenario_end_to_end(cli: Cli, tmp_path: Path) -> None:
     cli.run("aliases", "delete", "alias/other")
     assert cli.lines("aliases", "list") == [f"alias/payroll  {other}"]
     assert cli.lines("aliases", "list", "--key", key) == []
+    unknown = cli.run("aliases", "list", "--key", "00000000-0000-4000-8000-000000000000", expect=1)
+    assert "NotFoundException" in unknown.stderr and "does not exist" in unknown.stderr
     assert cli.lines("aliases", "list", "--at-seq", str(seq_aliased)) == [
         f"alias/other  {key}",
         f"alias/payroll  {key}",
