@@ -101,6 +101,11 @@ T = TypeVar("T")
 JSON = dict[str, Any]
 
 
+def _paged(key_id: str, limit: int | None, marker: str | None) -> JSON:
+    """The request of a paged read of one key (KeyId, Limit, Marker)."""
+    return {"keyId": key_id, "limit": limit, "marker": marker}
+
+
 def _given(request: JSON) -> JSON:
     """The members the caller sent: a request built with None for what was not sent
     is recorded as CloudTrail logs it, without them."""
@@ -1279,13 +1284,7 @@ class KeyLedger(Application[UUID]):
             page, fields = paginate(tags, limit=limit, marker=marker, default=50, maximum=50)
             return {"Tags": page, **fields}
 
-        return self._read(
-            "ListResourceTags",
-            caller,
-            {"keyId": key_id, "limit": limit, "marker": marker},
-            key_id,
-            answer,
-        )
+        return self._read("ListResourceTags", caller, _paged(key_id, limit, marker), key_id, answer)
 
     # ------------------------------------------------------------ key policies
 
@@ -1347,13 +1346,7 @@ class KeyLedger(Application[UUID]):
             page, fields = paginate(["default"], limit=limit, marker=marker)
             return {"PolicyNames": page, **fields}
 
-        return self._read(
-            "ListKeyPolicies",
-            caller,
-            {"keyId": key_id, "limit": limit, "marker": marker},
-            key_id,
-            answer,
-        )
+        return self._read("ListKeyPolicies", caller, _paged(key_id, limit, marker), key_id, answer)
 
     # ------------------------------------------------------------ rotation
 
@@ -1463,13 +1456,7 @@ class KeyLedger(Application[UUID]):
             page, fields = paginate(rows, limit=limit, marker=marker)
             return {"Rotations": page, **fields}
 
-        return self._read(
-            "ListKeyRotations",
-            caller,
-            {"keyId": key_id, "limit": limit, "marker": marker},
-            key_id,
-            answer,
-        )
+        return self._read("ListKeyRotations", caller, _paged(key_id, limit, marker), key_id, answer)
 
     # ------------------------------------------------------------ deletion
 
