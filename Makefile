@@ -7,10 +7,10 @@ BIN := $(VENV)/bin
 SOFTHSM_MODULE ?= /usr/lib/softhsm/libsofthsm2.so
 # pytest-xdist processes for `make test`: most slow tests wait on subprocesses, brokers
 # and servers, so two workers halve the suite on a 2-core machine (0 = in-process).
-# --dist loadfile: a test module runs whole, in order, on one worker (a module's last
-# test may check what its others did). Not loadgroup: with pytest 9.2 and xdist 3.8
-# its xdist_group marks are silently ignored (xdist sets item._nodeid, which pytest 9.2
-# no longer reads; pytest-dev/pytest-xdist#1386), so every test was its own unit.
+# pyproject's addopts give --dist loadfile: a test module runs whole, in order, on one
+# worker (a module's last test may check what its others did). Not loadgroup: with
+# pytest 9.2 and xdist 3.8 its xdist_group marks are silently ignored (xdist sets
+# item._nodeid, which pytest 9.2 no longer reads; pytest-dev/pytest-xdist#1386).
 PYTEST_WORKERS ?= 2
 
 .PHONY: demo test lint typecheck pytest bench softhsm chromium postgres venv clean
@@ -63,7 +63,7 @@ typecheck: venv
 	$(BIN)/mypy
 
 pytest: softhsm chromium venv postgres
-	$(BIN)/pytest -n $(PYTEST_WORKERS) --dist loadfile
+	$(BIN)/pytest -n $(PYTEST_WORKERS)
 
 test: lint typecheck pytest
 

@@ -23,8 +23,8 @@ from api.protocol import implemented_operations
 from consumers.cloudtrail import cloudtrail_view
 from tests.api.conftest import LedgerView, Server
 
-# Its last test checks what the others called: `make test` runs a module whole, in order,
-# on one worker (--dist loadfile).
+# Its last test checks what the others called: with -n, a module runs whole, in order, on
+# one worker (--dist loadfile, in pyproject's addopts).
 pytestmark = pytest.mark.softhsm
 
 ACCOUNT = "111122223333"
