@@ -1390,7 +1390,7 @@ class KeyLedger(Application[UUID]):
 
         def answer(key: Key) -> JSON:
             return {
-                "KeyId": key.arn,
+                "KeyId": key.key_id,  # the model: "the globally unique identifier" (as the CLI)
                 "KeyLastUsage": last_used(key.arn) or {},
                 "TrackingStartDate": key.created_on,
                 "KeyCreationDate": key.created_on,

@@ -140,7 +140,7 @@ def test_get_key_last_usage_names_the_last_cryptographic_call(
 ) -> None:
     md = new_key(client, Description="last usage")
     fresh = client.get_key_last_usage(KeyId=md["KeyId"])
-    assert fresh["KeyId"] == md["Arn"] and not fresh.get("KeyLastUsage")
+    assert fresh["KeyId"] == md["KeyId"] and not fresh.get("KeyLastUsage")
     assert fresh["TrackingStartDate"] == fresh["KeyCreationDate"] == md["CreationDate"]
 
     client.describe_key(KeyId=md["KeyId"])  # a read is not a cryptographic use
