@@ -1,6 +1,7 @@
 """Group commit for requests the event loop runs itself.
 
-The cryptographic operations run on the event loop with their call records deferred
+The inline operations (``api.app.INLINE_OPERATIONS``: cryptographic calls and reads of
+one key) run on the event loop with their call records deferred
 (``ledger.service.deferred_records``); the loop hands the records to a committer and
 awaits the returned future.
 

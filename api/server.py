@@ -11,9 +11,10 @@ the body limit and request timeout of ``create_app``. Shutdown is uvicorn's grac
 one; the lifespan hook closes the ledger and the keystore.
 
 Inline (``--inline``, ``KEYLEDGER_API_INLINE``; ``inline_enabled``): with SoftHSM2 the
-cryptographic operations run on the event loop and a committer stores their records
-in groups (``api.app.create_app``, ``api.committer``); other operations, and all of
-them with another PKCS#11 module, take one worker-thread hop each.
+cryptographic operations and the reads of one key (``api.app.INLINE_OPERATIONS``) run
+on the event loop and a committer stores their records in groups
+(``api.app.create_app``, ``api.committer``); other operations, and all of them with
+another PKCS#11 module, take one worker-thread hop each.
 
 ``X-Forwarded-For`` is not trusted (``proxy_headers`` off): the audit log records the
 peer address. Behind a proxy, pass ``forwarded_allow_ips`` explicitly.
@@ -90,7 +91,7 @@ def settings_env(settings: Settings) -> dict[str, str]:
 
 
 def inline_enabled(settings: Settings, choice: str = "auto") -> bool:
-    """Whether the cryptographic operations run on the event loop (``create_app``'s
+    """Whether ``INLINE_OPERATIONS`` run on the event loop (``create_app``'s
     ``inline_operations``). ``auto``: only with SoftHSM2 (the embedded token, or a
     ``KEYLEDGER_PKCS11_MODULE`` named like libsofthsm2), whose calls run in process in
     microseconds; another PKCS#11 module may be a network HSM, whose latency would stall

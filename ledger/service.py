@@ -843,23 +843,31 @@ class KeyLedger(Application[UUID]):
         raises, and LedgerUnavailableError when the record cannot be stored (then
         nothing is answered).
         """
-        sent = _given(request)
 
-        def body(call: CallContext, attempt: _Attempt) -> T:
+        def read(attempt: _Attempt) -> T:
             if listing:
                 self._authorize_identity(attempt, "kms:" + operation)
             if key_id is not None:
                 self._key_for(key_id, attempt, allow_alias=True)
-            out = answer()
-            self._record_read(call, attempt, sent)
+            return answer()
+
+        return self._recorded_read(operation, caller, request, read)
+
+    def _recorded_read(
+        self, operation: str, caller: Caller, request: JSON, read: Callable[[_Attempt], T]
+    ) -> T:
+        """Run ``read`` as one read-only call: a success is recorded as CloudTrail logs
+        reads (null responseElements; the request without unsent members), a failure
+        with its error code. Raises what ``read`` raises, and LedgerUnavailableError
+        (and no answer) when the record cannot be stored."""
+        sent = _given(request)
+
+        def body(call: CallContext, attempt: _Attempt) -> T:
+            out = read(attempt)
+            self._record_success(call, attempt.key_arn, sent, None)
             return out
 
         return self._run(operation, caller, sent, body, read_only=True)
-
-    def _record_read(self, call: CallContext, attempt: _Attempt, request: JSON) -> None:
-        """Record a successful read-only call (DescribeKey, List*, Get*): AWS logs them
-        with null responseElements. Raises LedgerUnavailableError."""
-        self._record_success(call, attempt.key_arn, request, None)
 
     def scope_of(self, caller: Caller) -> tuple[str, str]:
         """The (account, region) a caller's requests act in."""
@@ -1193,20 +1201,15 @@ class KeyLedger(Application[UUID]):
         *,
         allow_alias: bool = False,
     ) -> JSON:
-        """A read-only operation on one key: the state table applies; a success is
-        recorded as a read-only call, a failure with its error code. Raises
-        LedgerUnavailableError (and no answer) when the record cannot be stored."""
+        """A read-only operation on one key: the state table applies; recorded as
+        ``_recorded_read`` says."""
 
-        sent = _given(request)
-
-        def body(call: CallContext, attempt: _Attempt) -> JSON:
+        def read(attempt: _Attempt) -> JSON:
             key = self._key_for(key_id, attempt, allow_alias=allow_alias)
             key.check(operation)
-            out = answer(key)
-            self._record_read(call, attempt, sent)
-            return out
+            return answer(key)
 
-        return self._run(operation, caller, sent, body, read_only=True)
+        return self._recorded_read(operation, caller, request, read)
 
     def describe_key(self, *, caller: Caller, key_id: str) -> JSON:
         """DescribeKey from the write model (accepts aliases). Raises NotFoundError."""
